@@ -1,0 +1,18 @@
+//! apollo_sync_core: keep safetensors files equal to live tensors by writing
+//! only the blocks that changed.
+//!
+//! No Python here: the binding crate converts types and releases the GIL.
+//! - [`header`]: read and validate a safetensors header.
+//! - [`diff`]: the block-diff kernel.
+//! - [`io`]: positional reads, `O_DIRECT` block writes, durability.
+//! - [`sync`]: the engine that ties them together across shards.
+
+pub mod diff;
+pub mod error;
+pub mod header;
+pub mod io;
+pub mod sync;
+
+pub use error::{Error, Result};
+pub use header::{Header, TensorEntry};
+pub use sync::{Options, Segment, ShardReport, ShardSpec, Syncer};

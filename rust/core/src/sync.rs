@@ -1,0 +1,573 @@
+//! The sync engine: live bytes in, changed blocks out.
+//!
+//! A caller describes the shards once, then feeds *segments*: a shard, an
+//! absolute file offset and the live bytes that belong there. Per shard,
+//! segments arrive in increasing offset order and never overlap (they are the
+//! tensors of the file, in file order; gaps keep the file's bytes).
+//!
+//! Blocks are aligned to file offsets. A block wholly inside one segment is
+//! diffed in parallel with the others (rayon); a block shared by several
+//! segments, or by a segment and bytes that are not fed (the header, a tensor
+//! nobody trains), is assembled in a *pending* block that starts as the file's
+//! bytes and is overlaid by each segment in turn, then compared and written
+//! once when the feed moves past it. Every write therefore covers whole blocks
+//! and never clobbers a neighbour's new bytes with old ones.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::diff::changed_runs_at;
+use crate::error::{Error, Result};
+use crate::io::{AlignedBuf, ShardIo, DIRECT_ALIGN, MAX_WRITE};
+
+/// Smallest and largest accepted block sizes.
+pub const MIN_BLOCK: usize = 512;
+pub const MAX_BLOCK: usize = 16 << 20;
+
+/// Bytes of one parallel job (a multiple of every accepted block size up to it).
+const JOB_BYTES: usize = 4 << 20;
+/// Bytes read from the page cache per step inside a job (stays in L2).
+const READ_BYTES: usize = 256 << 10;
+
+/// A shard to sync, as its header describes it.
+#[derive(Debug, Clone)]
+pub struct ShardSpec {
+    pub path: PathBuf,
+    /// First byte that belongs to tensor data (8 + header length).
+    pub data_start: u64,
+    /// File length the header implies.
+    pub file_len: u64,
+}
+
+/// How to sync.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Diff and write granularity in bytes: a power of two in
+    /// [`MIN_BLOCK`], [`MAX_BLOCK`].
+    pub block_size: usize,
+    /// Compare and count, write nothing.
+    pub dry_run: bool,
+    /// Write aligned blocks with `O_DIRECT` (falls back to buffered writes,
+    /// reported per shard, where the filesystem refuses).
+    pub direct_io: bool,
+    /// Worker threads; 0 means one per available core.
+    pub threads: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            block_size: 4096,
+            dry_run: false,
+            direct_io: true,
+            threads: 0,
+        }
+    }
+}
+
+/// Live bytes destined for `offset..offset + data.len()` of shard `shard`.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub shard: usize,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// What a sync did to one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardReport {
+    pub path: PathBuf,
+    /// Live bytes compared against the file.
+    pub bytes_compared: u64,
+    /// Bytes in blocks that differed (what a sync must write).
+    pub bytes_changed: u64,
+    pub blocks_changed: u64,
+    /// Bytes written with `O_DIRECT` and through the page cache.
+    pub bytes_written_direct: u64,
+    pub bytes_written_buffered: u64,
+    /// `pwrite` calls issued (adjacent changed blocks merge into one).
+    pub writes: u64,
+    /// Why direct I/O was not used, where it was wanted.
+    pub direct_io_fallback: Option<String>,
+}
+
+struct Pending {
+    start: u64,
+    orig: Vec<u8>,
+    new: Vec<u8>,
+}
+
+struct Shard {
+    io: ShardIo,
+    data_start: u64,
+    /// No segment may start before this offset (the end of the last one).
+    cursor: u64,
+    pending: Option<Pending>,
+    compared: u64,
+    changed: AtomicU64,
+    changed_blocks: AtomicU64,
+}
+
+struct Job<'a> {
+    shard: usize,
+    offset: u64,
+    data: &'a [u8],
+}
+
+/// Per-thread scratch space, reused across jobs.
+struct Scratch {
+    read: Vec<u8>,
+    runs: Vec<Range<usize>>,
+    staging: Option<AlignedBuf>,
+}
+
+impl Scratch {
+    fn new(block: usize) -> Self {
+        Scratch {
+            read: vec![0u8; READ_BYTES.max(block)],
+            runs: Vec::new(),
+            staging: None,
+        }
+    }
+
+    fn staging(&mut self) -> &mut AlignedBuf {
+        self.staging.get_or_insert_with(|| AlignedBuf::new(MAX_WRITE))
+    }
+}
+
+/// A sync in progress over a fixed set of shards.
+pub struct Syncer {
+    shards: Vec<Shard>,
+    opts: Options,
+    pool: rayon::ThreadPool,
+    staging: AlignedBuf,
+}
+
+impl Syncer {
+    /// Opens every shard (checking its length against its header) and
+    /// validates the options. Writes nothing.
+    pub fn new(specs: Vec<ShardSpec>, opts: Options) -> Result<Self> {
+        let b = opts.block_size;
+        if !b.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&b) {
+            return Err(Error::Plan(format!(
+                "block size {b} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+            )));
+        }
+        let mut shards = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if spec.data_start > spec.file_len {
+                return Err(Error::Plan(format!(
+                    "{}: data start {} is past the file length {}",
+                    spec.path.display(),
+                    spec.data_start,
+                    spec.file_len
+                )));
+            }
+            let io = ShardIo::open(
+                &spec.path,
+                spec.file_len,
+                opts.direct_io && !opts.dry_run,
+                b.min(DIRECT_ALIGN),
+            )?;
+            shards.push(Shard {
+                io,
+                data_start: spec.data_start,
+                cursor: spec.data_start,
+                pending: None,
+                compared: 0,
+                changed: AtomicU64::new(0),
+                changed_blocks: AtomicU64::new(0),
+            });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads)
+            .thread_name(|i| format!("apollo-sync-{i}"))
+            .build()
+            .map_err(|e| Error::Plan(format!("cannot start worker threads: {e}")))?;
+        Ok(Syncer {
+            shards,
+            opts,
+            pool,
+            staging: AlignedBuf::new(b.max(DIRECT_ALIGN)),
+        })
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// Diffs a batch of segments and writes the blocks that changed.
+    ///
+    /// The whole batch is checked first (shard index, range inside the
+    /// shard's tensor data, order after everything fed before): a bad batch
+    /// is refused before any byte is read or written.
+    pub fn feed(&mut self, segments: &[Segment<'_>]) -> Result<()> {
+        self.check(segments)?;
+        let b = self.opts.block_size as u64;
+        let mut jobs: Vec<Job<'_>> = Vec::new();
+        for seg in segments {
+            let s = seg.offset;
+            let e = s + seg.data.len() as u64;
+            let file_len = self.shards[seg.shard].io.len();
+            self.shards[seg.shard].cursor = e;
+            self.shards[seg.shard].compared += seg.data.len() as u64;
+            if s == e {
+                continue;
+            }
+            // Head: the part of the first block that the segment shares.
+            let head_end = if s % b == 0 { s } else { e.min(s.next_multiple_of(b)) };
+            if head_end > s {
+                self.overlay(seg.shard, s, &seg.data[..(head_end - s) as usize])?;
+            }
+            // Body: blocks the segment covers alone (the file's short last
+            // block counts when the segment runs to the end of the file).
+            let body_end = if e == file_len { e } else { (e / b * b).max(head_end) };
+            let mut at = head_end;
+            while at < body_end {
+                let end = body_end.min(at + JOB_BYTES as u64);
+                jobs.push(Job {
+                    shard: seg.shard,
+                    offset: at,
+                    data: &seg.data[(at - s) as usize..(end - s) as usize],
+                });
+                at = end;
+            }
+            // Tail: the start of a block the next segment (or the file) shares.
+            if e > body_end {
+                self.overlay(seg.shard, body_end, &seg.data[(body_end - s) as usize..])?;
+            }
+        }
+        let shards = &self.shards;
+        let block = self.opts.block_size;
+        let dry = self.opts.dry_run;
+        self.pool.install(|| {
+            jobs.par_iter().try_for_each_init(
+                || Scratch::new(block),
+                |scratch, job| diff_job(&shards[job.shard], job, block, dry, scratch),
+            )
+        })
+    }
+
+    /// Writes the last pending blocks, makes every written shard durable
+    /// (`fdatasync`) and reports per shard.
+    pub fn finish(mut self) -> Result<Vec<ShardReport>> {
+        for i in 0..self.shards.len() {
+            self.flush_pending(i)?;
+        }
+        // fsync the shards in parallel: each waits on its own device flush.
+        self.pool
+            .install(|| self.shards.par_iter().try_for_each(|s| s.io.sync()))?;
+        Ok(self
+            .shards
+            .iter()
+            .map(|s| {
+                let c = &s.io.counters;
+                ShardReport {
+                    path: s.io.path().to_path_buf(),
+                    bytes_compared: s.compared,
+                    bytes_changed: s.changed.load(Ordering::Relaxed),
+                    blocks_changed: s.changed_blocks.load(Ordering::Relaxed),
+                    bytes_written_direct: c.direct_bytes.load(Ordering::Relaxed),
+                    bytes_written_buffered: c.buffered_bytes.load(Ordering::Relaxed),
+                    writes: c.writes.load(Ordering::Relaxed),
+                    direct_io_fallback: s.io.fallback_reason(),
+                }
+            })
+            .collect())
+    }
+
+    fn check(&self, segments: &[Segment<'_>]) -> Result<()> {
+        let mut cursors: Vec<u64> = self.shards.iter().map(|s| s.cursor).collect();
+        for (i, seg) in segments.iter().enumerate() {
+            let shard = self.shards.get(seg.shard).ok_or_else(|| {
+                Error::Plan(format!("segment {i}: shard index {} out of range", seg.shard))
+            })?;
+            let end = seg.offset.checked_add(seg.data.len() as u64);
+            let path = shard.io.path().display();
+            match end {
+                Some(end) if seg.offset >= shard.data_start && end <= shard.io.len() => {
+                    if seg.offset < cursors[seg.shard] {
+                        return Err(Error::Plan(format!(
+                            "{path}: segment at {} overlaps or precedes bytes already fed (up to {})",
+                            seg.offset, cursors[seg.shard]
+                        )));
+                    }
+                    cursors[seg.shard] = end;
+                }
+                _ => {
+                    return Err(Error::Plan(format!(
+                        "{path}: segment of {} bytes at {} lies outside the tensor data {}..{}",
+                        seg.data.len(),
+                        seg.offset,
+                        shard.data_start,
+                        shard.io.len()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` (all inside one block) over that block's pending image.
+    fn overlay(&mut self, shard: usize, at: u64, bytes: &[u8]) -> Result<()> {
+        let b = self.opts.block_size as u64;
+        let start = at / b * b;
+        if self.shards[shard].pending.as_ref().map(|p| p.start) != Some(start) {
+            self.flush_pending(shard)?;
+            let s = &self.shards[shard];
+            let len = (start + b).min(s.io.len()) - start;
+            let mut orig = vec![0u8; len as usize];
+            s.io.read_at(&mut orig, start)?;
+            let new = orig.clone();
+            self.shards[shard].pending = Some(Pending { start, orig, new });
+        }
+        let p = self.shards[shard].pending.as_mut().expect("pending block");
+        let rel = (at - p.start) as usize;
+        p.new[rel..rel + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn flush_pending(&mut self, shard: usize) -> Result<()> {
+        let Some(p) = self.shards[shard].pending.take() else {
+            return Ok(());
+        };
+        if p.new == p.orig {
+            return Ok(());
+        }
+        let s = &self.shards[shard];
+        s.changed.fetch_add(p.new.len() as u64, Ordering::Relaxed);
+        s.changed_blocks.fetch_add(1, Ordering::Relaxed);
+        if !self.opts.dry_run {
+            s.io.write_at(&p.new, p.start, &mut self.staging)?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares one job's live bytes with the file and writes the changed runs.
+fn diff_job(shard: &Shard, job: &Job<'_>, block: usize, dry: bool, scratch: &mut Scratch) -> Result<()> {
+    scratch.runs.clear();
+    let step = scratch.read.len() / block * block;
+    let mut rel = 0usize;
+    while rel < job.data.len() {
+        let n = step.min(job.data.len() - rel);
+        let disk = &mut scratch.read[..n];
+        shard.io.read_at(disk, job.offset + rel as u64)?;
+        changed_runs_at(rel, &job.data[rel..rel + n], disk, block, &mut scratch.runs);
+        rel += n;
+    }
+    if scratch.runs.is_empty() {
+        return Ok(());
+    }
+    let mut changed = 0u64;
+    let mut blocks = 0u64;
+    for r in &scratch.runs {
+        changed += r.len() as u64;
+        blocks += r.len().div_ceil(block) as u64;
+    }
+    shard.changed.fetch_add(changed, Ordering::Relaxed);
+    shard.changed_blocks.fetch_add(blocks, Ordering::Relaxed);
+    if dry {
+        return Ok(());
+    }
+    let runs = std::mem::take(&mut scratch.runs);
+    let result = runs.iter().try_for_each(|r| {
+        shard
+            .io
+            .write_at(&job.data[r.clone()], job.offset + r.start as u64, scratch.staging())
+    });
+    scratch.runs = runs;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    fn spec(f: &tempfile::NamedTempFile, data_start: u64) -> ShardSpec {
+        ShardSpec {
+            path: f.path().to_path_buf(),
+            data_start,
+            file_len: std::fs::metadata(f.path()).unwrap().len(),
+        }
+    }
+
+    /// Bytes in aligned blocks where `a` and `b` differ.
+    fn changed_block_bytes(a: &[u8], b: &[u8], block: usize) -> u64 {
+        a.chunks(block)
+            .zip(b.chunks(block))
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| x.len() as u64)
+            .sum()
+    }
+
+    /// Syncs `live` (segments cut at `cuts`, skipping `skip`) into a file
+    /// holding `orig`, and returns the file's bytes and the report.
+    fn run(
+        orig: &[u8],
+        live: &[u8],
+        data_start: usize,
+        cuts: &[usize],
+        skip: &[usize],
+        opts: Options,
+    ) -> (Vec<u8>, ShardReport) {
+        let f = file_with(orig);
+        let mut syncer = Syncer::new(vec![spec(&f, data_start as u64)], opts).unwrap();
+        let mut bounds = vec![data_start];
+        bounds.extend(cuts.iter().copied().filter(|&c| c > data_start && c < orig.len()));
+        bounds.push(orig.len());
+        bounds.sort();
+        bounds.dedup();
+        let segs: Vec<Segment<'_>> = bounds
+            .windows(2)
+            .enumerate()
+            .filter(|(i, _)| !skip.contains(i))
+            .map(|(_, w)| Segment {
+                shard: 0,
+                offset: w[0] as u64,
+                data: &live[w[0]..w[1]],
+            })
+            .collect();
+        // Feed in two batches to exercise state kept across calls.
+        let half = segs.len() / 2;
+        syncer.feed(&segs[..half]).unwrap();
+        syncer.feed(&segs[half..]).unwrap();
+        let report = syncer.finish().unwrap().pop().unwrap();
+        (std::fs::read(f.path()).unwrap(), report)
+    }
+
+    #[test]
+    fn writes_exactly_the_changed_blocks() {
+        let orig: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut live = orig.clone();
+        for &i in &[100usize, 5000, 5001, 40_000, 99_999] {
+            live[i] ^= 0x5a;
+        }
+        let (after, rep) = run(&orig, &live, 0, &[1000, 4097, 50_000], &[], Options::default());
+        assert_eq!(after, live);
+        let expected = changed_block_bytes(&orig, &live, 4096);
+        assert_eq!(rep.bytes_changed, expected);
+        assert_eq!(rep.bytes_written_direct + rep.bytes_written_buffered, expected);
+        assert_eq!(rep.bytes_compared, orig.len() as u64);
+    }
+
+    #[test]
+    fn second_sync_writes_nothing() {
+        let orig = vec![3u8; 50_000];
+        let (after, rep) = run(&orig, &orig, 77, &[1234], &[], Options::default());
+        assert_eq!(after, orig);
+        assert_eq!(rep.bytes_changed, 0);
+        assert_eq!(rep.writes, 0);
+    }
+
+    #[test]
+    fn dry_run_counts_but_leaves_the_file() {
+        let orig = vec![1u8; 20_000];
+        let live = vec![2u8; 20_000];
+        let opts = Options {
+            dry_run: true,
+            ..Options::default()
+        };
+        let (after, rep) = run(&orig, &live, 0, &[], &[], opts);
+        assert_eq!(after, orig);
+        assert_eq!(rep.bytes_changed, 20_000);
+        assert_eq!(rep.writes, 0);
+    }
+
+    #[test]
+    fn out_of_order_and_out_of_range_segments_are_refused_before_any_write() {
+        let orig = vec![0u8; 10_000];
+        let f = file_with(&orig);
+        let mut s = Syncer::new(vec![spec(&f, 16)], Options::default()).unwrap();
+        let new = vec![1u8; 100];
+        let bad_order = [
+            Segment { shard: 0, offset: 5000, data: &new },
+            Segment { shard: 0, offset: 4000, data: &new },
+        ];
+        assert!(matches!(s.feed(&bad_order), Err(Error::Plan(_))));
+        let in_header = [Segment { shard: 0, offset: 0, data: &new }];
+        assert!(matches!(s.feed(&in_header), Err(Error::Plan(_))));
+        let past_end = [Segment { shard: 0, offset: 9950, data: &new }];
+        assert!(matches!(s.feed(&past_end), Err(Error::Plan(_))));
+        let no_shard = [Segment { shard: 3, offset: 100, data: &new }];
+        assert!(matches!(s.feed(&no_shard), Err(Error::Plan(_))));
+        s.finish().unwrap();
+        assert_eq!(std::fs::read(f.path()).unwrap(), orig);
+    }
+
+    #[test]
+    fn bad_block_size_and_changed_length_are_refused() {
+        let f = file_with(&[0u8; 100]);
+        for b in [0usize, 1000, 256, 32 << 20] {
+            let opts = Options {
+                block_size: b,
+                ..Options::default()
+            };
+            assert!(matches!(Syncer::new(vec![spec(&f, 0)], opts), Err(Error::Plan(_))));
+        }
+        let mut wrong = spec(&f, 0);
+        wrong.file_len = 99;
+        assert!(matches!(
+            Syncer::new(vec![wrong], Options::default()),
+            Err(Error::Changed { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn file_ends_equal_to_live_outside_skipped_segments(
+            len in 1usize..40_000,
+            data_start_frac in 0.0f64..0.2,
+            cut_fracs in proptest::collection::vec(0.0f64..1.0, 0..12),
+            flip_fracs in proptest::collection::vec(0.0f64..1.0, 0..10),
+            skip in proptest::collection::vec(0usize..13, 0..3),
+            block_pow in 9u32..14,
+            seed in any::<u8>(),
+        ) {
+            let block = 1usize << block_pow;
+            let orig: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            let data_start = (len as f64 * data_start_frac) as usize;
+            let mut live = orig.clone();
+            for f in &flip_fracs {
+                let i = data_start + ((len - data_start) as f64 * f) as usize;
+                if i < len { live[i] = live[i].wrapping_add(1); }
+            }
+            let cuts: Vec<usize> = cut_fracs.iter().map(|f| (len as f64 * f) as usize).collect();
+            let opts = Options { block_size: block, ..Options::default() };
+            let (after, rep) = run(&orig, &live, data_start, &cuts, &skip, opts);
+            // Expected: live bytes where fed, original bytes in skipped segments.
+            let mut bounds = vec![data_start];
+            bounds.extend(cuts.iter().copied().filter(|&c| c > data_start && c < len));
+            bounds.push(len);
+            bounds.sort();
+            bounds.dedup();
+            let mut expected = orig.clone();
+            for (i, w) in bounds.windows(2).enumerate() {
+                if !skip.contains(&i) {
+                    expected[w[0]..w[1]].copy_from_slice(&live[w[0]..w[1]]);
+                }
+            }
+            prop_assert_eq!(&after, &expected);
+            prop_assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &expected, block));
+            prop_assert_eq!(rep.bytes_written_direct + rep.bytes_written_buffered, rep.bytes_changed);
+        }
+    }
+}
