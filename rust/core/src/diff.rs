@@ -29,7 +29,11 @@ pub fn changed_runs_at(
     block: usize,
     runs: &mut Vec<Range<usize>>,
 ) {
-    assert_eq!(live.len(), disk.len(), "live and disk slices differ in length");
+    assert_eq!(
+        live.len(),
+        disk.len(),
+        "live and disk slices differ in length"
+    );
     assert!(block > 0, "block size must be positive");
     let mut pos = base;
     for (l, d) in live.chunks(block).zip(disk.chunks(block)) {

@@ -51,16 +51,25 @@ impl Header {
             .len();
         let mut len_bytes = [0u8; 8];
         if file_len < 8 {
-            return Err(bad(path, format!("file is {file_len} bytes, shorter than the 8-byte length prefix")));
+            return Err(bad(
+                path,
+                format!("file is {file_len} bytes, shorter than the 8-byte length prefix"),
+            ));
         }
         file.read_exact_at(&mut len_bytes, 0)
             .map_err(|e| Error::io(path, "read", e))?;
         let n = u64::from_le_bytes(len_bytes);
         if n > MAX_HEADER_LEN {
-            return Err(bad(path, format!("header length {n} exceeds the format's limit of {MAX_HEADER_LEN}")));
+            return Err(bad(
+                path,
+                format!("header length {n} exceeds the format's limit of {MAX_HEADER_LEN}"),
+            ));
         }
         if 8 + n > file_len {
-            return Err(bad(path, format!("header length {n} runs past the end of the {file_len}-byte file")));
+            return Err(bad(
+                path,
+                format!("header length {n} runs past the end of the {file_len}-byte file"),
+            ));
         }
         let mut json = vec![0u8; n as usize];
         file.read_exact_at(&mut json, 8)
@@ -70,9 +79,9 @@ impl Header {
 
     /// Validates header JSON bytes against a file of `file_len` bytes.
     pub fn parse(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
-        let text = std::str::from_utf8(json).map_err(|e| bad(path, format!("header is not UTF-8: {e}")))?;
-        let meta: Metadata =
-            parse_metadata(text).map_err(|e| bad(path, e))?;
+        let text = std::str::from_utf8(json)
+            .map_err(|e| bad(path, format!("header is not UTF-8: {e}")))?;
+        let meta: Metadata = parse_metadata(text).map_err(|e| bad(path, e))?;
         let data_start = 8 + json.len() as u64;
         let data_len = meta.data_len() as u64;
         if data_start + data_len != file_len {
@@ -81,7 +90,11 @@ impl Header {
                 format!(
                     "tensor data should end at byte {} but the file is {file_len} bytes{}",
                     data_start + data_len,
-                    if file_len < data_start + data_len { " (truncated?)" } else { " (trailing bytes)" }
+                    if file_len < data_start + data_len {
+                        " (truncated?)"
+                    } else {
+                        " (trailing bytes)"
+                    }
                 ),
             ));
         }

@@ -31,6 +31,8 @@ pub struct AlignedBuf {
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only hand out `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (rounded up to the alignment).
@@ -100,7 +102,10 @@ impl ShardIo {
     pub fn open(path: &Path, expected_len: u64, allow_direct: bool, align: usize) -> Result<Self> {
         assert!(align.is_power_of_two() && align <= DIRECT_ALIGN);
         let read = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let len = read.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        let len = read
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
         if len != expected_len {
             return Err(Error::Changed {
                 path: path.to_path_buf(),
@@ -175,7 +180,10 @@ impl ShardIo {
                         Ok(()) => {
                             self.count(aligned_len, true);
                             if aligned_len < piece_len {
-                                self.write_buffered(&piece[aligned_len..], at + aligned_len as u64)?;
+                                self.write_buffered(
+                                    &piece[aligned_len..],
+                                    at + aligned_len as u64,
+                                )?;
                             }
                             done += piece_len;
                             continue;
@@ -203,7 +211,8 @@ impl ShardIo {
             (Some(Some(f)), None) => f,
             _ => return Ok(()),
         };
-        file.sync_data().map_err(|e| Error::io(&self.path, "fsync", e))
+        file.sync_data()
+            .map_err(|e| Error::io(&self.path, "fsync", e))
     }
 
     fn write_buffered(&self, data: &[u8], at: u64) -> Result<()> {

@@ -134,7 +134,8 @@ impl Scratch {
     }
 
     fn staging(&mut self) -> &mut AlignedBuf {
-        self.staging.get_or_insert_with(|| AlignedBuf::new(MAX_WRITE))
+        self.staging
+            .get_or_insert_with(|| AlignedBuf::new(MAX_WRITE))
     }
 }
 
@@ -223,13 +224,21 @@ impl Syncer {
                 continue;
             }
             // Head: the part of the first block that the segment shares.
-            let head_end = if s % b == 0 { s } else { e.min(s.next_multiple_of(b)) };
+            let head_end = if s % b == 0 {
+                s
+            } else {
+                e.min(s.next_multiple_of(b))
+            };
             if head_end > s {
                 self.overlay(seg.shard, s, &seg.data[..(head_end - s) as usize])?;
             }
             // Body: blocks the segment covers alone (the file's short last
             // block counts when the segment runs to the end of the file).
-            let body_end = if e == file_len { e } else { (e / b * b).max(head_end) };
+            let body_end = if e == file_len {
+                e
+            } else {
+                (e / b * b).max(head_end)
+            };
             let mut at = head_end;
             while at < body_end {
                 let end = body_end.min(at + JOB_BYTES as u64);
@@ -288,7 +297,10 @@ impl Syncer {
         let mut cursors: Vec<u64> = self.shards.iter().map(|s| s.cursor).collect();
         for (i, seg) in segments.iter().enumerate() {
             let shard = self.shards.get(seg.shard).ok_or_else(|| {
-                Error::Plan(format!("segment {i}: shard index {} out of range", seg.shard))
+                Error::Plan(format!(
+                    "segment {i}: shard index {} out of range",
+                    seg.shard
+                ))
             })?;
             let end = seg.offset.checked_add(seg.data.len() as u64);
             let path = shard.io.path().display();
@@ -353,7 +365,13 @@ impl Syncer {
 }
 
 /// Compares one job's live bytes with the file and writes the changed runs.
-fn diff_job(shard: &Shard, job: &Job<'_>, block: usize, dry: bool, scratch: &mut Scratch) -> Result<()> {
+fn diff_job(
+    shard: &Shard,
+    job: &Job<'_>,
+    block: usize,
+    dry: bool,
+    scratch: &mut Scratch,
+) -> Result<()> {
     scratch.runs.clear();
     let step = scratch.read.len() / block * block;
     let mut rel = 0usize;
@@ -380,9 +398,11 @@ fn diff_job(shard: &Shard, job: &Job<'_>, block: usize, dry: bool, scratch: &mut
     }
     let runs = std::mem::take(&mut scratch.runs);
     let result = runs.iter().try_for_each(|r| {
-        shard
-            .io
-            .write_at(&job.data[r.clone()], job.offset + r.start as u64, scratch.staging())
+        shard.io.write_at(
+            &job.data[r.clone()],
+            job.offset + r.start as u64,
+            scratch.staging(),
+        )
     });
     scratch.runs = runs;
     result
@@ -431,7 +451,11 @@ mod tests {
         let f = file_with(orig);
         let mut syncer = Syncer::new(vec![spec(&f, data_start as u64)], opts).unwrap();
         let mut bounds = vec![data_start];
-        bounds.extend(cuts.iter().copied().filter(|&c| c > data_start && c < orig.len()));
+        bounds.extend(
+            cuts.iter()
+                .copied()
+                .filter(|&c| c > data_start && c < orig.len()),
+        );
         bounds.push(orig.len());
         bounds.sort();
         bounds.dedup();
@@ -460,11 +484,21 @@ mod tests {
         for &i in &[100usize, 5000, 5001, 40_000, 99_999] {
             live[i] ^= 0x5a;
         }
-        let (after, rep) = run(&orig, &live, 0, &[1000, 4097, 50_000], &[], Options::default());
+        let (after, rep) = run(
+            &orig,
+            &live,
+            0,
+            &[1000, 4097, 50_000],
+            &[],
+            Options::default(),
+        );
         assert_eq!(after, live);
         let expected = changed_block_bytes(&orig, &live, 4096);
         assert_eq!(rep.bytes_changed, expected);
-        assert_eq!(rep.bytes_written_direct + rep.bytes_written_buffered, expected);
+        assert_eq!(
+            rep.bytes_written_direct + rep.bytes_written_buffered,
+            expected
+        );
         assert_eq!(rep.bytes_compared, orig.len() as u64);
     }
 
@@ -498,15 +532,35 @@ mod tests {
         let mut s = Syncer::new(vec![spec(&f, 16)], Options::default()).unwrap();
         let new = vec![1u8; 100];
         let bad_order = [
-            Segment { shard: 0, offset: 5000, data: &new },
-            Segment { shard: 0, offset: 4000, data: &new },
+            Segment {
+                shard: 0,
+                offset: 5000,
+                data: &new,
+            },
+            Segment {
+                shard: 0,
+                offset: 4000,
+                data: &new,
+            },
         ];
         assert!(matches!(s.feed(&bad_order), Err(Error::Plan(_))));
-        let in_header = [Segment { shard: 0, offset: 0, data: &new }];
+        let in_header = [Segment {
+            shard: 0,
+            offset: 0,
+            data: &new,
+        }];
         assert!(matches!(s.feed(&in_header), Err(Error::Plan(_))));
-        let past_end = [Segment { shard: 0, offset: 9950, data: &new }];
+        let past_end = [Segment {
+            shard: 0,
+            offset: 9950,
+            data: &new,
+        }];
         assert!(matches!(s.feed(&past_end), Err(Error::Plan(_))));
-        let no_shard = [Segment { shard: 3, offset: 100, data: &new }];
+        let no_shard = [Segment {
+            shard: 3,
+            offset: 100,
+            data: &new,
+        }];
         assert!(matches!(s.feed(&no_shard), Err(Error::Plan(_))));
         s.finish().unwrap();
         assert_eq!(std::fs::read(f.path()).unwrap(), orig);
@@ -520,7 +574,10 @@ mod tests {
                 block_size: b,
                 ..Options::default()
             };
-            assert!(matches!(Syncer::new(vec![spec(&f, 0)], opts), Err(Error::Plan(_))));
+            assert!(matches!(
+                Syncer::new(vec![spec(&f, 0)], opts),
+                Err(Error::Plan(_))
+            ));
         }
         let mut wrong = spec(&f, 0);
         wrong.file_len = 99;

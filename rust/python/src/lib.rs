@@ -1,1 +1,30 @@
+//! The Python binding of apollo_sync_core: it converts types, holds the
+//! buffers it is given, and releases the GIL around the work. Nothing else.
 
+mod errors;
+mod header;
+mod syncer;
+
+use pyo3::prelude::*;
+
+#[pymodule(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ApolloSyncError", py.get_type::<errors::ApolloSyncError>())?;
+    m.add("HeaderError", py.get_type::<errors::HeaderError>())?;
+    m.add(
+        "ShardChangedError",
+        py.get_type::<errors::ShardChangedError>(),
+    )?;
+    m.add("SyncIOError", py.get_type::<errors::SyncIOError>())?;
+    m.add("PlanError", py.get_type::<errors::PlanError>())?;
+    m.add("MIN_BLOCK", apollo_sync_core::sync::MIN_BLOCK)?;
+    m.add("MAX_BLOCK", apollo_sync_core::sync::MAX_BLOCK)?;
+    m.add_class::<header::TensorEntry>()?;
+    m.add_class::<header::Header>()?;
+    m.add_function(wrap_pyfunction!(header::read_header, m)?)?;
+    m.add_class::<syncer::ShardReport>()?;
+    m.add_class::<syncer::Syncer>()?;
+    Ok(())
+}

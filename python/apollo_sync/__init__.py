@@ -1,0 +1,56 @@
+"""apollo_sync: keep a model's safetensors files equal to its live weights,
+writing only the blocks that changed.
+
+>>> import apollo_sync
+>>> result = apollo_sync.sync("/models/Qwen3-8B", tensors=model.state_dict())  # doctest: +SKIP
+>>> result.total_changed, result.bytes_written_device  # doctest: +SKIP
+"""
+
+from apollo_sync._core import __version__
+from apollo_sync.errors import (
+    ApolloSyncError,
+    HandlesError,
+    HeaderError,
+    LayoutError,
+    ModelDirError,
+    PlanError,
+    ProducerGoneError,
+    ShardChangedError,
+    SyncIOError,
+    UnsafeHandlesError,
+)
+from apollo_sync.handles import Handles, default_handles_path, export_handles, load_handles
+from apollo_sync.layouts import MERGED_RULES, PREFIX_RULES, map_tensors
+from apollo_sync.live import LiveTensor, from_torch
+from apollo_sync.model_dir import DiskTensor, ModelDir
+from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
+
+__all__ = [
+    "MERGED_RULES",
+    "PREFIX_RULES",
+    "ApolloSyncError",
+    "DiskTensor",
+    "FileResult",
+    "Handles",
+    "HandlesError",
+    "HeaderError",
+    "LayoutError",
+    "LiveTensor",
+    "ModelDir",
+    "ModelDirError",
+    "PlanError",
+    "ProducerGoneError",
+    "ShardChangedError",
+    "SyncIOError",
+    "SyncResult",
+    "UnsafeHandlesError",
+    "__version__",
+    "checkpoint_sync",
+    "default_handles_path",
+    "export_handles",
+    "from_torch",
+    "load_handles",
+    "map_tensors",
+    "plan",
+    "sync",
+]

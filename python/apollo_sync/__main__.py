@@ -1,0 +1,3 @@
+from apollo_sync.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The exception hierarchy: everything apollo_sync raises derives from ApolloSyncError.
+
+The classes for failures found in the Rust core (bad headers, I/O, a shard that
+changed under us, an inconsistent request) are defined there; the ones found while
+planning in Python are defined here. All pickle by their dotted path.
+"""
+
+from __future__ import annotations
+
+from apollo_sync._core import (
+    ApolloSyncError,
+    HeaderError,
+    PlanError,
+    ShardChangedError,
+    SyncIOError,
+)
+
+__all__ = [
+    "ApolloSyncError",
+    "HandlesError",
+    "HeaderError",
+    "LayoutError",
+    "ModelDirError",
+    "PlanError",
+    "ProducerGoneError",
+    "ShardChangedError",
+    "SyncIOError",
+    "UnsafeHandlesError",
+]
+
+
+class ModelDirError(ApolloSyncError):
+    """The model directory is not a usable safetensors checkpoint (no shards,
+    a shard the index names is missing, an index that disagrees with the headers)."""
+
+
+class LayoutError(ApolloSyncError):
+    """Live tensors do not map onto the tensors on disk: an unmatched name, a shape
+    or dtype that differs, merged rows that do not add up."""
+
+
+class HandlesError(ApolloSyncError):
+    """A handles file that cannot be used (missing, malformed, wrong format)."""
+
+
+class UnsafeHandlesError(HandlesError):
+    """A handles file refused for safety: owned or writable by another user, a
+    symlink, or a pickle that references anything but the allowed rebuild functions."""
+
+
+class ProducerGoneError(HandlesError):
+    """The process that exported the handles has exited or restarted."""

@@ -1,0 +1,399 @@
+"""Handles files: how a process that owns live weights lets another one read them.
+
+Two kinds of entry share one file, a dict of ``name -> entry`` plus ``__metadata__``:
+
+* CUDA tensors: ``{"handle": (rebuild_cuda_tensor, args)}``, exactly what torch's
+  ``reduce_tensor`` gives (the seeds' format, which vLLM export hooks write).
+* CPU tensors: ``{"shm": {"name", "size", "offset", "dtype", "shape"}}``: the
+  tensor's storage is moved (in place, as ``share_memory_`` does) into a named
+  POSIX shared-memory object, which the reader maps read-only.
+
+Loading never runs arbitrary code: the file is unpickled by torch's
+``weights_only`` unpickler with exactly the CUDA rebuild function (and the classes
+its arguments name) allowed, and the file must be a regular file owned by the
+current user and writable by nobody else, in a directory nobody else can swap it
+in. Every entry's structure is checked before anything is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import stat
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+from apollo_sync.dtypes import itemsize, st_dtype
+from apollo_sync.errors import HandlesError, ProducerGoneError, UnsafeHandlesError
+from apollo_sync.live import LiveTensor, from_torch
+
+FORMAT = "apollo_sync.handles/1"
+METADATA_KEY = "__metadata__"
+_SHM_DIR = Path("/dev/shm")
+_CUDA_ARGS = 15
+
+#: Globals the unpickler may resolve, beyond torch's weights-only defaults.
+ALLOWED_GLOBALS: tuple[Any, ...] = (
+    rebuild_cuda_tensor,
+    torch.Tensor,
+    torch.nn.Parameter,
+    torch.storage.TypedStorage,
+    torch.storage.UntypedStorage,
+)
+
+
+def default_handles_path() -> Path:
+    """Where handles go unless told otherwise: ``$APOLLO_SYNC_HANDLES``, else a
+    private per-user directory (``$XDG_RUNTIME_DIR/apollo_sync`` or
+    ``~/.cache/apollo_sync``), never a shared ``/tmp`` path."""
+    env = os.environ.get("APOLLO_SYNC_HANDLES")
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path.home() / ".cache"
+    return base / "apollo_sync" / "weight_handles.pt"
+
+
+@dataclass
+class Handles:
+    """Live tensors opened from a handles file, and what keeps their memory mapped."""
+
+    tensors: dict[str, LiveTensor]
+    metadata: dict[str, Any]
+    path: Path
+    _keepalive: list[Any] = field(default_factory=list, repr=False)
+    _maps: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def close(self) -> None:
+        """Drops the mappings (the live tensors must not be used afterwards)."""
+        self.tensors.clear()
+        for obj in self._keepalive:
+            with contextlib.suppress(BufferError):  # still exported somewhere: GC frees it
+                obj.close()
+        self._keepalive.clear()
+        self._maps.clear()
+
+    def __enter__(self) -> Handles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# Export (the producer side)
+# ---------------------------------------------------------------------------
+
+
+def export_handles(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes a handles file for ``tensors`` so another process can read them live.
+
+    CUDA tensors are exported as CUDA IPC handles; CPU tensors have their storage
+    moved into named shared memory in place (the tensors stay the same objects and
+    keep their values). The file is written atomically (temp file, fsync, rename)
+    with mode 0600. The caller must keep the tensors alive while handles are in use.
+    """
+    target = Path(path) if path is not None else default_handles_path()
+    meta = _producer_metadata()
+    for k, v in (metadata or {}).items():
+        _check_plain(k, v)
+        meta[k] = v
+    entries: dict[str, Any] = {}
+    for name, tensor in tensors.items():
+        if name == METADATA_KEY:
+            raise HandlesError(f"{METADATA_KEY!r} is reserved and cannot name a tensor")
+        t = tensor.detach()
+        if t.device.type == "cuda":
+            entries[name] = {"handle": reduce_tensor(t)}
+            meta.setdefault("gpu_uuid", _gpu_uuid(t.device))
+        elif t.device.type == "cpu":
+            entries[name] = {"shm": _share_cpu(name, t)}
+        else:
+            raise HandlesError(f"{name}: cannot export a tensor on {t.device}")
+    entries[METADATA_KEY] = meta
+    _write_atomic(target, entries)
+    return target
+
+
+def _producer_metadata() -> dict[str, Any]:
+    pid = os.getpid()
+    return {
+        "format": FORMAT,
+        "producer_pid": pid,
+        "producer_start": _process_start(pid),
+        "created": time.time(),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _check_plain(key: str, value: Any) -> None:
+    plain = (str, int, float, bool, type(None))
+    ok = isinstance(value, plain) or (
+        isinstance(value, list | tuple) and all(isinstance(x, plain) for x in value)
+    )
+    if not isinstance(key, str) or not ok:
+        raise HandlesError(f"metadata {key!r}: only str/int/float/bool/None (or lists of them)")
+
+
+def _share_cpu(name: str, t: torch.Tensor) -> dict[str, Any]:
+    if not t.is_contiguous():
+        raise HandlesError(f"{name}: a non-contiguous CPU tensor cannot be exported in place")
+    storage = t.untyped_storage()
+    record = {"name": "", "size": 0, "offset": 0, "dtype": st_dtype(t.dtype), "shape": list(t.shape)}
+    if t.nbytes == 0:
+        return record
+    _manager, handle, size = storage._share_filename_cpu_()  # in place, like share_memory_()
+    shm_name = handle.decode().lstrip("/")
+    # torch's shared segments may start with a small reference-count header before
+    # the storage bytes: locate the storage by the file's size, and prove it.
+    head = os.stat(_SHM_DIR / shm_name).st_size - int(size)
+    offset = head + t.storage_offset() * t.element_size()
+    probe = t.reshape(-1)[: max(1, 64 // t.element_size())].view(torch.uint8).numpy().tobytes()
+    fd = os.open(_SHM_DIR / shm_name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = os.pread(fd, len(probe), offset)
+    finally:
+        os.close(fd)
+    if head < 0 or found != probe:
+        raise HandlesError(
+            f"{name}: cannot locate the tensor's bytes in its shared memory segment "
+            f"(unexpected layout in torch {torch.__version__})"
+        )
+    record |= {"name": shm_name, "size": head + int(size), "offset": offset}
+    return record
+
+
+def _gpu_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _write_atomic(target: Path, obj: Any) -> None:
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------------------
+# Load (the sync side)
+# ---------------------------------------------------------------------------
+
+
+def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
+    """Opens the live tensors a handles file describes (see the module docs)."""
+    src = Path(path) if path is not None else default_handles_path()
+    raw = _read_checked(src)
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+            obj = torch.load(io.BytesIO(raw), weights_only=True, map_location=None)
+    except pickle.UnpicklingError as e:
+        raise UnsafeHandlesError(f"{src}: refused to unpickle: {_unpickle_reason(e)}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as e:
+        raise HandlesError(f"{src}: not a handles file: {e}") from None
+    if not isinstance(obj, dict):
+        raise HandlesError(f"{src}: expected a dict of handles, found {type(obj).__name__}")
+    meta = obj.pop(METADATA_KEY, None) or {}
+    if not isinstance(meta, dict):
+        raise HandlesError(f"{src}: {METADATA_KEY} is not a dict")
+    _check_producer(src, meta)
+    handles = Handles(tensors={}, metadata=meta, path=src)
+    device = _local_device(meta) if any("handle" in _entry(src, n, e) for n, e in obj.items()) else None
+    try:
+        for name, entry in obj.items():
+            handles.tensors[name] = _open_entry(src, name, _entry(src, name, entry), device, handles)
+    except BaseException:
+        handles.close()
+        raise
+    return handles
+
+
+def _unpickle_reason(e: Exception) -> str:
+    """The line of torch's long weights-only message that says what was refused."""
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". Please", 1)[0]
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _entry(src: Path, name: Any, entry: Any) -> dict[str, Any]:
+    if not isinstance(name, str) or not isinstance(entry, dict):
+        raise HandlesError(f"{src}: entry {name!r} is not a name -> dict pair")
+    if ("handle" in entry) == ("shm" in entry):
+        raise HandlesError(f"{src}: entry {name!r} needs exactly one of 'handle' or 'shm'")
+    return entry
+
+
+def _read_checked(src: Path) -> bytes:
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise HandlesError(
+            f"{src}: no handles file. Is the producer running and exporting handles "
+            f"(apollo_sync.export_handles)?"
+        ) from None
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: the last component is a symlink
+            raise UnsafeHandlesError(f"{src}: is a symbolic link; refusing to follow it") from None
+        raise HandlesError(f"{src}: cannot open: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeHandlesError(f"{src}: not a regular file")
+        me = os.geteuid()
+        if st.st_uid != me:
+            raise UnsafeHandlesError(
+                f"{src}: owned by uid {st.st_uid}, not by you (uid {me}); refusing to load it"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeHandlesError(
+                f"{src}: writable by group or others (mode {stat.filemode(st.st_mode)}); "
+                "chmod 600 it or re-export"
+            )
+        _check_parent(src.parent, me)
+        return f.read()
+
+
+def _check_parent(parent: Path, me: int) -> None:
+    st = os.stat(parent)
+    if st.st_uid not in (me, 0):
+        raise UnsafeHandlesError(f"{parent}: directory owned by uid {st.st_uid}; refusing")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeHandlesError(
+            f"{parent}: anyone can write to this directory and replace the file; refusing"
+        )
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None where unknown)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat_line.rsplit(")", 1)[1].split()[19])
+
+
+def _check_producer(src: Path, meta: Mapping[str, Any]) -> None:
+    pid = meta.get("producer_pid")
+    if not isinstance(pid, int):
+        return  # a seeds-format file: nothing to check against
+    start = _process_start(pid)
+    if start is None:
+        raise ProducerGoneError(f"{src}: the producer (pid {pid}) has exited; re-export handles")
+    recorded = meta.get("producer_start")
+    if recorded is not None and recorded != start:
+        raise ProducerGoneError(
+            f"{src}: pid {pid} is a different process than the one that wrote these handles "
+            "(the producer restarted); re-export handles"
+        )
+
+
+def _local_device(meta: Mapping[str, Any]) -> int | None:
+    """The local CUDA device whose UUID the producer recorded (None: keep the index)."""
+    uuid = meta.get("gpu_uuid")
+    if not torch.cuda.is_available():
+        raise HandlesError("the handles are CUDA IPC handles but no CUDA device is visible here")
+    if uuid is None:
+        return None
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    raise HandlesError(f"the producer's GPU {uuid} is not visible here (CUDA_VISIBLE_DEVICES?)")
+
+
+def _open_entry(
+    src: Path, name: str, entry: dict[str, Any], device: int | None, handles: Handles
+) -> LiveTensor:
+    if "shm" in entry:
+        return _open_shm(src, name, entry["shm"], handles)
+    handle = entry["handle"]
+    if (
+        not isinstance(handle, tuple)
+        or len(handle) != 2
+        or handle[0] is not rebuild_cuda_tensor
+        or not isinstance(handle[1], tuple)
+        or len(handle[1]) != _CUDA_ARGS
+    ):
+        raise UnsafeHandlesError(f"{src}: {name!r} is not a (rebuild_cuda_tensor, args) handle")
+    args = list(handle[1])
+    if device is not None:
+        args[6] = device  # storage_device: the producer's GPU by UUID, not by index
+    try:
+        tensor = rebuild_cuda_tensor(*args)
+    except RuntimeError as e:
+        msg = str(e).split("\n", 1)[0]
+        hint = ""
+        if "invalid argument" in msg or "invalid resource handle" in msg:
+            hint = (
+                " (the producer may have exited, or its memory came from a virtual-memory "
+                "allocator such as expandable_segments where legacy CUDA IPC cannot open it)"
+            )
+        raise HandlesError(f"{src}: cannot open CUDA handle of {name!r}: {msg}{hint}") from None
+    return from_torch(name, tensor)
+
+
+def _open_shm(src: Path, name: str, rec: Any, handles: Handles) -> LiveTensor:
+    keys = {"name", "size", "offset", "dtype", "shape"}
+    if not isinstance(rec, dict) or set(rec) != keys:
+        raise HandlesError(f"{src}: {name!r}: malformed shared-memory record")
+    shape = tuple(int(x) for x in rec["shape"])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize(str(rec["dtype"]))
+    offset, size = int(rec["offset"]), int(rec["size"])
+    if nbytes == 0:
+        return LiveTensor(name, str(rec["dtype"]), shape, np.zeros(0, dtype=np.uint8))
+    shm_name = str(rec["name"]).lstrip("/")
+    if not shm_name or "/" in shm_name or offset < 0 or offset + nbytes > size:
+        raise HandlesError(f"{src}: {name!r}: shared-memory record out of range")
+    source = handles._maps.get(shm_name)
+    if source is None:
+        source = _map_shm(src, name, shm_name, size, handles)
+        handles._maps[shm_name] = source
+    elif len(source) < size:
+        raise HandlesError(f"{src}: {name!r}: shared-memory sizes disagree between entries")
+    return LiveTensor(name, str(rec["dtype"]), shape, source, offset)
+
+
+def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -> Any:
+    import mmap
+    try:
+        fd = os.open(_SHM_DIR / shm_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProducerGoneError(
+            f"{src}: shared memory of {name!r} is gone; the producer has exited"
+        ) from None
+    try:
+        if os.fstat(fd).st_size < size:
+            raise HandlesError(f"{src}: {name!r}: shared memory is smaller than recorded")
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    handles._keepalive.append(mm)
+    return np.frombuffer(mm, dtype=np.uint8)

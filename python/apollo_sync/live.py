@@ -1,0 +1,105 @@
+"""Live tensors as byte ranges, whatever memory they live in.
+
+A :class:`LiveTensor` is a dtype, a shape and a range of bytes in a *source*: host
+memory that any process can read in place (a CPU tensor, a shared-memory mapping),
+or a CUDA tensor whose bytes must be staged to the host. Slicing rows of a merged
+parameter is a byte range of the same source, so no tensor is ever copied to
+build the layout; bytes are only touched when they are streamed to the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+from apollo_sync.dtypes import itemsize, st_dtype
+
+#: Host bytes that can be read in place (a 1-D ``uint8`` array, possibly read-only).
+HostBytes: TypeAlias = "np.ndarray[tuple[int], np.dtype[np.uint8]]"
+
+
+@dataclass(frozen=True)
+class LiveTensor:
+    """``nbytes`` bytes at ``offset`` in ``source``, holding a ``dtype`` tensor of ``shape``.
+
+    ``source`` is a 1-D ``uint8`` numpy array (host memory, read in place) or a
+    1-D ``uint8`` CUDA tensor (staged through pinned buffers when streamed).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: HostBytes | torch.Tensor
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def is_cuda(self) -> bool:
+        return isinstance(self.source, torch.Tensor) and self.source.is_cuda
+
+    def rows(self, start: int, stop: int, name: str) -> LiveTensor:
+        """Rows ``start:stop`` of the first dimension, as a tensor of its own."""
+        if not self.shape or not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"{self.name}: rows {start}:{stop} out of range for {self.shape}")
+        row_bytes = prod(self.shape[1:]) * itemsize(self.dtype)
+        return LiveTensor(
+            name=name,
+            dtype=self.dtype,
+            shape=(stop - start, *self.shape[1:]),
+            source=self.source,
+            offset=self.offset + start * row_bytes,
+        )
+
+    def host_bytes(self, start: int = 0, stop: int | None = None) -> HostBytes:
+        """Bytes ``start:stop`` of the tensor as host memory (host sources only; no copy)."""
+        if isinstance(self.source, torch.Tensor):
+            raise TypeError(f"{self.name}: a CUDA tensor's bytes must be staged, not read in place")
+        stop = self.nbytes if stop is None else stop
+        return self.source[self.offset + start : self.offset + stop]
+
+    def device_bytes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Bytes ``start:stop`` as a 1-D ``uint8`` tensor view (CUDA sources only)."""
+        if not isinstance(self.source, torch.Tensor):
+            raise TypeError(f"{self.name}: host bytes are read in place")
+        stop = self.nbytes if stop is None else stop
+        return self.source[self.offset + start : self.offset + stop]
+
+    def to_torch(self) -> torch.Tensor:
+        """A torch view of the tensor (for verification and tests; no copy on CUDA or
+        writable host memory, a copy for read-only host memory)."""
+        from apollo_sync.dtypes import torch_dtype
+
+        dt = torch_dtype(self.dtype)
+        if isinstance(self.source, torch.Tensor):
+            flat = self.device_bytes()
+        else:
+            raw = self.host_bytes()
+            flat = torch.from_numpy(raw if raw.flags.writeable else raw.copy())
+        return flat.view(dt).reshape(self.shape)
+
+
+def from_torch(name: str, tensor: torch.Tensor) -> LiveTensor:
+    """A live tensor over a torch tensor's own memory.
+
+    CPU tensors are read in place; CUDA tensors are staged when streamed. A
+    non-contiguous tensor is made contiguous first (a copy of that one tensor).
+    """
+    t = tensor.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    dtype = st_dtype(t.dtype)
+    if t.numel() == 0:
+        return LiveTensor(name, dtype, tuple(t.shape), np.zeros(0, dtype=np.uint8))
+    flat = t.reshape(-1).view(torch.uint8)
+    if t.device.type == "cuda":
+        return LiveTensor(name, dtype, tuple(t.shape), flat)
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: tensors on {t.device} are not supported (cpu or cuda)")
+    return LiveTensor(name, dtype, tuple(t.shape), flat.numpy())
