@@ -1,7 +1,24 @@
 """Type stubs for the compiled core (checked against the binary by mypy.stubtest)."""
 
 import os
-from collections.abc import Buffer, Sequence
+from collections.abc import Sequence
+from typing import Any, final
+
+__all__ = [
+    "MAX_BLOCK",
+    "MIN_BLOCK",
+    "ApolloSyncError",
+    "Header",
+    "HeaderError",
+    "PlanError",
+    "ShardChangedError",
+    "ShardReport",
+    "SyncIOError",
+    "Syncer",
+    "TensorEntry",
+    "__version__",
+    "read_header",
+]
 
 __version__: str
 MIN_BLOCK: int
@@ -13,6 +30,7 @@ class ShardChangedError(ApolloSyncError): ...
 class SyncIOError(ApolloSyncError): ...
 class PlanError(ApolloSyncError): ...
 
+@final
 class TensorEntry:
     @property
     def name(self) -> str: ...
@@ -25,6 +43,7 @@ class TensorEntry:
     @property
     def end(self) -> int: ...
 
+@final
 class Header:
     @property
     def path(self) -> str: ...
@@ -39,6 +58,7 @@ class Header:
 
 def read_header(path: str | os.PathLike[str]) -> Header: ...
 
+@final
 class ShardReport:
     @property
     def path(self) -> str: ...
@@ -57,6 +77,7 @@ class ShardReport:
     @property
     def direct_io_fallback(self) -> str | None: ...
 
+@final
 class Syncer:
     def __new__(
         cls,
@@ -67,5 +88,6 @@ class Syncer:
         direct_io: bool = True,
         threads: int = 0,
     ) -> Syncer: ...
-    def feed(self, segments: Sequence[tuple[int, int, Buffer]]) -> None: ...
+    # The third item is any C-contiguous byte buffer (bytes, memoryview, numpy uint8).
+    def feed(self, segments: Sequence[tuple[int, int, Any]]) -> None: ...
     def finish(self) -> list[ShardReport]: ...

@@ -22,21 +22,30 @@ def print_result(r: SyncResult) -> None:
     verb = "would write" if r.dry_run else "wrote"
     pct = 100 * r.total_changed / r.total_compared if r.total_compared else 0.0
     print(f"model dir      {r.model_dir}")
-    print(f"compared       {r.total_compared / 1e9:,.3f} GB in {r.seconds:.2f} s ({r.gb_per_s:.2f} GB/s)")
+    print(
+        f"compared       {r.total_compared / 1e9:,.3f} GB in {r.seconds:.2f} s "
+        f"({r.gb_per_s:.2f} GB/s)"
+    )
     print(f"changed        {_mb(r.total_changed)} ({pct:.3f}%) in {len(r.files_changed)} file(s)")
     print(f"{verb:<14} {_mb(r.bytes_written)}; device writes {_mb(r.bytes_written_device)}")
-    print(f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
-          f"{r.tensors_on_disk_only} on disk only")
+    print(
+        f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
+        f"{r.tensors_on_disk_only} on disk only"
+    )
     if r.files_changed:
         width = max(len(f.file) for f in r.files)
         print(f"\n{'file':<{width}}  {'compared':>12}  {'changed':>12}  {'writes':>6}")
         for f in r.files:
             if f.bytes_changed:
-                print(f"{f.file:<{width}}  {_mb(f.bytes_compared):>12}  {_mb(f.bytes_changed):>12}  "
-                      f"{f.writes:>6}")
+                print(
+                    f"{f.file:<{width}}  {_mb(f.bytes_compared):>12}  {_mb(f.bytes_changed):>12}  "
+                    f"{f.writes:>6}"
+                )
     if r.missing:
-        print(f"\nmissing (not synced): {', '.join(r.missing[:10])}"
-              + (" ..." if len(r.missing) > 10 else ""))
+        print(
+            f"\nmissing (not synced): {', '.join(r.missing[:10])}"
+            + (" ..." if len(r.missing) > 10 else "")
+        )
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
@@ -92,24 +101,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def source(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model-dir", type=Path, default=None,
-                        help="the checkpoint directory (default: the handles' model_path)")
-        sp.add_argument("--handles", type=Path, default=None,
-                        help="handles file exported by the producer "
-                        "(default: $APOLLO_SYNC_HANDLES or a private per-user path)")
+        sp.add_argument(
+            "--model-dir",
+            type=Path,
+            default=None,
+            help="the checkpoint directory (default: the handles' model_path)",
+        )
+        sp.add_argument(
+            "--handles",
+            type=Path,
+            default=None,
+            help="handles file exported by the producer "
+            "(default: $APOLLO_SYNC_HANDLES or a private per-user path)",
+        )
 
     s = sub.add_parser("sync", help="write the live weights' changed blocks into the files")
     source(s)
-    s.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
-                   help=f"diff/write granularity in bytes, a power of two (default {DEFAULT_BLOCK_SIZE})")
+    s.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"diff/write granularity in bytes, a power of two (default {DEFAULT_BLOCK_SIZE})",
+    )
     s.add_argument("--dry-run", action="store_true", help="compare and report, write nothing")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("--threads", type=int, default=0, help="worker threads (default: all cores)")
-    s.add_argument("--no-direct-io", action="store_true",
-                   help="write through the page cache instead of O_DIRECT")
-    s.add_argument("--allow-unmatched", action="store_true",
-                   help="sync what matches and report live tensors with no file counterpart "
-                   "instead of refusing")
+    s.add_argument(
+        "--no-direct-io",
+        action="store_true",
+        help="write through the page cache instead of O_DIRECT",
+    )
+    s.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="sync what matches and report live tensors with no file counterpart "
+        "instead of refusing",
+    )
     s.set_defaults(func=_cmd_sync)
 
     d = sub.add_parser("diagnose", help="show how live names map onto the files")
@@ -120,10 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="run the whole job on a generated model (no GPU needed)")
     m.add_argument("--size-mb", type=int, default=256, help="model size (default 256 MB)")
     m.add_argument("--steps", type=int, default=3, help="training-like steps (default 3)")
-    m.add_argument("--fraction", type=float, default=0.005,
-                   help="fraction of 4 KiB blocks each step changes (default 0.005)")
+    m.add_argument(
+        "--fraction",
+        type=float,
+        default=0.005,
+        help="fraction of 4 KiB blocks each step changes (default 0.005)",
+    )
     m.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    m.add_argument("--dir", type=Path, default=None, help="keep the model here (default: a temp dir)")
+    m.add_argument(
+        "--dir", type=Path, default=None, help="keep the model here (default: a temp dir)"
+    )
     m.set_defaults(func=_cmd_demo)
     return p
 

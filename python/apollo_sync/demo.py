@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,9 @@ def demo_config(size_mb: int) -> dict[str, int]:
     hidden, inter, vocab = 1024, 2816, 16384
     heads, kv_heads, head_dim = 8, 2, 128
     per_layer = (
-        hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 3 * hidden * inter
+        hidden * heads * head_dim * 2
+        + hidden * kv_heads * head_dim * 2
+        + 3 * hidden * inter
         + 2 * hidden
     ) * 2
     fixed = (2 * vocab * hidden + hidden) * 2
@@ -52,13 +53,22 @@ def demo_config(size_mb: int) -> dict[str, int]:
     }
 
 
-def make_demo_model(root: Path, size_mb: int = 256, *, shards: int = 3, seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16) -> Path:
+def make_demo_model(
+    root: Path,
+    size_mb: int = 256,
+    *,
+    shards: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Writes an HF-named, sharded safetensors checkpoint (with index and config) to ``root``."""
     cfg = demo_config(size_mb)
     g = torch.Generator().manual_seed(seed)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    q, kv = (
+        cfg["num_attention_heads"] * cfg["head_dim"],
+        cfg["num_key_value_heads"] * cfg["head_dim"],
+    )
 
     def w(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
@@ -162,9 +172,22 @@ class Producer:
 
     def __init__(self, model_dir: Path, handles: Path, *, fraction: float = 0.005, seed: int = 1):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "apollo_sync.demo", "--model-dir", str(model_dir),
-             "--handles", str(handles), "--fraction", str(fraction), "--seed", str(seed)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "apollo_sync.demo",
+                "--model-dir",
+                str(model_dir),
+                "--handles",
+                str(handles),
+                "--fraction",
+                str(fraction),
+                "--seed",
+                str(seed),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.handles = handles
         self._read()
@@ -206,8 +229,14 @@ class Producer:
         self.close()
 
 
-def run_demo(*, size_mb: int = 256, steps: int = 3, fraction: float = 0.005,
-             workdir: Path | None = None, block_size: int = BLOCK) -> int:
+def run_demo(
+    *,
+    size_mb: int = 256,
+    steps: int = 3,
+    fraction: float = 0.005,
+    workdir: Path | None = None,
+    block_size: int = BLOCK,
+) -> int:
     """Generates a model, starts a producer, syncs after each update, verifies, summarizes."""
     tmp = None
     if workdir is None:
@@ -227,8 +256,11 @@ def run_demo(*, size_mb: int = 256, steps: int = 3, fraction: float = 0.005,
                     result = sync(handles=h, block_size=block_size, progress=sys.stderr.isatty())
                     ok = not mismatches(ModelDir.open(model), h.tensors)
                 rows.append((label, touched, result, ok))
-                print(f"{label}: {result.total_changed / 1e6:.2f} MB changed, "
-                      f"verified={'yes' if ok else 'NO'}", file=sys.stderr)
+                print(
+                    f"{label}: {result.total_changed / 1e6:.2f} MB changed, "
+                    f"verified={'yes' if ok else 'NO'}",
+                    file=sys.stderr,
+                )
         _summary(rows)
         return 0 if all(ok for *_, ok in rows) else 1
     finally:
@@ -237,20 +269,40 @@ def run_demo(*, size_mb: int = 256, steps: int = 3, fraction: float = 0.005,
 
 
 def _summary(rows: list[tuple[str, int, SyncResult, bool]]) -> None:
-    head = ("sync", "blocks hit", "compared", "changed", "written", "device writes", "time",
-            "GB/s", "files == live")
+    head = (
+        "sync",
+        "blocks hit",
+        "compared",
+        "changed",
+        "written",
+        "device writes",
+        "time",
+        "GB/s",
+        "files == live",
+    )
     table = [head]
     for label, touched, r, ok in rows:
-        table.append((
-            label, str(touched), f"{r.total_compared / 1e6:.1f} MB",
-            f"{r.total_changed / 1e6:.3f} MB", f"{r.bytes_written / 1e6:.3f} MB",
-            f"{r.bytes_written_device / 1e6:.3f} MB", f"{r.seconds:.3f} s", f"{r.gb_per_s:.2f}",
-            "yes" if ok else "NO",
-        ))
+        table.append(
+            (
+                label,
+                str(touched),
+                f"{r.total_compared / 1e6:.1f} MB",
+                f"{r.total_changed / 1e6:.3f} MB",
+                f"{r.bytes_written / 1e6:.3f} MB",
+                f"{r.bytes_written_device / 1e6:.3f} MB",
+                f"{r.seconds:.3f} s",
+                f"{r.gb_per_s:.2f}",
+                "yes" if ok else "NO",
+            )
+        )
     widths = [max(len(row[c]) for row in table) for c in range(len(head))]
     for n, row in enumerate(table):
-        print("  ".join(cell.rjust(w) if c else cell.ljust(w)
-                        for c, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                cell.rjust(w) if c else cell.ljust(w)
+                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths))
 

@@ -35,8 +35,11 @@ class Diagnosis:
             ("shape / dtype / split mismatch", len(self.mismatched)),
             ("only on disk (left as is)", len(self.only_disk)),
         ]
-        out = [f"model dir: {self.model_dir}",
-               f"live tensors: {self.live_count}   disk tensors: {self.disk_count}", ""]
+        out = [
+            f"model dir: {self.model_dir}",
+            f"live tensors: {self.live_count}   disk tensors: {self.disk_count}",
+            "",
+        ]
         out += [f"  {label:<34} {n:>6}" for label, n in rows]
 
         def section(title: str, items: list[str]) -> None:
@@ -74,6 +77,8 @@ def diagnose(
             disk_count=len(md.tensors),
             matched=[(x.live_name, x.disk.name, x.rule) for x in m.matches],
             only_live=[(p.live_name, p.detail) for p in m.problems if p.kind == "unmatched"],
-            mismatched=[(p.live_name, p.kind, p.detail) for p in m.problems if p.kind != "unmatched"],
+            mismatched=[
+                (p.live_name, p.kind, p.detail) for p in m.problems if p.kind != "unmatched"
+            ],
             only_disk=m.disk_only,
         )

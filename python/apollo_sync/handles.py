@@ -24,6 +24,7 @@ import pickle
 import stat
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -155,7 +156,13 @@ def _share_cpu(name: str, t: torch.Tensor) -> dict[str, Any]:
     if not t.is_contiguous():
         raise HandlesError(f"{name}: a non-contiguous CPU tensor cannot be exported in place")
     storage = t.untyped_storage()
-    record = {"name": "", "size": 0, "offset": 0, "dtype": st_dtype(t.dtype), "shape": list(t.shape)}
+    record = {
+        "name": "",
+        "size": 0,
+        "offset": 0,
+        "dtype": st_dtype(t.dtype),
+        "shape": list(t.shape),
+    }
     if t.nbytes == 0:
         return record
     _manager, handle, size = storage._share_filename_cpu_()  # in place, like share_memory_()
@@ -163,7 +170,7 @@ def _share_cpu(name: str, t: torch.Tensor) -> dict[str, Any]:
     # torch's shared segments may start with a small reference-count header before
     # the storage bytes: locate the storage by the file's size, and prove it.
     head = os.stat(_SHM_DIR / shm_name).st_size - int(size)
-    offset = head + t.storage_offset() * t.element_size()
+    offset = head + int(t.storage_offset()) * t.element_size()
     probe = t.reshape(-1)[: max(1, 64 // t.element_size())].view(torch.uint8).numpy().tobytes()
     fd = os.open(_SHM_DIR / shm_name, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -213,7 +220,10 @@ def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
     src = Path(path) if path is not None else default_handles_path()
     raw = _read_checked(src)
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        # torch warns about pickle protocols it did not write; what matters is
+        # whether the restricted unpickler accepts the file, which it decides.
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(io.BytesIO(raw), weights_only=True, map_location=None)
     except pickle.UnpicklingError as e:
         raise UnsafeHandlesError(f"{src}: refused to unpickle: {_unpickle_reason(e)}") from None
@@ -225,11 +235,12 @@ def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
     if not isinstance(meta, dict):
         raise HandlesError(f"{src}: {METADATA_KEY} is not a dict")
     _check_producer(src, meta)
+    entries = {name: _entry(src, name, entry) for name, entry in obj.items()}  # all checked first
     handles = Handles(tensors={}, metadata=meta, path=src)
-    device = _local_device(meta) if any("handle" in _entry(src, n, e) for n, e in obj.items()) else None
+    device = _local_device(meta) if any("handle" in e for e in entries.values()) else None
     try:
-        for name, entry in obj.items():
-            handles.tensors[name] = _open_entry(src, name, _entry(src, name, entry), device, handles)
+        for name, entry in entries.items():
+            handles.tensors[name] = _open_entry(src, name, entry, device, handles)
     except BaseException:
         handles.close()
         raise
@@ -249,6 +260,15 @@ def _entry(src: Path, name: Any, entry: Any) -> dict[str, Any]:
         raise HandlesError(f"{src}: entry {name!r} is not a name -> dict pair")
     if ("handle" in entry) == ("shm" in entry):
         raise HandlesError(f"{src}: entry {name!r} needs exactly one of 'handle' or 'shm'")
+    handle = entry.get("handle")
+    if handle is not None and (
+        not isinstance(handle, tuple)
+        or len(handle) != 2
+        or handle[0] is not rebuild_cuda_tensor
+        or not isinstance(handle[1], tuple)
+        or len(handle[1]) != _CUDA_ARGS
+    ):
+        raise UnsafeHandlesError(f"{src}: {name!r} is not a (rebuild_cuda_tensor, args) handle")
     return entry
 
 
@@ -334,16 +354,7 @@ def _open_entry(
 ) -> LiveTensor:
     if "shm" in entry:
         return _open_shm(src, name, entry["shm"], handles)
-    handle = entry["handle"]
-    if (
-        not isinstance(handle, tuple)
-        or len(handle) != 2
-        or handle[0] is not rebuild_cuda_tensor
-        or not isinstance(handle[1], tuple)
-        or len(handle[1]) != _CUDA_ARGS
-    ):
-        raise UnsafeHandlesError(f"{src}: {name!r} is not a (rebuild_cuda_tensor, args) handle")
-    args = list(handle[1])
+    args = list(entry["handle"][1])
     if device is not None:
         args[6] = device  # storage_device: the producer's GPU by UUID, not by index
     try:
@@ -383,6 +394,7 @@ def _open_shm(src: Path, name: str, rec: Any, handles: Handles) -> LiveTensor:
 
 def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -> Any:
     import mmap
+
     try:
         fd = os.open(_SHM_DIR / shm_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

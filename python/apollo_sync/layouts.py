@@ -126,7 +126,7 @@ def map_tensors(live: Mapping[str, LiveTensor], disk: Mapping[str, DiskTensor]) 
                     Problem(
                         live_name,
                         "unmatched",
-                        f"{m.disk.name!r} is already written by live tensor {claimed[m.disk.name]!r}",
+                        f"{m.disk.name!r} is already written by {claimed[m.disk.name]!r}",
                     )
                 )
                 break

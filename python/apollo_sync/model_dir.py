@@ -9,6 +9,7 @@ the headers. Nothing here reads tensor data.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ class ModelDir:
         return iter(self.tensors.values())
 
     @classmethod
-    def open(cls, path: str | Path) -> ModelDir:
+    def open(cls, path: str | os.PathLike[str]) -> ModelDir:
         """Finds the shards of ``path`` and validates their headers and index."""
         root = Path(path)
         if not root.is_dir():
@@ -84,7 +85,9 @@ class ModelDir:
             for t in header.tensors:
                 if t.name in tensors:
                     other = files[tensors[t.name].shard]
-                    raise ModelDirError(f"{root}: tensor {t.name!r} is in both {other} and {files[i]}")
+                    raise ModelDirError(
+                        f"{root}: tensor {t.name!r} is in both {other} and {files[i]}"
+                    )
                 tensors[t.name] = _disk_tensor(t, i)
         if weight_map is not None:
             _check_index(root, weight_map, tensors, files)

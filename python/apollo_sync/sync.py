@@ -101,7 +101,9 @@ def plan(
         more = f"\n  ... and {len(fatal) - 20} more" if len(fatal) > 20 else ""
         raise LayoutError(
             f"{len(fatal)} live tensor(s) cannot be synced to {model_dir.path} "
-            f"(nothing was written):\n" + "\n".join(lines) + more
+            f"(nothing was written):\n"
+            + "\n".join(lines)
+            + more
             + "\n(run `apollo-sync diagnose` for the full picture)"
         )
     placements = sorted(
@@ -244,7 +246,12 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="sync", file=sys.stderr,
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="sync",
+        file=sys.stderr,
         leave=False,
     )
 

@@ -25,10 +25,7 @@ def mismatches(model_dir: ModelDir, live: Mapping[str, LiveTensor]) -> list[str]
         with safe_open(model_dir.headers[shard].path, framework="pt") as f:
             for name, lt in items:
                 on_disk = f.get_tensor(name).reshape(-1).view(torch.uint8).numpy()
-                if lt.is_cuda:
-                    live_bytes = lt.device_bytes().cpu().numpy()
-                else:
-                    live_bytes = lt.host_bytes()
+                live_bytes = lt.device_bytes().cpu().numpy() if lt.is_cuda else lt.host_bytes()
                 if not np.array_equal(on_disk, live_bytes):
                     bad.append(name)
     return bad

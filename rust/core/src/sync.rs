@@ -217,12 +217,12 @@ impl Syncer {
         for seg in segments {
             let s = seg.offset;
             let e = s + seg.data.len() as u64;
-            let file_len = self.shards[seg.shard].io.len();
-            self.shards[seg.shard].cursor = e;
-            self.shards[seg.shard].compared += seg.data.len() as u64;
             if s == e {
                 continue;
             }
+            let file_len = self.shards[seg.shard].io.len();
+            self.shards[seg.shard].cursor = e;
+            self.shards[seg.shard].compared += seg.data.len() as u64;
             // Head: the part of the first block that the segment shares.
             let head_end = if s % b == 0 {
                 s
@@ -306,6 +306,9 @@ impl Syncer {
             let path = shard.io.path().display();
             match end {
                 Some(end) if seg.offset >= shard.data_start && end <= shard.io.len() => {
+                    if seg.data.is_empty() {
+                        continue; // an empty tensor changes nothing wherever it sits
+                    }
                     if seg.offset < cursors[seg.shard] {
                         return Err(Error::Plan(format!(
                             "{path}: segment at {} overlaps or precedes bytes already fed (up to {})",

@@ -1,0 +1,43 @@
+# One entry point for people and CI. `make help` lists the targets.
+PY ?= python3
+PIP = $(PY) -m pip install --disable-pip-version-check -q
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-rust test-python lint bench bench-rust demo wheel
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: ## install dependencies (torch only if missing) and build the package in place
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch>=2.4"
+	$(PIP) "maturin>=1.7,<2" "safetensors>=0.4" "numpy>=1.26" "tqdm>=4.66" typing_extensions \
+		"pytest>=8" "pytest-timeout>=2.3" "pytest-benchmark>=4" "ruff>=0.6" "mypy>=1.11"
+	$(PIP) --no-build-isolation --no-deps -e .
+
+test: install lint test-rust test-python ## everything: lints, Rust tests, Python tests
+
+test-rust: ## Rust unit and property tests of the core
+	cargo test -p apollo_sync_core
+
+test-python: ## the Python test suite
+	$(PY) -m pytest
+
+lint: ## cargo fmt, clippy -D warnings, ruff, mypy, stubtest of the compiled module
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(PY) -m ruff check python tests benches
+	$(PY) -m ruff format --check python tests benches
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest apollo_sync._core
+
+demo: install ## the main job on a generated model: producer process, updates, syncs, checks
+	$(PY) -m apollo_sync demo
+
+bench-rust: ## Criterion bench of the diff kernel (GB/s against memcmp)
+	cargo bench -p apollo_sync_core --bench diff
+
+bench: install ## end-to-end bench against the seed script and the machine's limits
+	$(PY) benches/e2e.py --size-gb 1
+
+wheel: ## the abi3 wheel, in dist/
+	maturin build --release -o dist

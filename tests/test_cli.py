@@ -1,0 +1,93 @@
+"""The command line, in separate processes: a producer holds live weights, the
+CLI syncs them from another process through a handles file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apollo_sync import ModelDir, load_handles
+from apollo_sync.demo import Producer, make_demo_model
+from apollo_sync.verify import mismatches
+from conftest import dir_digest
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    p = subprocess.run(
+        [sys.executable, "-m", "apollo_sync", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def producer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Producer]:
+    root = tmp_path_factory.mktemp("cli")
+    model = make_demo_model(root / "model", size_mb=24, shards=3)
+    handles = root / "run" / "handles.pt"
+    with Producer(model, handles, fraction=0.005) as prod:
+        yield model, handles, prod
+
+
+def test_two_process_sync_through_the_cli(producer: tuple[Path, Path, Producer]) -> None:
+    model, handles, prod = producer
+    first = json.loads(cli("sync", "--handles", str(handles), "--json").stdout)
+    assert first["total_changed"] == 0 and first["tensors_missing"] == 0
+    assert first["model_dir"] == str(model)  # from the handles metadata
+    blocks = prod.step()
+    out = json.loads(cli("sync", "--handles", str(handles), "--json").stdout)
+    assert 0 < out["total_changed"] <= blocks * 4096
+    assert out["bytes_written"] == out["total_changed"]
+    assert out["files_changed"]
+    with load_handles(handles) as h:
+        assert mismatches(ModelDir.open(model), h.tensors) == []
+    again = json.loads(cli("sync", "--handles", str(handles), "--json").stdout)
+    assert again["total_changed"] == 0
+
+
+def test_dry_run_and_human_output(producer: tuple[Path, Path, Producer]) -> None:
+    model, handles, prod = producer
+    prod.step()
+    digest = dir_digest(model)
+    out = cli("sync", "--handles", str(handles), "--model-dir", str(model), "--dry-run").stdout
+    assert "would write" in out and "changed" in out
+    assert dir_digest(model) == digest
+    cli("sync", "--handles", str(handles))
+
+
+def test_diagnose_table(producer: tuple[Path, Path, Producer]) -> None:
+    _, handles, _ = producer
+    out = cli("diagnose", "--handles", str(handles)).stdout
+    assert "matched (disk tensors)" in out
+    assert "qkv_proj.weight -> model.layers.0.self_attn.q_proj.weight" in out
+    data = json.loads(cli("diagnose", "--handles", str(handles), "--json").stdout)
+    assert data["ok"] and not data["only_live"] and not data["mismatched"]
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
+    p = cli(
+        "sync", "--handles", str(tmp_path / "missing.pt"), "--model-dir", str(tmp_path), check=False
+    )
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apollo-sync: error: HandlesError")
+    verbose = cli("-v", "sync", "--handles", str(tmp_path / "missing.pt"), check=False)
+    assert "Traceback" in verbose.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    out = cli("demo", "--size-mb", "16", "--steps", "2", "--dir", str(tmp_path)).stdout
+    lines = out.strip().splitlines()
+    assert lines[0].split()[0] == "sync" and len(lines) == 2 + 3
+    assert all(line.rstrip().endswith("yes") for line in lines[2:])
