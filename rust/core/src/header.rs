@@ -131,3 +131,98 @@ fn bad(path: &Path, reason: impl ToString) -> Error {
         reason: reason.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use safetensors::tensor::{Dtype, TensorView};
+    use std::io::Write;
+
+    const DTYPES: [(Dtype, usize); 6] = [
+        (Dtype::BF16, 2),
+        (Dtype::F16, 2),
+        (Dtype::F32, 4),
+        (Dtype::I64, 8),
+        (Dtype::BOOL, 1),
+        (Dtype::F8_E4M3, 1),
+    ];
+
+    fn write(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the reference crate serializes, we read back exactly.
+        #[test]
+        fn round_trips_the_reference_serializer(
+            specs in proptest::collection::vec((0usize..6, proptest::collection::vec(0usize..9, 0..3)), 0..8),
+        ) {
+            let datas: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, (d, shape))| {
+                    let (dtype, size) = DTYPES[*d];
+                    let n: usize = shape.iter().product::<usize>() * size;
+                    (format!("t{i}"), dtype, shape.clone(), vec![i as u8; n])
+                })
+                .collect();
+            let views: Vec<(String, TensorView<'_>)> = datas
+                .iter()
+                .map(|(name, dtype, shape, data)| {
+                    (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap())
+                })
+                .collect();
+            let bytes = safetensors::serialize(views, None).unwrap();
+            let f = write(&bytes);
+            let h = Header::read(f.path()).unwrap();
+            prop_assert_eq!(h.file_len, bytes.len() as u64);
+            prop_assert_eq!(h.tensors.len(), datas.len());
+            let mut at = h.data_start;
+            for t in &h.tensors {
+                prop_assert_eq!(t.start, at);
+                at = t.end;
+                let (_, dtype, shape, data) = datas.iter().find(|d| d.0 == t.name).unwrap();
+                prop_assert_eq!(&t.dtype, &dtype.to_string());
+                prop_assert_eq!(&t.shape, shape);
+                prop_assert_eq!(t.end - t.start, data.len() as u64);
+                prop_assert_eq!(&bytes[t.start as usize..t.end as usize], &data[..]);
+            }
+            prop_assert_eq!(at, h.file_len);
+        }
+
+        /// Corrupt bytes never panic: they parse or give a Header error.
+        #[test]
+        fn corruption_is_an_error_not_a_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let data = vec![1u8; 24];
+            let views = vec![
+                ("a".to_string(), TensorView::new(Dtype::F32, vec![2, 2], &data[..16]).unwrap()),
+                ("b".to_string(), TensorView::new(Dtype::BF16, vec![4], &data[16..]).unwrap()),
+            ];
+            let mut bytes = safetensors::serialize(views, None).unwrap();
+            for (i, x) in &flips {
+                let k = i.index(bytes.len());
+                bytes[k] ^= x;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.index(bytes.len()));
+            }
+            let f = write(&bytes);
+            match Header::read(f.path()) {
+                Ok(h) => {
+                    prop_assert_eq!(h.file_len, bytes.len() as u64);
+                    prop_assert!(h.tensors.iter().all(|t| t.start >= h.data_start && t.end <= h.file_len));
+                }
+                Err(Error::Header { .. }) => {}
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+    }
+}
