@@ -48,7 +48,13 @@ from typing import Any
 
 import numpy as np
 
-SEED_SCRIPT = Path("/work/shared/seeds/checkpoint_sync.py")
+#: The seed script lives in ``shared/seeds`` beside the checkout (override: $APOLLO_SYNC_SEED).
+SEED_SCRIPT = Path(
+    os.environ.get(
+        "APOLLO_SYNC_SEED",
+        Path(__file__).resolve().parents[2] / "shared" / "seeds" / "checkpoint_sync.py",
+    )
+)
 BLOCK = 4096
 N_SHARDS = 4
 CHUNK = 8 << 20
@@ -140,8 +146,14 @@ def build_model(model_dir: Path, shm_dir: Path, args: argparse.Namespace) -> dic
             shm_path = shm_dir / f"{name}.bin"
             t.view(torch.uint8).numpy().tofile(shm_path)
             tensors.append(
-                {"name": name, "dtype": st_dtype, "shape": list(t.shape),
-                 "numel": t.numel(), "shm": str(shm_path), "file": fname}
+                {
+                    "name": name,
+                    "dtype": st_dtype,
+                    "shape": list(t.shape),
+                    "numel": t.numel(),
+                    "shm": str(shm_path),
+                    "file": fname,
+                }
             )
         del state
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -163,7 +175,8 @@ def perturb(model_dir: Path, info: dict[str, Any], fraction: float, seed: int) -
         # Every tensor's absolute byte range, in file order.
         spans = sorted(
             (data_start + v["data_offsets"][0], data_start + v["data_offsets"][1], k)
-            for k, v in header.items() if k != "__metadata__"
+            for k, v in header.items()
+            if k != "__metadata__"
         )
         first, last = data_start // BLOCK, (file_len - 1) // BLOCK
         n_blocks = last - first + 1
@@ -274,10 +287,12 @@ def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, flo
     by_path: dict[Path, list[tuple[int, np.ndarray]]] = {}
     for path, off, arr in pieces:
         by_path.setdefault(path, []).append((off, arr))
+
     def cmp_in_memory(disk: np.ndarray, items: list[tuple[int, np.ndarray]], k: int) -> int:
         with ThreadPoolExecutor(k) as pool:
-            return sum(pool.map(lambda it: memcmp(it[1], disk[it[0] : it[0] + it[1].nbytes]),
-                                items))
+            return sum(
+                pool.map(lambda it: memcmp(it[1], disk[it[0] : it[0] + it[1].nbytes]), items)
+            )
 
     for k in sorted({1, threads}):
         secs, same = 0.0, 0
@@ -302,7 +317,6 @@ def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, flo
         view = buf[: arr.nbytes]
         os.preadv(fds[path], [view], off)
         return memcmp(view, arr)
-
 
     for k in sorted({1, threads}):
         with ThreadPoolExecutor(k) as pool:  # warm-up pass (threads, buffers)
@@ -401,17 +415,19 @@ def child_apollo(spec: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     r = apollo_sync.sync(spec["model_dir"], tensors=tensors, block_size=BLOCK)
     secs = time.perf_counter() - t0
-    _write_result({
-        "call_s": secs,
-        "internal_s": r.seconds,
-        "total_compared": r.total_compared,
-        "total_changed": r.total_changed,
-        "bytes_written": r.bytes_written,
-        "bytes_written_device": r.bytes_written_device,
-        "fallbacks": [f.direct_io_fallback for f in r.files if f.direct_io_fallback],
-        "rss_anon_kb_before": anon_before,
-        "rss_anon_kb_after": rss_anon_kb(os.getpid()),
-    })
+    _write_result(
+        {
+            "call_s": secs,
+            "internal_s": r.seconds,
+            "total_compared": r.total_compared,
+            "total_changed": r.total_changed,
+            "bytes_written": r.bytes_written,
+            "bytes_written_device": r.bytes_written_device,
+            "fallbacks": [f.direct_io_fallback for f in r.files if f.direct_io_fallback],
+            "rss_anon_kb_before": anon_before,
+            "rss_anon_kb_after": rss_anon_kb(os.getpid()),
+        }
+    )
 
 
 def child_seed(spec: dict[str, Any]) -> None:
@@ -532,21 +548,33 @@ def main() -> int:
         limit = max(lim[f"read_cmp_gbps_{k}t"] for k in {1, threads})
         changed = perturb(model_dir, info, args.fraction, seed=42)
         total = info["total_bytes"]
-        print(f"model: {len(info['tensors'])} tensors, {len(info['shards'])} shards, "
-              f"{total / 1e9:.3f} GB {args.dtype}; {changed['blocks']} blocks changed "
-              f"({changed['bytes'] / 1e6:.2f} MB); built in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"model: {len(info['tensors'])} tensors, {len(info['shards'])} shards, "
+            f"{total / 1e9:.3f} GB {args.dtype}; {changed['blocks']} blocks changed "
+            f"({changed['bytes'] / 1e6:.2f} MB); built in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         spec_path = work / "spec.json"
         handles_path = work / "handles.pt"
         write_handles(info, handles_path, model_dir)
-        spec = {"model_dir": str(model_dir), "tensors": info["tensors"],
-                "handles": str(handles_path)}
+        spec = {
+            "model_dir": str(model_dir),
+            "tensors": info["tensors"],
+            "handles": str(handles_path),
+        }
         spec_path.write_text(json.dumps(spec))
         me = [sys.executable, os.path.abspath(__file__), "--_spec", str(spec_path), "--_child"]
 
         runs: dict[str, dict[str, Any]] = {}
-        seed_cli = [sys.executable, str(SEED_SCRIPT), "sync", "--model-dir", str(model_dir),
-                    "--handles", str(handles_path)]
+        seed_cli = [
+            sys.executable,
+            str(SEED_SCRIPT),
+            "sync",
+            "--model-dir",
+            str(model_dir),
+            "--handles",
+            str(handles_path),
+        ]
         for name, argv in [
             ("apollo_sync", [*me, "apollo"]),
             ("apollo (prefault)", [*me, "apollo", "--_populate"]),
@@ -558,8 +586,11 @@ def main() -> int:
             r = run_child(argv, stdout_json=argv is seed_cli)
             r["stale_tensors_after"] = verify(model_dir, info)
             runs[name] = r
-            print(f"{name}: rc={r['returncode']} wall={r['wall_s']:.2f}s "
-                  f"stale tensors after={r['stale_tensors_after']} {r['child']}", flush=True)
+            print(
+                f"{name}: rc={r['returncode']} wall={r['wall_s']:.2f}s "
+                f"stale tensors after={r['stale_tensors_after']} {r['child']}",
+                flush=True,
+            )
 
         a = runs["apollo_sync"]["child"]
         rows = []
@@ -573,50 +604,98 @@ def main() -> int:
                 wr, dev = chg, r["device_bytes"]
             else:
                 chg, wr, dev = None, total, r["device_bytes"]
-            rows.append({"contender": name, "seconds": secs, "gbps": total / secs / 1e9,
-                         "bytes_changed": chg, "bytes_written": wr, "device_bytes": dev,
-                         "stale_tensors_after": r["stale_tensors_after"]})
+            rows.append(
+                {
+                    "contender": name,
+                    "seconds": secs,
+                    "gbps": total / secs / 1e9,
+                    "bytes_changed": chg,
+                    "bytes_written": wr,
+                    "device_bytes": dev,
+                    "stale_tensors_after": r["stale_tensors_after"],
+                }
+            )
         seed_s = next(r["seconds"] for r in rows if r["contender"] == "seed (call)")
         for row in rows:
             row["x_vs_seed"] = seed_s / row["seconds"]
             row["frac_of_limit"] = row["gbps"] / limit
-        rows.append({"contender": "limit: read+cmp", "seconds": total / limit / 1e9,
-                     "gbps": limit, "bytes_changed": None, "bytes_written": None,
-                     "device_bytes": None, "stale_tensors_after": None,
-                     "x_vs_seed": seed_s / (total / limit / 1e9), "frac_of_limit": 1.0})
+        rows.append(
+            {
+                "contender": "limit: read+cmp",
+                "seconds": total / limit / 1e9,
+                "gbps": limit,
+                "bytes_changed": None,
+                "bytes_written": None,
+                "device_bytes": None,
+                "stale_tensors_after": None,
+                "x_vs_seed": seed_s / (total / limit / 1e9),
+                "frac_of_limit": 1.0,
+            }
+        )
 
-        hdr = (f"{'contender':<17} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
-               f"{'device':>10} {'x seed':>7} {'/limit':>7} {'stale':>6}")
+        hdr = (
+            f"{'contender':<17} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
+            f"{'device':>10} {'x seed':>7} {'/limit':>7} {'stale':>6}"
+        )
         print()
-        print(f"{total / 1e9:.2f} GB {args.dtype}, {args.fraction:.2%} of blocks changed "
-              f"({changed['bytes'] / 1e6:.2f} MB), {threads} cores")
+        print(
+            f"{total / 1e9:.2f} GB {args.dtype}, {args.fraction:.2%} of blocks changed "
+            f"({changed['bytes'] / 1e6:.2f} MB), {threads} cores"
+        )
         print(hdr)
         print("-" * len(hdr))
         for row in rows:
             stale = "-" if row["stale_tensors_after"] is None else row["stale_tensors_after"]
-            print(f"{row['contender']:<17} {row['seconds']:>8.3f} {row['gbps']:>6.2f} "
-                  f"{fmt_bytes(row['bytes_changed']):>10} {fmt_bytes(row['bytes_written']):>10} "
-                  f"{fmt_bytes(row['device_bytes']):>10} {row['x_vs_seed']:>7.2f} "
-                  f"{row['frac_of_limit']:>7.2f} {stale:>6}")
+            print(
+                f"{row['contender']:<17} {row['seconds']:>8.3f} {row['gbps']:>6.2f} "
+                f"{fmt_bytes(row['bytes_changed']):>10} {fmt_bytes(row['bytes_written']):>10} "
+                f"{fmt_bytes(row['device_bytes']):>10} {row['x_vs_seed']:>7.2f} "
+                f"{row['frac_of_limit']:>7.2f} {stale:>6}"
+            )
         ar = runs["apollo_sync"]
-        print(f"\napollo_sync: internal seconds {a['internal_s']:.3f} (call {a['call_s']:.3f}, "
-              f"process wall {ar['wall_s']:.2f}); device/changed "
-              f"{ar['device_bytes'] / max(a['total_changed'], 1):.3f}; self-reported device "
-              f"{fmt_bytes(a['bytes_written_device'])}; fallbacks {a['fallbacks'] or 'none'}")
-        print(f"apollo_sync RssAnon: before sync {a['rss_anon_kb_before'] / 1024:.0f} MiB, "
-              f"after {a['rss_anon_kb_after'] / 1024:.0f} MiB, peak sampled "
-              f"{ar['peak_rss_anon_kb_sampled'] / 1024:.0f} MiB (process VmHWM incl. shm "
-              f"{ar['maxrss_kb'] / 1024:.0f} MiB)")
+        print(
+            f"\napollo_sync: internal seconds {a['internal_s']:.3f} (call {a['call_s']:.3f}, "
+            f"process wall {ar['wall_s']:.2f}); device/changed "
+            f"{ar['device_bytes'] / max(a['total_changed'], 1):.3f}; self-reported device "
+            f"{fmt_bytes(a['bytes_written_device'])}; fallbacks {a['fallbacks'] or 'none'}"
+        )
+        print(
+            f"apollo_sync RssAnon: before sync {a['rss_anon_kb_before'] / 1024:.0f} MiB, "
+            f"after {a['rss_anon_kb_after'] / 1024:.0f} MiB, peak sampled "
+            f"{ar['peak_rss_anon_kb_sampled'] / 1024:.0f} MiB (process VmHWM incl. shm "
+            f"{ar['maxrss_kb'] / 1024:.0f} MiB)"
+        )
         seed_changed = runs["seed (call)"]["child"].get("total_changed")
-        print(f"expected changed bytes {changed['bytes']}; apollo total_changed "
-              f"{a['total_changed']}; seed total_changed {seed_changed}")
+        print(
+            f"expected changed bytes {changed['bytes']}; apollo total_changed "
+            f"{a['total_changed']}; seed total_changed {seed_changed}"
+        )
+        for name in ("seed (call)", "seed (CLI)"):
+            stale = runs[name]["stale_tensors_after"]
+            if stale:
+                print(
+                    f"note: {name} left {stale} tensor(s) stale (total_changed "
+                    f"{runs[name]['child'].get('total_changed')}): its x-seed ratios are moot"
+                )
         if args.out:
-            args.out.write_text(json.dumps({
-                "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")},
-                "model": {"total_bytes": total, "tensors": len(info["tensors"]),
-                          "shards": info["shards"], "changed": changed},
-                "limits": lim, "limit_gbps": limit, "runs": runs, "table": rows,
-            }, indent=2))
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")},
+                        "model": {
+                            "total_bytes": total,
+                            "tensors": len(info["tensors"]),
+                            "shards": info["shards"],
+                            "changed": changed,
+                        },
+                        "limits": lim,
+                        "limit_gbps": limit,
+                        "runs": runs,
+                        "table": rows,
+                    },
+                    indent=2,
+                )
+            )
             print(f"wrote {args.out}")
     finally:
         if not args.keep:

@@ -147,12 +147,13 @@ def producer_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handles", type=Path, required=True)
     ap.add_argument("--fraction", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the live weights live (cpu, cuda)")
     args = ap.parse_args(argv)
     md = ModelDir.open(args.model_dir)
     hf: dict[str, torch.Tensor] = {}
     for h in md.headers:
         hf |= load_file(h.path)
-    live = to_vllm_layout(hf)
+    live = {k: v.to(args.device) for k, v in to_vllm_layout(hf).items()}
     del hf
     export_handles(live, args.handles, metadata={"model_path": str(args.model_dir)})
     gen = torch.Generator().manual_seed(args.seed)
@@ -170,7 +171,15 @@ def producer_main(argv: list[str] | None = None) -> int:
 class Producer:
     """A producer subprocess (see :func:`producer_main`)."""
 
-    def __init__(self, model_dir: Path, handles: Path, *, fraction: float = 0.005, seed: int = 1):
+    def __init__(
+        self,
+        model_dir: Path,
+        handles: Path,
+        *,
+        fraction: float = 0.005,
+        seed: int = 1,
+        device: str = "cpu",
+    ) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -184,6 +193,8 @@ class Producer:
                 str(fraction),
                 "--seed",
                 str(seed),
+                "--device",
+                device,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

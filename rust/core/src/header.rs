@@ -201,7 +201,7 @@ mod tests {
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<prop::sample::Index>()),
         ) {
-            let data = vec![1u8; 24];
+            let data = [1u8; 24];
             let views = vec![
                 ("a".to_string(), TensorView::new(Dtype::F32, vec![2, 2], &data[..16]).unwrap()),
                 ("b".to_string(), TensorView::new(Dtype::BF16, vec![4], &data[16..]).unwrap()),

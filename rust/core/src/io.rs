@@ -72,6 +72,22 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// A reusable aligned staging buffer that grows to the largest write it has
+/// served (at most [`MAX_WRITE`]); one per writer thread, so it is zeroed once.
+#[derive(Default)]
+pub struct Staging(Option<AlignedBuf>);
+
+impl Staging {
+    /// An aligned slice of exactly `len` bytes (`len` ≤ [`MAX_WRITE`]).
+    pub fn get(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= MAX_WRITE);
+        if self.0.as_ref().is_none_or(|b| b.len() < len) {
+            self.0 = Some(AlignedBuf::new(len.next_power_of_two().min(MAX_WRITE)));
+        }
+        &mut self.0.as_mut().expect("allocated").as_mut_slice()[..len]
+    }
+}
+
 /// Counters of what one shard's writer did.
 #[derive(Debug, Default)]
 pub struct WriteCounters {
@@ -155,10 +171,10 @@ impl ShardIo {
             .map_err(|e| Error::io(&self.path, "read", e))
     }
 
-    /// Writes `data` at `offset`. `staging` is an aligned scratch buffer of at
-    /// least `MAX_WRITE` bytes. Aligned whole blocks go through `O_DIRECT`; an
-    /// unaligned tail (the file's last, short block) goes through the page cache.
-    pub fn write_at(&self, data: &[u8], offset: u64, staging: &mut AlignedBuf) -> Result<()> {
+    /// Writes `data` at `offset`, through `staging` for alignment. Aligned whole
+    /// blocks go through `O_DIRECT`; an unaligned tail (the file's last, short
+    /// block) goes through the page cache.
+    pub fn write_at(&self, data: &[u8], offset: u64, staging: &mut Staging) -> Result<()> {
         if offset + data.len() as u64 > self.len {
             return Err(Error::Plan(format!(
                 "{}: write of {} bytes at {offset} would extend the file",
@@ -174,7 +190,7 @@ impl ShardIo {
             let aligned_len = piece_len - piece_len % self.align;
             if at % self.align as u64 == 0 && aligned_len > 0 {
                 if let Some(file) = self.direct_file() {
-                    let buf = &mut staging.as_mut_slice()[..aligned_len];
+                    let buf = staging.get(aligned_len);
                     buf.copy_from_slice(&piece[..aligned_len]);
                     match file.write_all_at(buf, at) {
                         Ok(()) => {

@@ -15,13 +15,15 @@
 
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
 use crate::diff::changed_runs_at;
 use crate::error::{Error, Result};
-use crate::io::{AlignedBuf, ShardIo, DIRECT_ALIGN, MAX_WRITE};
+use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -31,6 +33,12 @@ pub const MAX_BLOCK: usize = 16 << 20;
 const JOB_BYTES: usize = 4 << 20;
 /// Bytes read from the page cache per step inside a job (stays in L2).
 const READ_BYTES: usize = 256 << 10;
+/// Threads that issue writes while the diff goes on. A direct write blocks its
+/// thread for a device round trip (~100 µs on a virtual disk), so the diff
+/// workers hand changed runs to these instead of waiting themselves.
+const IO_THREADS: usize = 4;
+/// Changed runs queued for the writers before the diff waits for them.
+const WRITE_QUEUE: usize = 4096;
 
 /// A shard to sync, as its header describes it.
 #[derive(Debug, Clone)]
@@ -117,26 +125,17 @@ struct Job<'a> {
     data: &'a [u8],
 }
 
-/// Per-thread scratch space, reused across jobs.
+/// Per-worker scratch space, allocated once per pool thread and reused.
 struct Scratch {
     read: Vec<u8>,
     runs: Vec<Range<usize>>,
-    staging: Option<AlignedBuf>,
 }
 
-impl Scratch {
-    fn new(block: usize) -> Self {
-        Scratch {
-            read: vec![0u8; READ_BYTES.max(block)],
-            runs: Vec::new(),
-            staging: None,
-        }
-    }
-
-    fn staging(&mut self) -> &mut AlignedBuf {
-        self.staging
-            .get_or_insert_with(|| AlignedBuf::new(MAX_WRITE))
-    }
+/// A changed run on its way to a writer thread.
+struct WriteReq<'a> {
+    shard: usize,
+    offset: u64,
+    data: &'a [u8],
 }
 
 /// A sync in progress over a fixed set of shards.
@@ -144,7 +143,9 @@ pub struct Syncer {
     shards: Vec<Shard>,
     opts: Options,
     pool: rayon::ThreadPool,
-    staging: AlignedBuf,
+    /// One per pool thread, indexed by `rayon::current_thread_index`.
+    scratch: Vec<Mutex<Scratch>>,
+    staging: Staging,
 }
 
 impl Syncer {
@@ -188,11 +189,20 @@ impl Syncer {
             .thread_name(|i| format!("apollo-sync-{i}"))
             .build()
             .map_err(|e| Error::Plan(format!("cannot start worker threads: {e}")))?;
+        let scratch = (0..pool.current_num_threads())
+            .map(|_| {
+                Mutex::new(Scratch {
+                    read: vec![0u8; READ_BYTES.max(b)],
+                    runs: Vec::new(),
+                })
+            })
+            .collect();
         Ok(Syncer {
             shards,
             opts,
             pool,
-            staging: AlignedBuf::new(b.max(DIRECT_ALIGN)),
+            scratch,
+            staging: Staging::default(),
         })
     }
 
@@ -210,10 +220,10 @@ impl Syncer {
     /// The whole batch is checked first (shard index, range inside the
     /// shard's tensor data, order after everything fed before): a bad batch
     /// is refused before any byte is read or written.
-    pub fn feed(&mut self, segments: &[Segment<'_>]) -> Result<()> {
+    pub fn feed<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
         self.check(segments)?;
         let b = self.opts.block_size as u64;
-        let mut jobs: Vec<Job<'_>> = Vec::new();
+        let mut jobs: Vec<Job<'d>> = Vec::new();
         for seg in segments {
             let s = seg.offset;
             let e = s + seg.data.len() as u64;
@@ -256,13 +266,38 @@ impl Syncer {
         }
         let shards = &self.shards;
         let block = self.opts.block_size;
-        let dry = self.opts.dry_run;
-        self.pool.install(|| {
-            jobs.par_iter().try_for_each_init(
-                || Scratch::new(block),
-                |scratch, job| diff_job(&shards[job.shard], job, block, dry, scratch),
-            )
-        })
+        let scratch = &self.scratch;
+        let pool = &self.pool;
+        let diff_all = |tx: Option<&SyncSender<WriteReq<'d>>>| {
+            pool.install(|| {
+                jobs.par_iter().try_for_each(|job| {
+                    let i = rayon::current_thread_index().expect("inside the pool");
+                    let mut s = scratch[i].lock().expect("poisoned");
+                    diff_job(&shards[job.shard], job, block, &mut s, tx)
+                })
+            })
+        };
+        if self.opts.dry_run {
+            return diff_all(None);
+        }
+        // Diff workers queue changed runs; writer threads drain the queue
+        // concurrently. Runs borrow the fed buffers, which outlive the scope.
+        let (tx, rx) = sync_channel::<WriteReq<'d>>(WRITE_QUEUE);
+        let rx = Mutex::new(rx);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let abort = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..IO_THREADS {
+                scope.spawn(|| write_loop(shards, &rx, &failed, &abort));
+            }
+            let diffed = diff_all(Some(&tx));
+            drop(tx); // writers finish the queue, then stop
+            diffed
+        })?;
+        match failed.into_inner().expect("poisoned") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Writes the last pending blocks, makes every written shard durable
@@ -367,13 +402,14 @@ impl Syncer {
     }
 }
 
-/// Compares one job's live bytes with the file and writes the changed runs.
-fn diff_job(
+/// Compares one job's live bytes with the file; queues the changed runs for
+/// the writers (none in a dry run).
+fn diff_job<'a>(
     shard: &Shard,
-    job: &Job<'_>,
+    job: &Job<'a>,
     block: usize,
-    dry: bool,
     scratch: &mut Scratch,
+    tx: Option<&SyncSender<WriteReq<'a>>>,
 ) -> Result<()> {
     scratch.runs.clear();
     let step = scratch.read.len() / block * block;
@@ -385,30 +421,51 @@ fn diff_job(
         changed_runs_at(rel, &job.data[rel..rel + n], disk, block, &mut scratch.runs);
         rel += n;
     }
-    if scratch.runs.is_empty() {
-        return Ok(());
-    }
     let mut changed = 0u64;
     let mut blocks = 0u64;
     for r in &scratch.runs {
         changed += r.len() as u64;
         blocks += r.len().div_ceil(block) as u64;
+        if let Some(tx) = tx {
+            let req = WriteReq {
+                shard: job.shard,
+                offset: job.offset + r.start as u64,
+                data: &job.data[r.clone()],
+            };
+            if tx.send(req).is_err() {
+                break; // every writer stopped on an error, reported by the caller
+            }
+        }
     }
     shard.changed.fetch_add(changed, Ordering::Relaxed);
     shard.changed_blocks.fetch_add(blocks, Ordering::Relaxed);
-    if dry {
-        return Ok(());
+    Ok(())
+}
+
+/// A writer thread: takes queued runs and writes them until the queue closes.
+/// After the first failure it keeps draining (so the diff never blocks on a
+/// full queue) but writes nothing more.
+fn write_loop(
+    shards: &[Shard],
+    rx: &Mutex<Receiver<WriteReq<'_>>>,
+    failed: &Mutex<Option<Error>>,
+    abort: &AtomicBool,
+) {
+    let mut staging = Staging::default();
+    loop {
+        let next = rx.lock().expect("poisoned").recv();
+        let Ok(req) = next else { return };
+        if abort.load(Ordering::Relaxed) {
+            continue;
+        }
+        if let Err(e) = shards[req.shard]
+            .io
+            .write_at(req.data, req.offset, &mut staging)
+        {
+            abort.store(true, Ordering::Relaxed);
+            failed.lock().expect("poisoned").get_or_insert(e);
+        }
     }
-    let runs = std::mem::take(&mut scratch.runs);
-    let result = runs.iter().try_for_each(|r| {
-        shard.io.write_at(
-            &job.data[r.clone()],
-            job.offset + r.start as u64,
-            scratch.staging(),
-        )
-    });
-    scratch.runs = runs;
-    result
 }
 
 #[cfg(test)]
