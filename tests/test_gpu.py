@@ -33,7 +33,10 @@ pytestmark = [
 def cli(*args: str) -> dict[str, object]:
     p = subprocess.run(
         [sys.executable, "-m", "apollo_sync", *args, "--json"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert p.returncode == 0, p.stderr
     out: dict[str, object] = json.loads(p.stdout)
