@@ -36,7 +36,7 @@ const READ_BYTES: usize = 256 << 10;
 /// Threads that issue writes while the diff goes on. A direct write blocks its
 /// thread for a device round trip (~100 µs on a virtual disk), so the diff
 /// workers hand changed runs to these instead of waiting themselves.
-const IO_THREADS: usize = 4;
+const IO_THREADS: usize = 16;
 /// Changed runs queued for the writers before the diff waits for them.
 const WRITE_QUEUE: usize = 4096;
 
