@@ -403,14 +403,19 @@ def child_apollo(spec: dict[str, Any]) -> None:
     from apollo_sync.live import LiveTensor
 
     # Prefaulted: the live mappings are populated before the clock starts, as a live
-    # process's own tensors would be; else each page faults in during the sync.
-    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if spec.get("populate") else 0)
+    # process's own tensors would be. Otherwise the live bytes are another process's
+    # shared memory, opened as load_handles opens it: a mapping plus the open file,
+    # which the core reads with pread instead of faulting the mapping in.
+    populate = bool(spec.get("populate"))
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
     tensors = {}
     for t in spec["tensors"]:
-        with open(t["shm"], "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        fd = os.open(t["shm"], os.O_RDONLY)
+        mm = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
         src = np.frombuffer(mm, dtype=np.uint8)
-        tensors[t["name"]] = LiveTensor(t["name"], t["dtype"], tuple(t["shape"]), src, 0)
+        tensors[t["name"]] = LiveTensor(
+            t["name"], t["dtype"], tuple(t["shape"]), src, 0, file=None if populate else (fd, 0)
+        )
     anon_before = rss_anon_kb(os.getpid())
     t0 = time.perf_counter()
     r = apollo_sync.sync(spec["model_dir"], tensors=tensors, block_size=BLOCK)

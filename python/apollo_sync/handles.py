@@ -74,7 +74,7 @@ class Handles:
     metadata: dict[str, Any]
     path: Path
     _keepalive: list[Any] = field(default_factory=list, repr=False)
-    _maps: dict[str, Any] = field(default_factory=dict, repr=False)
+    _maps: dict[str, tuple[Any, int]] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         """Drops the mappings (the live tensors must not be used afterwards)."""
@@ -83,6 +83,8 @@ class Handles:
             with contextlib.suppress(BufferError):  # still exported somewhere: GC frees it
                 obj.close()
         self._keepalive.clear()
+        for _, fd in self._maps.values():
+            os.close(fd)
         self._maps.clear()
 
     def __enter__(self) -> Handles:
@@ -383,16 +385,18 @@ def _open_shm(src: Path, name: str, rec: Any, handles: Handles) -> LiveTensor:
     shm_name = str(rec["name"]).lstrip("/")
     if not shm_name or "/" in shm_name or offset < 0 or offset + nbytes > size:
         raise HandlesError(f"{src}: {name!r}: shared-memory record out of range")
-    source = handles._maps.get(shm_name)
-    if source is None:
-        source = _map_shm(src, name, shm_name, size, handles)
-        handles._maps[shm_name] = source
-    elif len(source) < size:
+    mapped = handles._maps.get(shm_name)
+    if mapped is None:
+        mapped = handles._maps[shm_name] = _map_shm(src, name, shm_name, size, handles)
+    source, fd = mapped
+    if len(source) < size:
         raise HandlesError(f"{src}: {name!r}: shared-memory sizes disagree between entries")
-    return LiveTensor(name, str(rec["dtype"]), shape, source, offset)
+    return LiveTensor(name, str(rec["dtype"]), shape, source, offset, file=(fd, 0))
 
 
-def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -> Any:
+def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -> tuple[Any, int]:
+    """A read-only mapping of the segment (for in-place reads) and its open fd
+    (for the core's ``pread``); the fd is closed with the handles."""
     import mmap
 
     try:
@@ -405,7 +409,8 @@ def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -
         if os.fstat(fd).st_size < size:
             raise HandlesError(f"{src}: {name!r}: shared memory is smaller than recorded")
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
     handles._keepalive.append(mm)
-    return np.frombuffer(mm, dtype=np.uint8)
+    return np.frombuffer(mm, dtype=np.uint8), fd

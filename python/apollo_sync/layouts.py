@@ -18,7 +18,7 @@ shape differs from the file, is reported by name (and is an error for a sync).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 from apollo_sync.live import LiveTensor
@@ -159,7 +159,7 @@ def _match_one(
 
 
 def _renamed(t: LiveTensor, name: str) -> LiveTensor:
-    return LiveTensor(name, t.dtype, t.shape, t.source, t.offset)
+    return replace(t, name=name)
 
 
 def _check(matches: list[Match]) -> Problem | None:

@@ -9,9 +9,9 @@ build the layout; bytes are only touched when they are streamed to the core.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ class LiveTensor:
     shape: tuple[int, ...]
     source: HostBytes | torch.Tensor
     offset: int = 0
+    #: ``(fd, at)``: the same host bytes are also an open file in which source
+    #: byte 0 sits at offset ``at`` (another process's shared memory). The core
+    #: then reads them with ``pread`` instead of faulting the mapping in page by page.
+    file: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -49,13 +53,20 @@ class LiveTensor:
         if not self.shape or not 0 <= start <= stop <= self.shape[0]:
             raise IndexError(f"{self.name}: rows {start}:{stop} out of range for {self.shape}")
         row_bytes = prod(self.shape[1:]) * itemsize(self.dtype)
-        return LiveTensor(
+        return replace(
+            self,
             name=name,
-            dtype=self.dtype,
             shape=(stop - start, *self.shape[1:]),
-            source=self.source,
             offset=self.offset + start * row_bytes,
         )
+
+    def stream_source(self, start: int, stop: int) -> Any:
+        """What the core reads for bytes ``start:stop`` of a host tensor: the
+        in-place buffer, or ``(fd, offset, length)`` of its file."""
+        if self.file is not None:
+            fd, at = self.file
+            return (fd, at + self.offset + start, stop - start)
+        return self.host_bytes(start, stop)
 
     def host_bytes(self, start: int = 0, stop: int | None = None) -> HostBytes:
         """Bytes ``start:stop`` of the tensor as host memory (host sources only; no copy)."""

@@ -94,7 +94,7 @@ class _Stager:
                     segments.append((p.shard, p.offset, self.views[slot][pos : pos + n]))
                     pos += n
                 else:
-                    segments.append((p.shard, p.offset, p.live.host_bytes(p.start, p.stop)))
+                    segments.append((p.shard, p.offset, p.live.stream_source(p.start, p.stop)))
             event = torch.cuda.Event()
             event.record(self.stream)
         return segments, event
@@ -114,7 +114,9 @@ def stream_into(
     cuda = [p.live for p in plan if p.live.is_cuda]
     if not cuda:
         for pieces in chunks:
-            syncer.feed([(p.shard, p.offset, p.live.host_bytes(p.start, p.stop)) for p in pieces])
+            syncer.feed(
+                [(p.shard, p.offset, p.live.stream_source(p.start, p.stop)) for p in pieces]
+            )
             if progress:
                 progress(sum(p.stop - p.start for p in pieces))
         return

@@ -5,14 +5,17 @@
 //! - [`header`]: read and validate a safetensors header.
 //! - [`diff`]: the block-diff kernel.
 //! - [`io`]: positional reads, `O_DIRECT` block writes, durability.
+//! - [`live`]: where live bytes come from (memory, or a file read with `pread`).
 //! - [`sync`]: the engine that ties them together across shards.
 
 pub mod diff;
 pub mod error;
 pub mod header;
 pub mod io;
+pub mod live;
 pub mod sync;
 
 pub use error::{Error, Result};
 pub use header::{Header, TensorEntry};
+pub use live::Live;
 pub use sync::{Options, Segment, ShardReport, ShardSpec, Syncer};

@@ -13,6 +13,7 @@
 //! once when the feed moves past it. Every write therefore covers whole blocks
 //! and never clobbers a neighbour's new bytes with old ones.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use rayon::prelude::*;
 use crate::diff::changed_runs_at;
 use crate::error::{Error, Result};
 use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
+use crate::live::Live;
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -81,7 +83,18 @@ impl Default for Options {
 pub struct Segment<'a> {
     pub shard: usize,
     pub offset: u64,
-    pub data: &'a [u8],
+    pub data: Live<'a>,
+}
+
+impl<'a> Segment<'a> {
+    /// A segment of bytes in memory.
+    pub fn mem(shard: usize, offset: u64, data: &'a [u8]) -> Self {
+        Segment {
+            shard,
+            offset,
+            data: Live::Mem(data),
+        }
+    }
 }
 
 /// What a sync did to one shard.
@@ -122,20 +135,24 @@ struct Shard {
 struct Job<'a> {
     shard: usize,
     offset: u64,
-    data: &'a [u8],
+    data: Live<'a>,
 }
 
 /// Per-worker scratch space, allocated once per pool thread and reused.
 struct Scratch {
+    /// File bytes being compared.
     read: Vec<u8>,
+    /// Live bytes being compared, when they come from a file.
+    live: Vec<u8>,
     runs: Vec<Range<usize>>,
 }
 
-/// A changed run on its way to a writer thread.
+/// A changed run on its way to a writer thread: borrowed from live memory, or
+/// copied out of a chunk read from a live file.
 struct WriteReq<'a> {
     shard: usize,
     offset: u64,
-    data: &'a [u8],
+    data: Cow<'a, [u8]>,
 }
 
 /// A sync in progress over a fixed set of shards.
@@ -193,6 +210,7 @@ impl Syncer {
             .map(|_| {
                 Mutex::new(Scratch {
                     read: vec![0u8; READ_BYTES.max(b)],
+                    live: Vec::new(),
                     runs: Vec::new(),
                 })
             })
@@ -240,7 +258,7 @@ impl Syncer {
                 e.min(s.next_multiple_of(b))
             };
             if head_end > s {
-                self.overlay(seg.shard, s, &seg.data[..(head_end - s) as usize])?;
+                self.overlay(seg.shard, s, seg.data.slice(0, (head_end - s) as usize))?;
             }
             // Body: blocks the segment covers alone (the file's short last
             // block counts when the segment runs to the end of the file).
@@ -255,13 +273,14 @@ impl Syncer {
                 jobs.push(Job {
                     shard: seg.shard,
                     offset: at,
-                    data: &seg.data[(at - s) as usize..(end - s) as usize],
+                    data: seg.data.slice((at - s) as usize, (end - s) as usize),
                 });
                 at = end;
             }
             // Tail: the start of a block the next segment (or the file) shares.
             if e > body_end {
-                self.overlay(seg.shard, body_end, &seg.data[(body_end - s) as usize..])?;
+                let from = (body_end - s) as usize;
+                self.overlay(seg.shard, body_end, seg.data.slice(from, seg.data.len()))?;
             }
         }
         let shards = &self.shards;
@@ -367,7 +386,7 @@ impl Syncer {
     }
 
     /// Copies `bytes` (all inside one block) over that block's pending image.
-    fn overlay(&mut self, shard: usize, at: u64, bytes: &[u8]) -> Result<()> {
+    fn overlay(&mut self, shard: usize, at: u64, bytes: Live<'_>) -> Result<()> {
         let b = self.opts.block_size as u64;
         let start = at / b * b;
         if self.shards[shard].pending.as_ref().map(|p| p.start) != Some(start) {
@@ -381,8 +400,7 @@ impl Syncer {
         }
         let p = self.shards[shard].pending.as_mut().expect("pending block");
         let rel = (at - p.start) as usize;
-        p.new[rel..rel + bytes.len()].copy_from_slice(bytes);
-        Ok(())
+        bytes.read_into(0, &mut p.new[rel..rel + bytes.len()])
     }
 
     fn flush_pending(&mut self, shard: usize) -> Result<()> {
@@ -411,35 +429,70 @@ fn diff_job<'a>(
     scratch: &mut Scratch,
     tx: Option<&SyncSender<WriteReq<'a>>>,
 ) -> Result<()> {
-    scratch.runs.clear();
-    let step = scratch.read.len() / block * block;
+    let Scratch { read, live, runs } = scratch;
+    let step = read.len() / block * block;
+    let (mut changed, mut blocks) = (0u64, 0u64);
     let mut rel = 0usize;
+    runs.clear();
     while rel < job.data.len() {
         let n = step.min(job.data.len() - rel);
-        let disk = &mut scratch.read[..n];
+        let disk = &mut read[..n];
         shard.io.read_at(disk, job.offset + rel as u64)?;
-        changed_runs_at(rel, &job.data[rel..rel + n], disk, block, &mut scratch.runs);
+        match job.data {
+            // In memory: runs merge across chunks and borrow the live bytes.
+            Live::Mem(bytes) => changed_runs_at(rel, &bytes[rel..rel + n], disk, block, runs),
+            // From a file: runs are copied out of each chunk as it is read.
+            Live::File { .. } => {
+                live.resize(n.max(live.len()), 0);
+                job.data.read_into(rel, &mut live[..n])?;
+                runs.clear();
+                changed_runs_at(0, &live[..n], disk, block, runs);
+                for r in runs.iter() {
+                    changed += r.len() as u64;
+                    blocks += r.len().div_ceil(block) as u64;
+                    let data = Cow::Owned(live[r.clone()].to_vec());
+                    if !queue(tx, job.shard, job.offset + (rel + r.start) as u64, data) {
+                        break;
+                    }
+                }
+                runs.clear();
+            }
+        }
         rel += n;
     }
-    let mut changed = 0u64;
-    let mut blocks = 0u64;
-    for r in &scratch.runs {
-        changed += r.len() as u64;
-        blocks += r.len().div_ceil(block) as u64;
-        if let Some(tx) = tx {
-            let req = WriteReq {
-                shard: job.shard,
-                offset: job.offset + r.start as u64,
-                data: &job.data[r.clone()],
-            };
-            if tx.send(req).is_err() {
-                break; // every writer stopped on an error, reported by the caller
+    if let Live::Mem(bytes) = job.data {
+        for r in runs.iter() {
+            changed += r.len() as u64;
+            blocks += r.len().div_ceil(block) as u64;
+            let data = Cow::Borrowed(&bytes[r.clone()]);
+            if !queue(tx, job.shard, job.offset + r.start as u64, data) {
+                break;
             }
         }
     }
     shard.changed.fetch_add(changed, Ordering::Relaxed);
     shard.changed_blocks.fetch_add(blocks, Ordering::Relaxed);
     Ok(())
+}
+
+/// Hands a run to the writers; false once they have all stopped on an error
+/// (reported by the caller). A dry run has no writers and queues nothing.
+fn queue<'a>(
+    tx: Option<&SyncSender<WriteReq<'a>>>,
+    shard: usize,
+    offset: u64,
+    data: Cow<'a, [u8]>,
+) -> bool {
+    match tx {
+        Some(tx) => tx
+            .send(WriteReq {
+                shard,
+                offset,
+                data,
+            })
+            .is_ok(),
+        None => true,
+    }
 }
 
 /// A writer thread: takes queued runs and writes them until the queue closes.
@@ -460,7 +513,7 @@ fn write_loop(
         }
         if let Err(e) = shards[req.shard]
             .io
-            .write_at(req.data, req.offset, &mut staging)
+            .write_at(&req.data, req.offset, &mut staging)
         {
             abort.store(true, Ordering::Relaxed);
             failed.lock().expect("poisoned").get_or_insert(e);
@@ -508,6 +561,21 @@ mod tests {
         skip: &[usize],
         opts: Options,
     ) -> (Vec<u8>, ShardReport) {
+        run_from(orig, live, data_start, cuts, skip, opts, false)
+    }
+
+    /// As `run`, reading the live bytes from a file with `pread` when `from_file`.
+    fn run_from(
+        orig: &[u8],
+        live: &[u8],
+        data_start: usize,
+        cuts: &[usize],
+        skip: &[usize],
+        opts: Options,
+        from_file: bool,
+    ) -> (Vec<u8>, ShardReport) {
+        let live_file = file_with(live);
+        let live_handle = std::fs::File::open(live_file.path()).unwrap();
         let f = file_with(orig);
         let mut syncer = Syncer::new(vec![spec(&f, data_start as u64)], opts).unwrap();
         let mut bounds = vec![data_start];
@@ -526,7 +594,15 @@ mod tests {
             .map(|(_, w)| Segment {
                 shard: 0,
                 offset: w[0] as u64,
-                data: &live[w[0]..w[1]],
+                data: if from_file {
+                    Live::File {
+                        file: &live_handle,
+                        offset: w[0] as u64,
+                        len: w[1] - w[0],
+                    }
+                } else {
+                    Live::Mem(&live[w[0]..w[1]])
+                },
             })
             .collect();
         // Feed in two batches to exercise state kept across calls.
@@ -595,31 +671,31 @@ mod tests {
             Segment {
                 shard: 0,
                 offset: 5000,
-                data: &new,
+                data: Live::Mem(&new),
             },
             Segment {
                 shard: 0,
                 offset: 4000,
-                data: &new,
+                data: Live::Mem(&new),
             },
         ];
         assert!(matches!(s.feed(&bad_order), Err(Error::Plan(_))));
         let in_header = [Segment {
             shard: 0,
             offset: 0,
-            data: &new,
+            data: Live::Mem(&new),
         }];
         assert!(matches!(s.feed(&in_header), Err(Error::Plan(_))));
         let past_end = [Segment {
             shard: 0,
             offset: 9950,
-            data: &new,
+            data: Live::Mem(&new),
         }];
         assert!(matches!(s.feed(&past_end), Err(Error::Plan(_))));
         let no_shard = [Segment {
             shard: 3,
             offset: 100,
-            data: &new,
+            data: Live::Mem(&new),
         }];
         assert!(matches!(s.feed(&no_shard), Err(Error::Plan(_))));
         s.finish().unwrap();
@@ -658,6 +734,7 @@ mod tests {
             skip in proptest::collection::vec(0usize..13, 0..3),
             block_pow in 9u32..14,
             seed in any::<u8>(),
+            from_file in any::<bool>(),
         ) {
             let block = 1usize << block_pow;
             let orig: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
@@ -669,7 +746,7 @@ mod tests {
             }
             let cuts: Vec<usize> = cut_fracs.iter().map(|f| (len as f64 * f) as usize).collect();
             let opts = Options { block_size: block, ..Options::default() };
-            let (after, rep) = run(&orig, &live, data_start, &cuts, &skip, opts);
+            let (after, rep) = run_from(&orig, &live, data_start, &cuts, &skip, opts, from_file);
             // Expected: live bytes where fed, original bytes in skipped segments.
             let mut bounds = vec![data_start];
             bounds.extend(cuts.iter().copied().filter(|&c| c > data_start && c < len));

@@ -1,5 +1,8 @@
 //! `Syncer`: feed live bytes (any C-contiguous buffer), get changed blocks written.
 
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
 use apollo_sync_core as core;
@@ -33,6 +36,55 @@ impl From<core::ShardReport> for ShardReport {
             bytes_written_buffered: r.bytes_written_buffered,
             writes: r.writes,
             direct_io_fallback: r.direct_io_fallback,
+        }
+    }
+}
+
+/// The live bytes of one segment, held for the duration of a `feed`.
+enum Source {
+    Buffer(PyBuffer<u8>),
+    /// A borrowed descriptor: `ManuallyDrop` so that it is never closed here.
+    File(ManuallyDrop<File>, u64, usize),
+}
+
+impl Source {
+    fn extract(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok((fd, offset, len)) = obj.extract::<(i32, u64, usize)>() {
+            if fd < 0 {
+                return Err(PyValueError::new_err(format!(
+                    "segment {i}: bad file descriptor {fd}"
+                )));
+            }
+            // SAFETY: the descriptor is the caller's and stays open during the
+            // call (documented); ManuallyDrop keeps this File from closing it.
+            let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+            return Ok(Source::File(file, offset, len));
+        }
+        let buf = PyBuffer::<u8>::get(obj)
+            .map_err(|e| PyValueError::new_err(format!("segment {i}: not a byte buffer: {e}")))?;
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "segment {i}: buffer is not C-contiguous"
+            )));
+        }
+        Ok(Source::Buffer(buf))
+    }
+
+    fn live(&self) -> core::Live<'_> {
+        match self {
+            // SAFETY: the PyBuffer holds the exporter's buffer (PEP 3118) until
+            // it is dropped after the work, so the memory stays allocated and in
+            // place while the GIL is released. It is only read. A producer that
+            // writes it concurrently (a training step) makes the bytes racy, not
+            // the access unsound for plain bytes; the sync writes what it read.
+            Source::Buffer(buf) => core::Live::Mem(unsafe {
+                std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes())
+            }),
+            Source::File(file, offset, len) => core::Live::File {
+                file,
+                offset: *offset,
+                len: *len,
+            },
         }
     }
 }
@@ -75,8 +127,10 @@ impl Syncer {
         Ok(Syncer { inner: Some(inner) })
     }
 
-    /// Diffs `segments` — `(shard_index, file_offset, buffer)` — and writes the
-    /// blocks that changed. Each buffer must be C-contiguous bytes.
+    /// Diffs `segments` — `(shard_index, file_offset, live)` — and writes the
+    /// blocks that changed. `live` is a C-contiguous byte buffer, compared in
+    /// place, or `(fd, offset, length)`: bytes of an open file, read with
+    /// `pread` (the fd stays the caller's; it must stay open during the call).
     fn feed(
         &mut self,
         py: Python<'_>,
@@ -86,38 +140,22 @@ impl Syncer {
             .inner
             .as_mut()
             .ok_or_else(|| PyRuntimeError::new_err("this Syncer has already finished"))?;
-        let mut buffers = Vec::with_capacity(segments.len());
+        let mut sources = Vec::with_capacity(segments.len());
         for (i, (_, _, obj)) in segments.iter().enumerate() {
-            let buf = PyBuffer::<u8>::get(obj).map_err(|e| {
-                PyValueError::new_err(format!("segment {i}: not a byte buffer: {e}"))
-            })?;
-            if !buf.is_c_contiguous() {
-                return Err(PyValueError::new_err(format!(
-                    "segment {i}: buffer is not C-contiguous"
-                )));
-            }
-            buffers.push(buf);
+            sources.push(Source::extract(i, obj)?);
         }
         let segs: Vec<core::Segment<'_>> = segments
             .iter()
-            .zip(&buffers)
-            .map(|((shard, offset, _), buf)| core::Segment {
+            .zip(&sources)
+            .map(|((shard, offset, _), src)| core::Segment {
                 shard: *shard,
                 offset: *offset,
-                // SAFETY: `buffers` holds each exporter's buffer (PEP 3118) until
-                // it is dropped below, after the work, so the memory stays
-                // allocated and in place while the GIL is released. It is only
-                // read. A producer that writes it concurrently (a training step)
-                // makes the bytes racy, not the access unsound for plain bytes;
-                // the sync then writes whichever values it read.
-                data: unsafe {
-                    std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes())
-                },
+                data: src.live(),
             })
             .collect();
         let result = py.detach(|| inner.feed(&segs));
         drop(segs);
-        drop(buffers); // released with the GIL held
+        drop(sources); // buffers are released with the GIL held
         result.map_err(to_py)
     }
 
