@@ -35,18 +35,30 @@ pub fn changed_runs_at(
         "live and disk slices differ in length"
     );
     assert!(block > 0, "block size must be positive");
+    // Most spans are unchanged: one memcmp over a whole span costs less than a
+    // call per block, and only a span that differs is looked at block by block.
+    let span = block * (SPAN_BYTES / block).max(1);
     let mut pos = base;
-    for (l, d) in live.chunks(block).zip(disk.chunks(block)) {
-        let end = pos + l.len();
-        if l != d {
-            match runs.last_mut() {
-                Some(last) if last.end == pos => last.end = end,
-                _ => runs.push(pos..end),
-            }
+    for (ls, ds) in live.chunks(span).zip(disk.chunks(span)) {
+        if ls == ds {
+            pos += ls.len();
+            continue;
         }
-        pos = end;
+        for (l, d) in ls.chunks(block).zip(ds.chunks(block)) {
+            let end = pos + l.len();
+            if l != d {
+                match runs.last_mut() {
+                    Some(last) if last.end == pos => last.end = end,
+                    _ => runs.push(pos..end),
+                }
+            }
+            pos = end;
+        }
     }
 }
+
+/// Bytes compared with one call before single blocks are looked at.
+const SPAN_BYTES: usize = 64 << 10;
 
 #[cfg(test)]
 mod tests {
