@@ -27,7 +27,11 @@ def print_result(r: SyncResult) -> None:
         f"({r.gb_per_s:.2f} GB/s)"
     )
     print(f"changed        {_mb(r.total_changed)} ({pct:.3f}%) in {len(r.files_changed)} file(s)")
-    print(f"{verb:<14} {_mb(r.bytes_written)}; device writes {_mb(r.bytes_written_device)}")
+    disk = "n/a" if r.disk_bytes_written is None else _mb(r.disk_bytes_written)
+    print(
+        f"{verb:<14} {_mb(r.bytes_written)}; kernel-accounted {_mb(r.bytes_written_device)}; "
+        f"disk {disk}"
+    )
     print(
         f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
         f"{r.tensors_on_disk_only} on disk only"

@@ -60,6 +60,11 @@ class SyncResult:
     #: Bytes the kernel accounted as written to the device by this process during
     #: the sync (``getrusage`` ``ru_oublock`` × 512): what the disk really absorbed.
     bytes_written_device: int
+    #: Bytes the block device under the model directory wrote during the sync, by
+    #: every writer on it (``/sys/dev/block/.../stat``); None where there is no such
+    #: device (tmpfs, overlay). Unlike ``bytes_written_device``, which the kernel
+    #: charges per page-cache folio dirtied, this is what reached the disk.
+    disk_bytes_written: int | None
     seconds: float
     dry_run: bool
     block_size: int
@@ -190,6 +195,7 @@ def _run(
     )
     placements = [Placement(local[p.shard], p.offset, p.live) for p in placements]
     total = sum(p.live.nbytes for p in placements)
+    disk_before = _disk_sectors_written(md.path)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_oublock
     t0 = time.perf_counter()
     bar = _progress_bar(total, progress)
@@ -201,6 +207,8 @@ def _run(
             bar.close()
     seconds = time.perf_counter() - t0
     device = (resource.getrusage(resource.RUSAGE_SELF).ru_oublock - before) * 512
+    disk_after = _disk_sectors_written(md.path)
+    disk = None if disk_before is None or disk_after is None else (disk_after - disk_before) * 512
     files = [
         FileResult(
             file=Path(r.path).name,
@@ -230,6 +238,7 @@ def _run(
         tensors_missing=len(missing),
         bytes_written=sum(f.bytes_written for f in files),
         bytes_written_device=device,
+        disk_bytes_written=disk,
         seconds=seconds,
         dry_run=dry_run,
         block_size=block_size,
@@ -238,6 +247,16 @@ def _run(
         files=files,
         missing=missing,
     )
+
+
+def _disk_sectors_written(path: Path) -> int | None:
+    """Sectors written so far by the block device holding ``path`` (None if none)."""
+    dev = os.stat(path).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    try:
+        return int(stat.read_text().split()[6])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
