@@ -29,9 +29,10 @@ use crate::live::Live;
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
-pub const MAX_BLOCK: usize = 16 << 20;
+pub const MAX_BLOCK: usize = JOB_BYTES;
 
-/// Bytes of one parallel job (a multiple of every accepted block size up to it).
+/// Bytes of one parallel job: a multiple of every accepted block size, so no
+/// job ends inside a block.
 const JOB_BYTES: usize = 4 << 20;
 /// Bytes read from the page cache per step inside a job (stays in L2).
 const READ_BYTES: usize = 256 << 10;
@@ -56,7 +57,9 @@ pub struct ShardSpec {
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Diff and write granularity in bytes: a power of two in
-    /// [`MIN_BLOCK`], [`MAX_BLOCK`].
+    /// [`MIN_BLOCK`], [`MAX_BLOCK`]. Blocks smaller than a page are written
+    /// through the page cache: two writers must never share a page with one
+    /// writing directly and the other through the cache.
     pub block_size: usize,
     /// Compare and count, write nothing.
     pub dry_run: bool,
@@ -163,6 +166,8 @@ pub struct Syncer {
     /// One per pool thread, indexed by `rayon::current_thread_index`.
     scratch: Vec<Mutex<Scratch>>,
     staging: Staging,
+    /// Set when a batch failed after it started writing.
+    broken: bool,
 }
 
 impl Syncer {
@@ -188,8 +193,8 @@ impl Syncer {
             let io = ShardIo::open(
                 &spec.path,
                 spec.file_len,
-                opts.direct_io && !opts.dry_run,
-                b.min(DIRECT_ALIGN),
+                opts.direct_io && !opts.dry_run && b >= DIRECT_ALIGN,
+                DIRECT_ALIGN,
             )?;
             shards.push(Shard {
                 io,
@@ -221,6 +226,7 @@ impl Syncer {
             pool,
             scratch,
             staging: Staging::default(),
+            broken: false,
         })
     }
 
@@ -239,7 +245,25 @@ impl Syncer {
     /// shard's tensor data, order after everything fed before): a bad batch
     /// is refused before any byte is read or written.
     pub fn feed<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
+        self.usable()?;
         self.check(segments)?;
+        let result = self.feed_checked(segments);
+        // A batch that failed halfway leaves blocks of it written and others
+        // not: refuse to go on as if it had not happened.
+        self.broken = result.is_err();
+        result
+    }
+
+    fn usable(&self) -> Result<()> {
+        if self.broken {
+            return Err(Error::Plan(
+                "an earlier batch of this sync failed; nothing more is written".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn feed_checked<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
         let b = self.opts.block_size as u64;
         let mut jobs: Vec<Job<'d>> = Vec::new();
         for seg in segments {
@@ -287,9 +311,13 @@ impl Syncer {
         let block = self.opts.block_size;
         let scratch = &self.scratch;
         let pool = &self.pool;
+        let abort = AtomicBool::new(false);
         let diff_all = |tx: Option<&SyncSender<WriteReq<'d>>>| {
             pool.install(|| {
                 jobs.par_iter().try_for_each(|job| {
+                    if abort.load(Ordering::Relaxed) {
+                        return Ok(()); // a writer failed: its error is returned below
+                    }
                     let i = rayon::current_thread_index().expect("inside the pool");
                     let mut s = scratch[i].lock().expect("poisoned");
                     diff_job(&shards[job.shard], job, block, &mut s, tx)
@@ -304,7 +332,6 @@ impl Syncer {
         let (tx, rx) = sync_channel::<WriteReq<'d>>(WRITE_QUEUE);
         let rx = Mutex::new(rx);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
-        let abort = AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..IO_THREADS {
                 scope.spawn(|| write_loop(shards, &rx, &failed, &abort));
@@ -313,7 +340,7 @@ impl Syncer {
             drop(tx); // writers finish the queue, then stop
             diffed
         })?;
-        match failed.into_inner().expect("poisoned") {
+        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -322,6 +349,7 @@ impl Syncer {
     /// Writes the last pending blocks, makes every written shard durable
     /// (`fdatasync`) and reports per shard.
     pub fn finish(mut self) -> Result<Vec<ShardReport>> {
+        self.usable()?;
         for i in 0..self.shards.len() {
             self.flush_pending(i)?;
         }
@@ -506,17 +534,25 @@ fn write_loop(
 ) {
     let mut staging = Staging::default();
     loop {
-        let next = rx.lock().expect("poisoned").recv();
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
         let Ok(req) = next else { return };
         if abort.load(Ordering::Relaxed) {
             continue;
         }
-        if let Err(e) = shards[req.shard]
-            .io
-            .write_at(&req.data, req.offset, &mut staging)
-        {
+        // A panic here must not leave the diff blocked on a queue nobody
+        // drains: it becomes an error like any other.
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shards[req.shard]
+                .io
+                .write_at(&req.data, req.offset, &mut staging)
+        }))
+        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
+        if let Err(e) = written {
             abort.store(true, Ordering::Relaxed);
-            failed.lock().expect("poisoned").get_or_insert(e);
+            failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(e);
         }
     }
 }
@@ -721,6 +757,34 @@ mod tests {
             Syncer::new(vec![wrong], Options::default()),
             Err(Error::Changed { .. })
         ));
+    }
+
+    #[test]
+    fn large_bodies_span_jobs_and_read_chunks_from_memory_and_files() {
+        let len = 9 * (1 << 20) + 12_345;
+        let orig: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut live = orig.clone();
+        for i in (777..len).step_by(300_007) {
+            live[i] ^= 0xff;
+        }
+        for block in [4096usize, 1 << 16, MAX_BLOCK] {
+            for from_file in [false, true] {
+                let opts = Options {
+                    block_size: block,
+                    ..Options::default()
+                };
+                let (after, rep) = run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
+                assert_eq!(after, live, "block {block} from_file {from_file}");
+                assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &live, block));
+                assert_eq!(
+                    rep.blocks_changed,
+                    orig.chunks(block)
+                        .zip(live.chunks(block))
+                        .filter(|(a, b)| a != b)
+                        .count() as u64
+                );
+            }
+        }
     }
 
     proptest! {
