@@ -150,3 +150,84 @@ def test_default_path_is_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert default_handles_path() == tmp_path / "x.pt"
     export_handles({"a": torch.ones(2)})
     assert (tmp_path / "x.pt").exists()
+
+
+def test_seeds_format_cuda_handles_parse_without_running_anything(tmp_path: Path) -> None:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = (
+        torch.nn.Parameter,
+        torch.Size([4, 8]),
+        (8, 1),
+        0,
+        torch.storage.TypedStorage,
+        torch.bfloat16,
+        0,
+        b"\0" * 64,
+        64,
+        0,
+        False,
+        b"ref",
+        0,
+        b"ev",
+        True,
+    )
+    path = tmp_path / "seeds.pt"
+    torch.save({"w": {"handle": (rebuild_cuda_tensor, args)}, "__metadata__": {}}, path)
+    path.chmod(0o600)
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the fake handle would be opened; covered by test_gpu.py")
+    with pytest.raises(HandlesError, match="no CUDA device"):
+        load_handles(path)  # structure accepted; stops only for want of a GPU
+
+
+def test_a_pickle_that_calls_the_rebuild_function_is_refused(tmp_path: Path) -> None:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    class Sneaky:
+        def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+            return (rebuild_cuda_tensor, (1,) * 15)
+
+    path = tmp_path / "sneaky.pt"
+    torch.save({"w": {"handle": Sneaky()}}, path)
+    path.chmod(0o600)
+    with pytest.raises(UnsafeHandlesError, match="refused call while unpickling"):
+        load_handles(path)
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        {"name": "x", "size": 8, "offset": 0, "dtype": "F32", "shape": 5},
+        {"name": "x", "size": 8, "offset": 0, "dtype": "Q9", "shape": [2]},
+        {"name": "x", "size": 8, "offset": 0, "dtype": "F32", "shape": [-1]},
+        {"name": "x", "size": 8, "offset": -4, "dtype": "F32", "shape": [1]},
+    ],
+)
+def test_malformed_shared_memory_records_are_handles_errors(tmp_path: Path, rec: dict) -> None:
+    path = tmp_path / "h.pt"
+    torch.save({"w": {"shm": rec}}, path)
+    path.chmod(0o600)
+    with pytest.raises(HandlesError):
+        load_handles(path)
+
+
+def test_text_and_random_bytes_are_not_handles(tmp_path: Path) -> None:
+    path = tmp_path / "h.pt"
+    for data in (b"hello world", os.urandom(4096)):
+        path.write_bytes(data)
+        path.chmod(0o600)
+        with pytest.raises(HandlesError, match="not a handles file"):
+            load_handles(path)
+
+
+def test_live_tensors_refuse_to_stream_after_their_handles_close(tmp_path: Path) -> None:
+    live = {"a": torch.ones(5000)}
+    path = export_handles(live, tmp_path / "h.pt")
+    h = load_handles(path)
+    lt = h.tensors["a"]
+    fd, _, n = lt.stream_source(0, lt.nbytes)
+    assert n == lt.nbytes and fd >= 0
+    h.close()
+    with pytest.raises(ValueError, match="closed"):
+        lt.stream_source(0, lt.nbytes)

@@ -8,11 +8,12 @@ Two kinds of entry share one file, a dict of ``name -> entry`` plus ``__metadata
   tensor's storage is moved (in place, as ``share_memory_`` does) into a named
   POSIX shared-memory object, which the reader maps read-only.
 
-Loading never runs arbitrary code: the file is unpickled by torch's
-``weights_only`` unpickler with exactly the CUDA rebuild function (and the classes
-its arguments name) allowed, and the file must be a regular file owned by the
-current user and writable by nobody else, in a directory nobody else can swap it
-in. Every entry's structure is checked before anything is rebuilt.
+Loading never runs arbitrary code: the archive's pickle is read by a restricted
+unpickler that resolves only torch dtypes, a few value classes, and
+``rebuild_cuda_tensor`` *by name* (a pickle cannot call it), and the file must be a
+regular file owned by the current user and writable by nobody else, in a directory
+nobody else can swap it in. Every entry's structure is checked before this module
+calls the rebuild function itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import pickle
 import stat
 import tempfile
 import time
-import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,21 +37,80 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from apollo_sync.dtypes import itemsize, st_dtype
 from apollo_sync.errors import HandlesError, ProducerGoneError, UnsafeHandlesError
-from apollo_sync.live import LiveTensor, from_torch
+from apollo_sync.live import LiveTensor, OpenFile, from_torch
 
 FORMAT = "apollo_sync.handles/1"
 METADATA_KEY = "__metadata__"
 _SHM_DIR = Path("/dev/shm")
 _CUDA_ARGS = 15
 
-#: Globals the unpickler may resolve, beyond torch's weights-only defaults.
-ALLOWED_GLOBALS: tuple[Any, ...] = (
-    rebuild_cuda_tensor,
-    torch.Tensor,
-    torch.nn.Parameter,
-    torch.storage.TypedStorage,
-    torch.storage.UntypedStorage,
-)
+
+class _Named:
+    """What the unpickler gives for ``rebuild_cuda_tensor``: a name, not the
+    function. A pickle may place it in a handle tuple; calling it while
+    unpickling (REDUCE) fails. The real function is called by this module, on
+    arguments whose structure has been checked."""
+
+    def __repr__(self) -> str:
+        return "<rebuild_cuda_tensor (not callable while unpickling)>"
+
+
+_REBUILD = _Named()
+
+#: Classes a handles pickle may name or construct: harmless value types.
+_CLASSES: dict[tuple[str, str], Any] = {
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch._tensor", "Tensor"): torch.Tensor,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch.storage", "TypedStorage"): torch.storage.TypedStorage,
+    ("torch.storage", "UntypedStorage"): torch.storage.UntypedStorage,
+    ("torch", "UntypedStorage"): torch.storage.UntypedStorage,
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+}
+
+
+def _latin1_bytes(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """Protocol-2 pickles (torch.save's) spell ``bytes`` as ``_codecs.encode(text,
+    "latin1")``; this allows exactly that and no other codec."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed in a handles file")
+    return text.encode("latin1")
+
+
+class _HandlesUnpickler(pickle.Unpickler):
+    """Resolves only ``rebuild_cuda_tensor`` (as :data:`_REBUILD`), torch dtypes and
+    :data:`_CLASSES`; anything else, and any tensor data, is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return _REBUILD
+        if (module, name) in _CLASSES:
+            return _CLASSES[(module, name)]
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a handles file")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("tensor data is not allowed in a handles file")
+
+
+def _unpickle(raw: bytes) -> Any:
+    """The object in a ``torch.save`` archive, unpickled by :class:`_HandlesUnpickler`."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        pkls = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkls) != 1:
+            raise ValueError("no single data.pkl in the archive")
+        data = z.read(pkls[0])
+    try:
+        return _HandlesUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError:
+        raise
+    except TypeError as e:  # e.g. a pickle that tries to call _REBUILD
+        raise pickle.UnpicklingError(f"refused call while unpickling: {e}") from None
 
 
 def default_handles_path() -> Path:
@@ -74,7 +133,7 @@ class Handles:
     metadata: dict[str, Any]
     path: Path
     _keepalive: list[Any] = field(default_factory=list, repr=False)
-    _maps: dict[str, tuple[Any, int]] = field(default_factory=dict, repr=False)
+    _maps: dict[str, tuple[Any, OpenFile]] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         """Drops the mappings (the live tensors must not be used afterwards)."""
@@ -83,8 +142,8 @@ class Handles:
             with contextlib.suppress(BufferError):  # still exported somewhere: GC frees it
                 obj.close()
         self._keepalive.clear()
-        for _, fd in self._maps.values():
-            os.close(fd)
+        for _, f in self._maps.values():
+            f.close()
         self._maps.clear()
 
     def __enter__(self) -> Handles:
@@ -222,15 +281,11 @@ def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
     src = Path(path) if path is not None else default_handles_path()
     raw = _read_checked(src)
     try:
-        # torch warns about pickle protocols it did not write; what matters is
-        # whether the restricted unpickler accepts the file, which it decides.
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(io.BytesIO(raw), weights_only=True, map_location=None)
+        obj = _unpickle(raw)
     except pickle.UnpicklingError as e:
-        raise UnsafeHandlesError(f"{src}: refused to unpickle: {_unpickle_reason(e)}") from None
-    except (zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as e:
-        raise HandlesError(f"{src}: not a handles file: {e}") from None
+        raise UnsafeHandlesError(f"{src}: refused to unpickle: {e}") from None
+    except Exception as e:  # anything else: not a handles archive at all
+        raise HandlesError(f"{src}: not a handles file ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise HandlesError(f"{src}: expected a dict of handles, found {type(obj).__name__}")
     meta = obj.pop(METADATA_KEY, None) or {}
@@ -249,24 +304,16 @@ def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
     return handles
 
 
-def _unpickle_reason(e: Exception) -> str:
-    """The line of torch's long weights-only message that says what was refused."""
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". Please", 1)[0]
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def _entry(src: Path, name: Any, entry: Any) -> dict[str, Any]:
     if not isinstance(name, str) or not isinstance(entry, dict):
         raise HandlesError(f"{src}: entry {name!r} is not a name -> dict pair")
     if ("handle" in entry) == ("shm" in entry):
         raise HandlesError(f"{src}: entry {name!r} needs exactly one of 'handle' or 'shm'")
     handle = entry.get("handle")
-    if handle is not None and (
+    if "handle" in entry and (
         not isinstance(handle, tuple)
         or len(handle) != 2
-        or handle[0] is not rebuild_cuda_tensor
+        or handle[0] is not _REBUILD
         or not isinstance(handle[1], tuple)
         or len(handle[1]) != _CUDA_ARGS
     ):
@@ -375,11 +422,24 @@ def _open_entry(
 
 def _open_shm(src: Path, name: str, rec: Any, handles: Handles) -> LiveTensor:
     keys = {"name", "size", "offset", "dtype", "shape"}
-    if not isinstance(rec, dict) or set(rec) != keys:
+    if (
+        not isinstance(rec, dict)
+        or set(rec) != keys
+        or not isinstance(rec["name"], str)
+        or not isinstance(rec["dtype"], str)
+        or not isinstance(rec["shape"], list)
+        or not all(
+            isinstance(x, int) and x >= 0 for x in [*rec["shape"], rec["size"], rec["offset"]]
+        )
+    ):
         raise HandlesError(f"{src}: {name!r}: malformed shared-memory record")
-    shape = tuple(int(x) for x in rec["shape"])
-    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize(str(rec["dtype"]))
-    offset, size = int(rec["offset"]), int(rec["size"])
+    try:
+        width = itemsize(rec["dtype"])
+    except TypeError as e:
+        raise HandlesError(f"{src}: {name!r}: {e}") from None
+    shape = tuple(rec["shape"])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * width
+    offset, size = rec["offset"], rec["size"]
     if nbytes == 0:
         return LiveTensor(name, str(rec["dtype"]), shape, np.zeros(0, dtype=np.uint8))
     shm_name = str(rec["name"]).lstrip("/")
@@ -388,13 +448,15 @@ def _open_shm(src: Path, name: str, rec: Any, handles: Handles) -> LiveTensor:
     mapped = handles._maps.get(shm_name)
     if mapped is None:
         mapped = handles._maps[shm_name] = _map_shm(src, name, shm_name, size, handles)
-    source, fd = mapped
+    source, f = mapped
     if len(source) < size:
         raise HandlesError(f"{src}: {name!r}: shared-memory sizes disagree between entries")
-    return LiveTensor(name, str(rec["dtype"]), shape, source, offset, file=(fd, 0))
+    return LiveTensor(name, str(rec["dtype"]), shape, source, offset, file=(f, 0))
 
 
-def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -> tuple[Any, int]:
+def _map_shm(
+    src: Path, name: str, shm_name: str, size: int, handles: Handles
+) -> tuple[Any, OpenFile]:
     """A read-only mapping of the segment (for in-place reads) and its open fd
     (for the core's ``pread``); the fd is closed with the handles."""
     import mmap
@@ -403,7 +465,7 @@ def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -
         fd = os.open(_SHM_DIR / shm_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ProducerGoneError(
-            f"{src}: shared memory of {name!r} is gone; the producer has exited"
+            f"{src}: shared memory of {name!r} is gone: the producer exited or freed the tensor"
         ) from None
     try:
         if os.fstat(fd).st_size < size:
@@ -413,4 +475,4 @@ def _map_shm(src: Path, name: str, shm_name: str, size: int, handles: Handles) -
         os.close(fd)
         raise
     handles._keepalive.append(mm)
-    return np.frombuffer(mm, dtype=np.uint8), fd
+    return np.frombuffer(mm, dtype=np.uint8), OpenFile(fd)

@@ -9,6 +9,7 @@ build the layout; bytes are only touched when they are streamed to the core.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from math import prod
 from typing import Any, TypeAlias
@@ -20,6 +21,24 @@ from apollo_sync.dtypes import itemsize, st_dtype
 
 #: Host bytes that can be read in place (a 1-D ``uint8`` array, possibly read-only).
 HostBytes: TypeAlias = "np.ndarray[tuple[int], np.dtype[np.uint8]]"
+
+
+class OpenFile:
+    """A file descriptor that live tensors share, and that knows it was closed:
+    a closed one refuses to hand out its number (which the OS may have reused)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError("the live tensor's file was closed (its Handles were closed)")
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass(frozen=True)
@@ -35,10 +54,10 @@ class LiveTensor:
     shape: tuple[int, ...]
     source: HostBytes | torch.Tensor
     offset: int = 0
-    #: ``(fd, at)``: the same host bytes are also an open file in which source
+    #: ``(file, at)``: the same host bytes are also an open file in which source
     #: byte 0 sits at offset ``at`` (another process's shared memory). The core
     #: then reads them with ``pread`` instead of faulting the mapping in page by page.
-    file: tuple[int, int] | None = None
+    file: tuple[OpenFile, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -64,8 +83,8 @@ class LiveTensor:
         """What the core reads for bytes ``start:stop`` of a host tensor: the
         in-place buffer, or ``(fd, offset, length)`` of its file."""
         if self.file is not None:
-            fd, at = self.file
-            return (fd, at + self.offset + start, stop - start)
+            f, at = self.file
+            return (f.fileno(), at + self.offset + start, stop - start)
         return self.host_bytes(start, stop)
 
     def host_bytes(self, start: int = 0, stop: int | None = None) -> HostBytes:

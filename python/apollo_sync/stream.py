@@ -121,6 +121,14 @@ def stream_into(
                 progress(sum(p.stop - p.start for p in pieces))
         return
     device = cuda[0].device_bytes().device
+    others = {str(t.device_bytes().device) for t in cuda} - {str(device)}
+    if others:
+        # One stream and event per device would be needed: refuse rather than
+        # diff a pinned buffer whose copy was issued on another device's stream.
+        raise TypeError(
+            f"live CUDA tensors on several devices ({device}, {', '.join(sorted(others))}); "
+            "sync one device's tensors at a time"
+        )
     stager = _Stager(device, chunk_bytes, depth)
     inflight: deque[tuple[int, list[_Piece], list[tuple[int, int, Any]], Any]] = deque()
 
