@@ -478,9 +478,9 @@ fn diff_job<'a>(
                 for r in runs.iter() {
                     changed += r.len() as u64;
                     blocks += r.len().div_ceil(block) as u64;
-                    let data = Cow::Owned(live[r.clone()].to_vec());
-                    if !queue(tx, job.shard, job.offset + (rel + r.start) as u64, data) {
-                        break;
+                    if let Some(tx) = tx {
+                        let data = Cow::Owned(live[r.clone()].to_vec());
+                        queue(tx, job.shard, job.offset + (rel + r.start) as u64, data);
                     }
                 }
                 runs.clear();
@@ -492,9 +492,9 @@ fn diff_job<'a>(
         for r in runs.iter() {
             changed += r.len() as u64;
             blocks += r.len().div_ceil(block) as u64;
-            let data = Cow::Borrowed(&bytes[r.clone()]);
-            if !queue(tx, job.shard, job.offset + r.start as u64, data) {
-                break;
+            if let Some(tx) = tx {
+                let data = Cow::Borrowed(&bytes[r.clone()]);
+                queue(tx, job.shard, job.offset + r.start as u64, data);
             }
         }
     }
@@ -503,24 +503,15 @@ fn diff_job<'a>(
     Ok(())
 }
 
-/// Hands a run to the writers; false once they have all stopped on an error
-/// (reported by the caller). A dry run has no writers and queues nothing.
-fn queue<'a>(
-    tx: Option<&SyncSender<WriteReq<'a>>>,
-    shard: usize,
-    offset: u64,
-    data: Cow<'a, [u8]>,
-) -> bool {
-    match tx {
-        Some(tx) => tx
-            .send(WriteReq {
-                shard,
-                offset,
-                data,
-            })
-            .is_ok(),
-        None => true,
-    }
+/// Hands a run to the writers. The receiver lives as long as the feed and
+/// the writers drain it even after a failure, so the send cannot fail.
+fn queue<'a>(tx: &SyncSender<WriteReq<'a>>, shard: usize, offset: u64, data: Cow<'a, [u8]>) {
+    let sent = tx.send(WriteReq {
+        shard,
+        offset,
+        data,
+    });
+    debug_assert!(sent.is_ok(), "the write queue closed during a feed");
 }
 
 /// A writer thread: takes queued runs and writes them until the queue closes.
