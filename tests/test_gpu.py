@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from apollo_sync import ModelDir, ProducerGoneError, load_handles, sync
 from apollo_sync._core import Syncer
-from apollo_sync.demo import Producer, make_demo_model, to_vllm_layout
+from apollo_sync.demo import Producer, load_live, make_demo_model
 from apollo_sync.live import from_torch
 from apollo_sync.stream import stream_into
 from apollo_sync.sync import plan
@@ -63,10 +62,7 @@ def test_two_process_cuda_ipc_round_trip(tmp_path: Path, dtype: torch.dtype) -> 
 
 def test_in_process_cuda_tensors_split_and_staged_in_small_chunks(tmp_path: Path) -> None:
     model = make_demo_model(tmp_path / "model", 32, shards=2)
-    hf: dict[str, torch.Tensor] = {}
-    for f in sorted(model.glob("*.safetensors")):
-        hf |= load_file(f)
-    live = {k: v.cuda() for k, v in to_vllm_layout(hf).items()}
+    live = load_live(model, "cuda")
     for t in live.values():
         t.view(-1)[0] += 1
         t.view(-1)[-1] += 1
@@ -92,11 +88,7 @@ def test_producer_gone_is_refused(tmp_path: Path) -> None:
 
 def test_gpu_memory_and_host_memory_stay_small(tmp_path: Path) -> None:
     model = make_demo_model(tmp_path / "model", 256, shards=4)
-    hf: dict[str, torch.Tensor] = {}
-    for f in sorted(model.glob("*.safetensors")):
-        hf |= load_file(f)
-    live = {k: v.cuda() for k, v in to_vllm_layout(hf).items()}
-    del hf
+    live = load_live(model, "cuda")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

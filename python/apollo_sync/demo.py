@@ -123,6 +123,14 @@ def to_vllm_layout(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_live(model_dir: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, merged as vLLM holds them, on ``device``."""
+    hf: dict[str, torch.Tensor] = {}
+    for h in ModelDir.open(model_dir).headers:
+        hf |= load_file(h.path)
+    return {k: v.to(device) for k, v in to_vllm_layout(hf).items()}
+
+
 def training_step(live: dict[str, torch.Tensor], fraction: float, gen: torch.Generator) -> int:
     """Changes about ``fraction`` of the 4 KiB blocks of ``live``, in place; returns
     how many blocks it touched."""
@@ -150,12 +158,7 @@ def producer_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where the live weights live (cpu, cuda)")
     args = ap.parse_args(argv)
-    md = ModelDir.open(args.model_dir)
-    hf: dict[str, torch.Tensor] = {}
-    for h in md.headers:
-        hf |= load_file(h.path)
-    live = {k: v.to(args.device) for k, v in to_vllm_layout(hf).items()}
-    del hf
+    live = load_live(args.model_dir, args.device)
     export_handles(live, args.handles, metadata={"model_path": str(args.model_dir)})
     gen = torch.Generator().manual_seed(args.seed)
     print(json.dumps({"ready": len(live)}), flush=True)

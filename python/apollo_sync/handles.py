@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mmap
 import os
 import pickle
 import stat
@@ -459,7 +460,6 @@ def _map_shm(
 ) -> tuple[Any, OpenFile]:
     """A read-only mapping of the segment (for in-place reads) and its open fd
     (for the core's ``pread``); the fd is closed with the handles."""
-    import mmap
 
     try:
         fd = os.open(_SHM_DIR / shm_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -101,19 +101,6 @@ class LiveTensor:
         stop = self.nbytes if stop is None else stop
         return self.source[self.offset + start : self.offset + stop]
 
-    def to_torch(self) -> torch.Tensor:
-        """A torch view of the tensor (for verification and tests; no copy on CUDA or
-        writable host memory, a copy for read-only host memory)."""
-        from apollo_sync.dtypes import torch_dtype
-
-        dt = torch_dtype(self.dtype)
-        if isinstance(self.source, torch.Tensor):
-            flat = self.device_bytes()
-        else:
-            raw = self.host_bytes()
-            flat = torch.from_numpy(raw if raw.flags.writeable else raw.copy())
-        return flat.view(dt).reshape(self.shape)
-
 
 def from_torch(name: str, tensor: torch.Tensor) -> LiveTensor:
     """A live tensor over a torch tensor's own memory.

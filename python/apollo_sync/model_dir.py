@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +31,6 @@ class DiskTensor:
     start: int
     end: int
 
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
 
 @dataclass(frozen=True)
 class ModelDir:
@@ -44,17 +39,6 @@ class ModelDir:
     path: Path
     headers: tuple[Header, ...]
     tensors: dict[str, DiskTensor]
-
-    @property
-    def shard_names(self) -> list[str]:
-        return [Path(h.path).name for h in self.headers]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(h.file_len for h in self.headers)
-
-    def __iter__(self) -> Iterator[DiskTensor]:
-        return iter(self.tensors.values())
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ModelDir:
