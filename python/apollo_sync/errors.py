@@ -10,6 +10,7 @@ from __future__ import annotations
 from apollo_sync._core import (
     ApolloSyncError,
     HeaderError,
+    JournalError,
     PlanError,
     ShardChangedError,
     SyncIOError,
@@ -19,13 +20,18 @@ __all__ = [
     "ApolloSyncError",
     "HandlesError",
     "HeaderError",
+    "JournalError",
     "LayoutError",
+    "LockedError",
     "ModelDirError",
     "PlanError",
     "ProducerGoneError",
+    "RollbackError",
     "ShardChangedError",
     "SyncIOError",
+    "TornSyncError",
     "UnsafeHandlesError",
+    "UnsafeShardError",
 ]
 
 
@@ -50,3 +56,22 @@ class UnsafeHandlesError(HandlesError):
 
 class ProducerGoneError(HandlesError):
     """The process that exported the handles has exited or restarted."""
+
+
+class UnsafeShardError(ModelDirError):
+    """A shard that must not be written in place: a symlink (into a Hugging Face
+    cache, say) or a file with other hard links, whose other copies would change
+    too; or a shard this user cannot write."""
+
+
+class LockedError(ApolloSyncError):
+    """Another apollo-sync holds the model directory's lock past the timeout."""
+
+
+class RollbackError(ApolloSyncError):
+    """A rollback that cannot be done (no such generation, undo data pruned)."""
+
+
+class TornSyncError(ApolloSyncError):
+    """The producer stepped while the sync read its tensors, every time it was
+    tried: the generation was not committed and the files were put back."""

@@ -4,27 +4,43 @@ Everything is checked before the first write: the shards and their headers, the
 index, every live tensor's name, dtype and shape against the file. Only then are
 the bytes streamed to the Rust core, which diffs and writes in parallel with the
 GIL released, and fsyncs what it wrote before returning.
+
+A sync that writes holds the model directory's lock, first recovers any
+interrupted sync, and (unless ``journal=False``) journals the old bytes of what
+it overwrites, so it commits a new generation atomically or leaves the last
+committed one (see :mod:`apollo_sync.journal`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
+import shutil
+import stat
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from apollo_sync._core import Syncer
-from apollo_sync.errors import HandlesError, LayoutError
+from apollo_sync import journal as gens
+from apollo_sync._core import MAX_BLOCK, MIN_BLOCK, Syncer, read_journal
+from apollo_sync.errors import (
+    HandlesError,
+    LayoutError,
+    PlanError,
+    TornSyncError,
+    UnsafeShardError,
+)
 from apollo_sync.handles import Handles, load_handles
 from apollo_sync.layouts import LayoutMap, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
+from apollo_sync.steps import StepCounter
 from apollo_sync.stream import Placement, stream_into
 
 DEFAULT_BLOCK_SIZE = 4096
@@ -43,6 +59,7 @@ class FileResult:
     bytes_written: int
     bytes_written_buffered: int
     writes: int
+    bytes_journaled: int
     direct_io_fallback: str | None
 
 
@@ -72,6 +89,15 @@ class SyncResult:
     tensors_on_disk_only: int
     files: list[FileResult] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: The generation this sync committed; None when it changed nothing (or was
+    #: a dry run): the directory is still the previous one.
+    generation: int | None = None
+    #: Old bytes saved to the undo journal (0 without a journal).
+    bytes_journaled: int = 0
+    #: Uncommitted generations that recovery undid before this sync.
+    recovered: list[int] = field(default_factory=list)
+    #: Times the sync was redone because the producer stepped during it.
+    retries: int = 0
 
     def seeds_dict(self) -> dict[str, Any]:
         """The dict the seed script's ``checkpoint_sync`` returned."""
@@ -129,6 +155,13 @@ def sync(
     threads: int = 0,
     allow_unmatched: bool = False,
     progress: bool = False,
+    journal: bool = True,
+    keep: int = gens.DEFAULT_KEEP,
+    undo_budget: int | None = None,
+    lock_timeout: float = gens.DEFAULT_LOCK_TIMEOUT,
+    private_copy: bool = False,
+    step_counter: StepCounter | None = None,
+    step_retries: int = 3,
 ) -> SyncResult:
     """Makes the safetensors files in ``model_dir`` equal to the live tensors.
 
@@ -136,10 +169,28 @@ def sync(
     CPU or CUDA tensors, in vLLM or HF naming) or from a handles file (``handles``:
     a path, an opened :class:`Handles`, or the default path when neither is given).
     ``model_dir`` defaults to the handles metadata's ``model_path``.
+
+    Writing syncs take the directory's lock (waiting up to ``lock_timeout``
+    seconds), recover an interrupted sync, and journal what they overwrite
+    (``journal=False`` skips the journal: faster, but a crash can then leave a
+    mix of two generations, and there is no rollback past this sync). The undo
+    data of the newest ``keep`` generations is kept, within ``undo_budget``
+    bytes (default: a tenth of the model's size). A shard that is a symlink or
+    has other hard links is refused unless ``private_copy``, which first
+    replaces it by a private copy (a reflink where the filesystem can).
+    With a ``step_counter`` (the producer's, from the handles metadata by
+    default), a sync during which the producer stepped is undone and redone, up
+    to ``step_retries`` times.
     """
     if tensors is not None and handles is not None:
         raise TypeError("pass either tensors or handles, not both")
+    if block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
+        raise PlanError(
+            f"block size {block_size} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+        )
     opened: Handles | None = None
+    counter: StepCounter | None = step_counter
+    own_counter = False
     try:
         if tensors is None:
             opened = handles if isinstance(handles, Handles) else load_handles(handles)
@@ -150,6 +201,9 @@ def sync(
                     raise HandlesError(
                         f"{opened.path}: no model_path in the metadata; pass --model-dir"
                     )
+            counter_path = opened.metadata.get("step_counter")
+            if counter is None and isinstance(counter_path, str):
+                counter, own_counter = StepCounter.open(counter_path), True
         else:
             live = {
                 name: t if isinstance(t, LiveTensor) else from_torch(name, t)
@@ -157,48 +211,199 @@ def sync(
             }
         if model_dir is None:
             raise TypeError("model_dir is required when live tensors are passed directly")
-        return _run(
-            ModelDir.open(model_dir),
+        options = _Options(block_size, dry_run, direct_io, threads, allow_unmatched, progress)
+        if dry_run:
+            return _run(ModelDir.open(model_dir), live, options, None)
+        return _sync_locked(
+            Path(model_dir),
             live,
-            block_size=block_size,
-            dry_run=dry_run,
-            direct_io=direct_io,
-            threads=threads,
-            allow_unmatched=allow_unmatched,
-            progress=progress,
+            options,
+            journal=journal,
+            keep=keep,
+            undo_budget=undo_budget,
+            lock_timeout=lock_timeout,
+            private_copy=private_copy,
+            counter=counter,
+            step_retries=step_retries,
         )
     finally:
+        if own_counter and counter is not None:
+            counter.close()
         if opened is not None and not isinstance(handles, Handles):
             opened.close()
+
+
+@dataclass(frozen=True)
+class _Options:
+    block_size: int
+    dry_run: bool
+    direct_io: bool
+    threads: int
+    allow_unmatched: bool
+    progress: bool
+
+
+def _sync_locked(
+    root: Path,
+    live: Mapping[str, LiveTensor],
+    options: _Options,
+    *,
+    journal: bool,
+    keep: int,
+    undo_budget: int | None,
+    lock_timeout: float,
+    private_copy: bool,
+    counter: StepCounter | None,
+    step_retries: int,
+) -> SyncResult:
+    # Bad input is refused before the lock file (or anything else) is created;
+    # under the lock the directory is read again, after any recovery.
+    md = ModelDir.open(root)
+    plan(md, live, allow_unmatched=options.allow_unmatched)
+    if not private_copy:
+        _check_shards(md, private_copy=False)
+    layout = gens.Layout(root)
+    with gens.ModelLock(root, lock_timeout):
+        recovered = [r.generation for r in gens.recover_locked(layout)]
+        md = ModelDir.open(root)
+        md = _check_shards(md, private_copy)
+        state = gens.load_state(layout)
+        number = state.generation + 1
+        spec = (layout.undo_path(number), number) if journal else None
+        retries = 0
+        while True:
+            before = counter.wait_even(lock_timeout) if counter is not None else None
+            try:
+                result = _run(md, live, options, spec)
+            except BaseException:
+                gens.undo_uncommitted(layout, number)
+                raise
+            if counter is None or counter.value() == before:
+                break
+            if not journal:
+                raise TornSyncError(
+                    f"{root}: the producer stepped during a sync without a journal; the "
+                    "files may mix two training steps until the next sync"
+                )
+            gens.undo_uncommitted(layout, number)
+            retries += 1
+            if retries > step_retries:
+                raise TornSyncError(
+                    f"{root}: the producer stepped during each of {retries} tries; "
+                    f"nothing was committed (still generation {state.generation})"
+                )
+        result = replace(result, recovered=recovered, retries=retries)
+        if result.total_changed == 0:
+            return result
+        undo_bytes, tensors = 0, []
+        if spec is not None:
+            info = read_journal(spec[0])
+            undo_bytes = info.bytes
+            tensors = gens.touched_tensors(info, _tensor_ranges(md))
+        generation = gens.Generation(
+            number=number,
+            time=time.time(),
+            kind="sync",
+            bytes_changed=result.total_changed,
+            undo_bytes=undo_bytes,
+            undo=spec is not None,
+            files=result.files_changed,
+            tensors=tensors,
+        )
+        gens.commit(layout, state, generation)
+        budget = (
+            undo_budget
+            if undo_budget is not None
+            else int(gens.DEFAULT_BUDGET_FRACTION * sum(h.file_len for h in md.headers))
+        )
+        gens.prune_locked(layout, keep, budget)
+        return replace(result, generation=number)
+
+
+def _tensor_ranges(md: ModelDir) -> list[tuple[str, str, int, int]]:
+    return [
+        (Path(md.headers[t.shard].path).name, t.name, t.start, t.end) for t in md.tensors.values()
+    ]
+
+
+def _check_shards(md: ModelDir, private_copy: bool) -> ModelDir:
+    """Refuses shards that must not be written in place, or replaces them by
+    private copies when asked. Returns the directory to sync (re-read when a
+    shard was replaced)."""
+    shared: list[str] = []
+    for h in md.headers:
+        path = Path(h.path)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            shared.append(f"{path.name} is a symlink to {os.readlink(path)}")
+        elif st.st_nlink > 1:
+            shared.append(f"{path.name} has {st.st_nlink - 1} other hard link(s)")
+    if shared and not private_copy:
+        raise UnsafeShardError(
+            f"{md.path}: writing in place would also change other copies of these shards "
+            "(a Hugging Face cache blob, a hard-linked snapshot): "
+            + "; ".join(shared[:5])
+            + ". Nothing was written. Pass --private-copy to replace them by private "
+            "copies first (a reflink where the filesystem supports it)."
+        )
+    for h in md.headers:
+        path = Path(h.path)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1:
+            _replace_by_copy(path)
+    for h in md.headers:
+        if not os.access(h.path, os.W_OK):
+            raise UnsafeShardError(f"{h.path}: not writable by this user; nothing was written")
+    return ModelDir.open(md.path) if shared else md
+
+
+_FICLONE = 0x40049409
+
+
+def _replace_by_copy(path: Path) -> None:
+    """Replaces ``path`` (a symlink or a hard link) by a private copy of its bytes,
+    atomically and durably: a reflink where the filesystem can, else a copy."""
+    tmp = path.with_name(f".{path.name}.apollo_sync-copy")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        except OSError:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _run(
     md: ModelDir,
     live: Mapping[str, LiveTensor],
-    *,
-    block_size: int,
-    dry_run: bool,
-    direct_io: bool,
-    threads: int,
-    allow_unmatched: bool,
-    progress: bool,
+    options: _Options,
+    journal: tuple[Path, int] | None,
 ) -> SyncResult:
-    mapping, placements = plan(md, live, allow_unmatched=allow_unmatched)
+    block_size, dry_run = options.block_size, options.dry_run
+    mapping, placements = plan(md, live, allow_unmatched=options.allow_unmatched)
     used = sorted({p.shard for p in placements})
     local = {shard: i for i, shard in enumerate(used)}
     syncer = Syncer(
         [(md.headers[s].path, md.headers[s].data_start, md.headers[s].file_len) for s in used],
         block_size=block_size,
         dry_run=dry_run,
-        direct_io=direct_io,
-        threads=threads,
+        direct_io=options.direct_io,
+        threads=options.threads,
+        journal=journal,
     )
     placements = [Placement(local[p.shard], p.offset, p.live) for p in placements]
     total = sum(p.live.nbytes for p in placements)
     disk_before = _disk_sectors_written(md.path)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_oublock
     t0 = time.perf_counter()
-    bar = _progress_bar(total, progress)
+    bar = _progress_bar(total, options.progress)
     try:
         stream_into(syncer, placements, progress=bar.update if bar else None)
         reports = syncer.finish()
@@ -218,6 +423,7 @@ def _run(
             bytes_written=r.bytes_written_direct + r.bytes_written_buffered,
             bytes_written_buffered=r.bytes_written_buffered,
             writes=r.writes,
+            bytes_journaled=r.bytes_journaled,
             direct_io_fallback=r.direct_io_fallback,
         )
         for r in reports
@@ -246,6 +452,7 @@ def _run(
         tensors_on_disk_only=len(mapping.disk_only),
         files=files,
         missing=missing,
+        bytes_journaled=sum(f.bytes_journaled for f in files),
     )
 
 

@@ -7,15 +7,20 @@
 //! - [`io`]: positional reads, `O_DIRECT` block writes, durability.
 //! - [`live`]: where live bytes come from (memory, or a file read with `pread`).
 //! - [`sync`]: the engine that ties them together across shards.
+//! - [`journal`]: the undo journal that makes a sync atomic and undoable.
+//! - [`faults`]: crash and error injection for the crash-safety tests.
 
 pub mod diff;
 pub mod error;
+pub mod faults;
 pub mod header;
 pub mod io;
+pub mod journal;
 pub mod live;
 pub mod sync;
 
 pub use error::{Error, Result};
 pub use header::{Header, TensorEntry};
+pub use journal::{UndoJournal, UndoLog, UndoReport};
 pub use live::Live;
-pub use sync::{Options, Segment, ShardReport, ShardSpec, Syncer};
+pub use sync::{JournalSpec, Options, Segment, ShardReport, ShardSpec, Syncer};

@@ -12,11 +12,17 @@
 //! bytes and is overlaid by each segment in turn, then compared and written
 //! once when the feed moves past it. Every write therefore covers whole blocks
 //! and never clobbers a neighbour's new bytes with old ones.
+//!
+//! With a journal ([`Options::journal`]), the old bytes of every changed run
+//! go to the undo journal and the new bytes are held back; held runs are
+//! written only after a journal barrier has made their old bytes durable
+//! (when the held bytes pass [`HOLD_BYTES`], and in [`Syncer::finish`]).
+//! Without one, writer threads write changed runs while the diff goes on.
 
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 
@@ -24,7 +30,9 @@ use rayon::prelude::*;
 
 use crate::diff::changed_runs_at;
 use crate::error::{Error, Result};
+use crate::faults;
 use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
+use crate::journal::UndoLog;
 use crate::live::Live;
 
 /// Smallest and largest accepted block sizes.
@@ -42,6 +50,10 @@ const READ_BYTES: usize = 256 << 10;
 const IO_THREADS: usize = 16;
 /// Changed runs queued for the writers before the diff waits for them.
 const WRITE_QUEUE: usize = 4096;
+/// New bytes held back, with a journal, before a barrier lets them be
+/// written. Bounds memory whatever the size of the change; a sync that
+/// changes less than this makes exactly one barrier.
+pub const HOLD_BYTES: usize = 128 << 20;
 
 /// A shard to sync, as its header describes it.
 #[derive(Debug, Clone)]
@@ -68,6 +80,18 @@ pub struct Options {
     pub direct_io: bool,
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
+    /// Keep an undo journal of what is overwritten (crash safety, rollback).
+    pub journal: Option<JournalSpec>,
+    /// With a journal: new bytes held back before a barrier ([`HOLD_BYTES`]).
+    pub hold_bytes: usize,
+}
+
+/// Where a sync's undo journal goes. Its records name shards by their file
+/// names, so it can be applied to the directory they live in.
+#[derive(Debug, Clone)]
+pub struct JournalSpec {
+    pub path: PathBuf,
+    pub generation: u64,
 }
 
 impl Default for Options {
@@ -77,6 +101,8 @@ impl Default for Options {
             dry_run: false,
             direct_io: true,
             threads: 0,
+            journal: None,
+            hold_bytes: HOLD_BYTES,
         }
     }
 }
@@ -114,6 +140,8 @@ pub struct ShardReport {
     pub bytes_written_buffered: u64,
     /// `pwrite` calls issued (adjacent changed blocks merge into one).
     pub writes: u64,
+    /// Old bytes saved to the undo journal.
+    pub bytes_journaled: u64,
     /// Why direct I/O was not used, where it was wanted.
     pub direct_io_fallback: Option<String>,
 }
@@ -133,6 +161,7 @@ struct Shard {
     compared: u64,
     changed: AtomicU64,
     changed_blocks: AtomicU64,
+    journaled: AtomicU64,
 }
 
 struct Job<'a> {
@@ -158,6 +187,59 @@ struct WriteReq<'a> {
     data: Cow<'a, [u8]>,
 }
 
+/// Changed runs whose old bytes are journaled but not yet durable.
+#[derive(Default)]
+struct Held {
+    runs: Vec<WriteReq<'static>>,
+    bytes: usize,
+}
+
+/// Where the diff sends a changed run.
+#[derive(Clone, Copy)]
+enum Sink<'s, 'a> {
+    /// Count only.
+    Dry,
+    /// To the writer threads, now.
+    Queue(&'s SyncSender<WriteReq<'a>>),
+    /// Old bytes to the journal, new bytes held for after the barrier.
+    Hold(&'s UndoLog, &'s Mutex<Held>),
+}
+
+impl<'a> Sink<'_, 'a> {
+    /// `live_mem` is the run's bytes in live memory, when they are there (so a
+    /// queued write can borrow them instead of copying).
+    fn emit(
+        &self,
+        shard: usize,
+        s: &Shard,
+        offset: u64,
+        old: &[u8],
+        new: &[u8],
+        live_mem: Option<&'a [u8]>,
+    ) -> Result<()> {
+        match *self {
+            Sink::Dry => Ok(()),
+            Sink::Queue(tx) => {
+                let data = live_mem.map_or_else(|| Cow::Owned(new.to_vec()), Cow::Borrowed);
+                queue(tx, shard, offset, data);
+                Ok(())
+            }
+            Sink::Hold(log, held) => {
+                log.append(shard as u32, offset, old)?;
+                s.journaled.fetch_add(old.len() as u64, Ordering::Relaxed);
+                let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+                h.bytes += new.len();
+                h.runs.push(WriteReq {
+                    shard,
+                    offset,
+                    data: Cow::Owned(new.to_vec()),
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A sync in progress over a fixed set of shards.
 pub struct Syncer {
     shards: Vec<Shard>,
@@ -168,6 +250,8 @@ pub struct Syncer {
     staging: Staging,
     /// Set when a batch failed after it started writing.
     broken: bool,
+    log: Option<UndoLog>,
+    held: Mutex<Held>,
 }
 
 impl Syncer {
@@ -180,8 +264,13 @@ impl Syncer {
                 "block size {b} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
             )));
         }
+        let mut names = Vec::with_capacity(specs.len());
         let mut shards = Vec::with_capacity(specs.len());
         for spec in specs {
+            let name = spec.path.file_name().and_then(|n| n.to_str());
+            names.push(name.map(str::to_owned).ok_or_else(|| {
+                Error::Plan(format!("{}: not a UTF-8 file name", spec.path.display()))
+            })?);
             if spec.data_start > spec.file_len {
                 return Err(Error::Plan(format!(
                     "{}: data start {} is past the file length {}",
@@ -204,6 +293,7 @@ impl Syncer {
                 compared: 0,
                 changed: AtomicU64::new(0),
                 changed_blocks: AtomicU64::new(0),
+                journaled: AtomicU64::new(0),
             });
         }
         let pool = rayon::ThreadPoolBuilder::new()
@@ -220,6 +310,10 @@ impl Syncer {
                 })
             })
             .collect();
+        let log = match (&opts.journal, opts.dry_run) {
+            (Some(j), false) => Some(UndoLog::new(j.path.clone(), j.generation, names)),
+            _ => None,
+        };
         Ok(Syncer {
             shards,
             opts,
@@ -227,6 +321,8 @@ impl Syncer {
             scratch,
             staging: Staging::default(),
             broken: false,
+            log,
+            held: Mutex::new(Held::default()),
         })
     }
 
@@ -312,7 +408,7 @@ impl Syncer {
         let scratch = &self.scratch;
         let pool = &self.pool;
         let abort = AtomicBool::new(false);
-        let diff_all = |tx: Option<&SyncSender<WriteReq<'d>>>| {
+        let diff_all = |sink: Sink<'_, 'd>| {
             pool.install(|| {
                 jobs.par_iter().try_for_each(|job| {
                     if abort.load(Ordering::Relaxed) {
@@ -320,12 +416,20 @@ impl Syncer {
                     }
                     let i = rayon::current_thread_index().expect("inside the pool");
                     let mut s = scratch[i].lock().expect("poisoned");
-                    diff_job(&shards[job.shard], job, block, &mut s, tx)
+                    diff_job(&shards[job.shard], job, block, &mut s, sink)
                 })
             })
         };
         if self.opts.dry_run {
-            return diff_all(None);
+            return diff_all(Sink::Dry);
+        }
+        if let Some(log) = &self.log {
+            diff_all(Sink::Hold(log, &self.held))?;
+            let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).bytes;
+            if held >= self.opts.hold_bytes {
+                self.release()?;
+            }
+            return Ok(());
         }
         // Diff workers queue changed runs; writer threads drain the queue
         // concurrently. Runs borrow the fed buffers, which outlive the scope.
@@ -336,7 +440,7 @@ impl Syncer {
             for _ in 0..IO_THREADS {
                 scope.spawn(|| write_loop(shards, &rx, &failed, &abort));
             }
-            let diffed = diff_all(Some(&tx));
+            let diffed = diff_all(Sink::Queue(&tx));
             drop(tx); // writers finish the queue, then stop
             diffed
         })?;
@@ -353,9 +457,16 @@ impl Syncer {
         for i in 0..self.shards.len() {
             self.flush_pending(i)?;
         }
+        self.release()?;
         // fsync the shards in parallel: each waits on its own device flush.
-        self.pool
-            .install(|| self.shards.par_iter().try_for_each(|s| s.io.sync()))?;
+        self.pool.install(|| {
+            self.shards.par_iter().try_for_each(|s| {
+                if s.io.written() {
+                    faults::reached("fsync").map_err(|e| Error::io(s.io.path(), "fsync", e))?;
+                }
+                s.io.sync()
+            })
+        })?;
         Ok(self
             .shards
             .iter()
@@ -369,6 +480,7 @@ impl Syncer {
                     bytes_written_direct: c.direct_bytes.load(Ordering::Relaxed),
                     bytes_written_buffered: c.buffered_bytes.load(Ordering::Relaxed),
                     writes: c.writes.load(Ordering::Relaxed),
+                    bytes_journaled: s.journaled.load(Ordering::Relaxed),
                     direct_io_fallback: s.io.fallback_reason(),
                 }
             })
@@ -441,62 +553,105 @@ impl Syncer {
         let s = &self.shards[shard];
         s.changed.fetch_add(p.new.len() as u64, Ordering::Relaxed);
         s.changed_blocks.fetch_add(1, Ordering::Relaxed);
-        if !self.opts.dry_run {
-            s.io.write_at(&p.new, p.start, &mut self.staging)?;
+        if self.opts.dry_run {
+            return Ok(());
         }
-        Ok(())
+        match &self.log {
+            Some(log) => Sink::Hold(log, &self.held).emit(shard, s, p.start, &p.orig, &p.new, None),
+            None => write_run(s, p.start, &p.new, &mut self.staging),
+        }
+    }
+
+    /// Makes the journal durable, then writes the held runs (in file order,
+    /// from [`IO_THREADS`] threads).
+    fn release(&self) -> Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let mut runs = {
+            let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            h.bytes = 0;
+            std::mem::take(&mut h.runs)
+        };
+        if runs.is_empty() {
+            return Ok(());
+        }
+        log.barrier()?;
+        runs.sort_unstable_by_key(|r| (r.shard, r.offset));
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..IO_THREADS.min(runs.len()) {
+                scope.spawn(|| {
+                    let mut staging = Staging::default();
+                    while !abort.load(Ordering::Relaxed) {
+                        let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return;
+                        };
+                        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            write_run(&self.shards[r.shard], r.offset, &r.data, &mut staging)
+                        }))
+                        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
+                        if let Err(e) = written {
+                            abort.store(true, Ordering::Relaxed);
+                            failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
-/// Compares one job's live bytes with the file; queues the changed runs for
-/// the writers (none in a dry run).
+/// One in-place write of changed blocks (a fault-injection point).
+fn write_run(s: &Shard, offset: u64, data: &[u8], staging: &mut Staging) -> Result<()> {
+    faults::reached("write").map_err(|e| Error::io(s.io.path(), "write", e))?;
+    s.io.write_at(data, offset, staging)
+}
+
+/// Compares one job's live bytes with the file, a chunk at a time, and sends
+/// each changed run (with the file's old bytes for it) to `sink`.
 fn diff_job<'a>(
     shard: &Shard,
     job: &Job<'a>,
     block: usize,
     scratch: &mut Scratch,
-    tx: Option<&SyncSender<WriteReq<'a>>>,
+    sink: Sink<'_, 'a>,
 ) -> Result<()> {
     let Scratch { read, live, runs } = scratch;
     let step = read.len() / block * block;
     let (mut changed, mut blocks) = (0u64, 0u64);
     let mut rel = 0usize;
-    runs.clear();
     while rel < job.data.len() {
         let n = step.min(job.data.len() - rel);
         let disk = &mut read[..n];
         shard.io.read_at(disk, job.offset + rel as u64)?;
-        match job.data {
-            // In memory: runs merge across chunks and borrow the live bytes.
-            Live::Mem(bytes) => changed_runs_at(rel, &bytes[rel..rel + n], disk, block, runs),
-            // From a file: runs are copied out of each chunk as it is read.
+        let (chunk, mem) = match job.data {
+            Live::Mem(bytes) => (&bytes[rel..rel + n], Some(&bytes[rel..rel + n])),
             Live::File { .. } => {
                 live.resize(n.max(live.len()), 0);
                 job.data.read_into(rel, &mut live[..n])?;
-                runs.clear();
-                changed_runs_at(0, &live[..n], disk, block, runs);
-                for r in runs.iter() {
-                    changed += r.len() as u64;
-                    blocks += r.len().div_ceil(block) as u64;
-                    if let Some(tx) = tx {
-                        let data = Cow::Owned(live[r.clone()].to_vec());
-                        queue(tx, job.shard, job.offset + (rel + r.start) as u64, data);
-                    }
-                }
-                runs.clear();
+                (&live[..n], None)
             }
-        }
-        rel += n;
-    }
-    if let Live::Mem(bytes) = job.data {
+        };
+        runs.clear();
+        changed_runs_at(0, chunk, disk, block, runs);
         for r in runs.iter() {
             changed += r.len() as u64;
             blocks += r.len().div_ceil(block) as u64;
-            if let Some(tx) = tx {
-                let data = Cow::Borrowed(&bytes[r.clone()]);
-                queue(tx, job.shard, job.offset + r.start as u64, data);
-            }
+            let at = job.offset + (rel + r.start) as u64;
+            let borrowed = mem.map(|m| &m[r.clone()]);
+            sink.emit(job.shard, shard, at, &disk[r.clone()], &chunk[r.clone()], borrowed)?;
         }
+        rel += n;
     }
     shard.changed.fetch_add(changed, Ordering::Relaxed);
     shard.changed_blocks.fetch_add(blocks, Ordering::Relaxed);
@@ -533,9 +688,7 @@ fn write_loop(
         // A panic here must not leave the diff blocked on a queue nobody
         // drains: it becomes an error like any other.
         let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            shards[req.shard]
-                .io
-                .write_at(&req.data, req.offset, &mut staging)
+            write_run(&shards[req.shard], req.offset, &req.data, &mut staging)
         }))
         .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
         if let Err(e) = written {
@@ -588,10 +741,13 @@ mod tests {
         skip: &[usize],
         opts: Options,
     ) -> (Vec<u8>, ShardReport) {
-        run_from(orig, live, data_start, cuts, skip, opts, false)
+        let (after, report, _) = run_from(orig, live, data_start, cuts, skip, opts, false);
+        (after, report)
     }
 
-    /// As `run`, reading the live bytes from a file with `pread` when `from_file`.
+    /// As `run`, reading the live bytes from a file with `pread` when
+    /// `from_file`. With `opts.journal`, also undoes the sync afterwards and
+    /// returns the file's bytes after the undo.
     fn run_from(
         orig: &[u8],
         live: &[u8],
@@ -600,10 +756,11 @@ mod tests {
         skip: &[usize],
         opts: Options,
         from_file: bool,
-    ) -> (Vec<u8>, ShardReport) {
+    ) -> (Vec<u8>, ShardReport, Option<Vec<u8>>) {
         let live_file = file_with(live);
         let live_handle = std::fs::File::open(live_file.path()).unwrap();
         let f = file_with(orig);
+        let journal = opts.journal.clone();
         let mut syncer = Syncer::new(vec![spec(&f, data_start as u64)], opts).unwrap();
         let mut bounds = vec![data_start];
         bounds.extend(
@@ -637,7 +794,15 @@ mod tests {
         syncer.feed(&segs[..half]).unwrap();
         syncer.feed(&segs[half..]).unwrap();
         let report = syncer.finish().unwrap().pop().unwrap();
-        (std::fs::read(f.path()).unwrap(), report)
+        let after = std::fs::read(f.path()).unwrap();
+        let undone = journal.map(|j| {
+            if j.path.exists() {
+                let journal = crate::journal::UndoJournal::open(&j.path).unwrap();
+                crate::journal::undo(&journal, f.path().parent().unwrap()).unwrap();
+            }
+            std::fs::read(f.path()).unwrap()
+        });
+        (after, report, undone)
     }
 
     #[test]
@@ -764,7 +929,8 @@ mod tests {
                     block_size: block,
                     ..Options::default()
                 };
-                let (after, rep) = run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
+                let (after, rep, _) =
+                    run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
                 assert_eq!(after, live, "block {block} from_file {from_file}");
                 assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &live, block));
                 assert_eq!(
@@ -790,6 +956,8 @@ mod tests {
             block_pow in 9u32..14,
             seed in any::<u8>(),
             from_file in any::<bool>(),
+            journaled in any::<bool>(),
+            hold_bytes in 1usize..20_000,
         ) {
             let block = 1usize << block_pow;
             let orig: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
@@ -800,8 +968,11 @@ mod tests {
                 if i < len { live[i] = live[i].wrapping_add(1); }
             }
             let cuts: Vec<usize> = cut_fracs.iter().map(|f| (len as f64 * f) as usize).collect();
-            let opts = Options { block_size: block, ..Options::default() };
-            let (after, rep) = run_from(&orig, &live, data_start, &cuts, &skip, opts, from_file);
+            let dir = tempfile::tempdir().unwrap();
+            let journal = journaled.then(|| JournalSpec { path: dir.path().join("1.undo"), generation: 1 });
+            let opts = Options { block_size: block, journal, hold_bytes, ..Options::default() };
+            let (after, rep, undone) =
+                run_from(&orig, &live, data_start, &cuts, &skip, opts, from_file);
             // Expected: live bytes where fed, original bytes in skipped segments.
             let mut bounds = vec![data_start];
             bounds.extend(cuts.iter().copied().filter(|&c| c > data_start && c < len));
@@ -817,6 +988,11 @@ mod tests {
             prop_assert_eq!(&after, &expected);
             prop_assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &expected, block));
             prop_assert_eq!(rep.bytes_written_direct + rep.bytes_written_buffered, rep.bytes_changed);
+            if let Some(undone) = undone {
+                // The journal holds exactly the old bytes of what was written.
+                prop_assert_eq!(rep.bytes_journaled, rep.bytes_changed);
+                prop_assert_eq!(&undone, &orig);
+            }
         }
     }
 }

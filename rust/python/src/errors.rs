@@ -36,6 +36,13 @@ create_exception!(
     "An inconsistent request (segment out of range or order, bad block size)."
 );
 
+create_exception!(
+    apollo_sync._core,
+    JournalError,
+    ApolloSyncError,
+    "A damaged undo journal: nothing was applied from it."
+);
+
 /// Maps a core error onto its Python class, keeping the message.
 pub fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
@@ -44,5 +51,6 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Changed { .. } => ShardChangedError::new_err(msg),
         Error::Io { .. } => SyncIOError::new_err(msg),
         Error::Plan(_) => PlanError::new_err(msg),
+        Error::Journal { .. } => JournalError::new_err(msg),
     }
 }

@@ -3,6 +3,7 @@
 
 mod errors;
 mod header;
+mod journal;
 mod syncer;
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("SyncIOError", py.get_type::<errors::SyncIOError>())?;
     m.add("PlanError", py.get_type::<errors::PlanError>())?;
+    m.add("JournalError", py.get_type::<errors::JournalError>())?;
     m.add("MIN_BLOCK", apollo_sync_core::sync::MIN_BLOCK)?;
     m.add("MAX_BLOCK", apollo_sync_core::sync::MAX_BLOCK)?;
     m.add_class::<header::TensorEntry>()?;
@@ -26,5 +28,11 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(header::read_header, m)?)?;
     m.add_class::<syncer::ShardReport>()?;
     m.add_class::<syncer::Syncer>()?;
+    m.add("HOLD_BYTES", apollo_sync_core::sync::HOLD_BYTES)?;
+    m.add_class::<journal::JournalInfo>()?;
+    m.add_class::<journal::UndoReport>()?;
+    m.add_function(wrap_pyfunction!(journal::read_journal, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::undo_journal, m)?)?;
+    m.add_function(wrap_pyfunction!(journal::rollback_journals, m)?)?;
     Ok(())
 }

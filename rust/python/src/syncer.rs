@@ -22,6 +22,7 @@ pub struct ShardReport {
     bytes_written_direct: u64,
     bytes_written_buffered: u64,
     writes: u64,
+    bytes_journaled: u64,
     direct_io_fallback: Option<String>,
 }
 
@@ -35,6 +36,7 @@ impl From<core::ShardReport> for ShardReport {
             bytes_written_direct: r.bytes_written_direct,
             bytes_written_buffered: r.bytes_written_buffered,
             writes: r.writes,
+            bytes_journaled: r.bytes_journaled,
             direct_io_fallback: r.direct_io_fallback,
         }
     }
@@ -90,6 +92,11 @@ impl Source {
 }
 
 /// A sync in progress over a fixed list of shards `(path, data_start, file_len)`.
+///
+/// With `journal=(path, generation)`, the old bytes of every changed run are
+/// written to an undo journal at `path` (created on the first change) and
+/// made durable before the run is overwritten; new bytes are held back, at
+/// most `hold_bytes` at a time, until then.
 #[pyclass(module = "apollo_sync._core")]
 pub struct Syncer {
     inner: Option<core::Syncer>,
@@ -98,7 +105,11 @@ pub struct Syncer {
 #[pymethods]
 impl Syncer {
     #[new]
-    #[pyo3(signature = (shards, *, block_size = 4096, dry_run = false, direct_io = true, threads = 0))]
+    #[pyo3(signature = (
+        shards, *, block_size = 4096, dry_run = false, direct_io = true, threads = 0,
+        journal = None, hold_bytes = core::sync::HOLD_BYTES,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         shards: Vec<(PathBuf, u64, u64)>,
@@ -106,6 +117,8 @@ impl Syncer {
         dry_run: bool,
         direct_io: bool,
         threads: usize,
+        journal: Option<(PathBuf, u64)>,
+        hold_bytes: usize,
     ) -> PyResult<Self> {
         let specs = shards
             .into_iter()
@@ -120,6 +133,8 @@ impl Syncer {
             dry_run,
             direct_io,
             threads,
+            journal: journal.map(|(path, generation)| core::JournalSpec { path, generation }),
+            hold_bytes: hold_bytes.max(1),
         };
         let inner = py
             .detach(|| core::Syncer::new(specs, opts))

@@ -1,0 +1,85 @@
+//! Fault injection for the crash-safety tests: kill the process, or fail an
+//! operation, at the n-th time a named point is reached.
+//!
+//! Driven by two environment variables, read once per process:
+//! - `APOLLO_SYNC_CRASH_AT=<point>:<n>` sends the process `SIGKILL` just before
+//!   the n-th operation at `<point>` (1-based) would run;
+//! - `APOLLO_SYNC_FAIL_AT=<point>:<n>:<errno>` makes that operation fail with
+//!   the OS error `<errno>` (e.g. 28 for `ENOSPC`, 5 for `EIO`) instead.
+//!
+//! Points: `journal` (appending an undo record), `barrier` (making the undo
+//! journal durable), `write` (an in-place write of changed blocks), `fsync`
+//! (making a shard durable), `undo` (restoring one record, in recovery or a
+//! rollback). The Python package adds its own (`commit`, `prune`). Unset, each
+//! point costs one relaxed atomic load.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+struct Plan {
+    crash: Option<(String, u64)>,
+    fail: Option<(String, u64, i32)>,
+    counts: Mutex<HashMap<&'static str, u64>>,
+}
+
+static ARMED: AtomicBool = AtomicBool::new(true);
+static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
+
+fn parse(var: &str) -> Option<Vec<String>> {
+    let v = std::env::var(var).ok()?;
+    Some(v.split(':').map(str::to_owned).collect())
+}
+
+fn plan() -> Option<&'static Plan> {
+    PLAN.get_or_init(|| {
+        let crash = parse("APOLLO_SYNC_CRASH_AT").and_then(|p| match p.as_slice() {
+            [point, n] => Some((point.clone(), n.parse().ok()?)),
+            _ => None,
+        });
+        let fail = parse("APOLLO_SYNC_FAIL_AT").and_then(|p| match p.as_slice() {
+            [point, n, errno] => Some((point.clone(), n.parse().ok()?, errno.parse().ok()?)),
+            _ => None,
+        });
+        if crash.is_none() && fail.is_none() {
+            ARMED.store(false, Ordering::Relaxed);
+            return None;
+        }
+        Some(Plan {
+            crash,
+            fail,
+            counts: Mutex::new(HashMap::new()),
+        })
+    })
+    .as_ref()
+}
+
+/// Called just before an operation at `point`: kills the process or returns
+/// the injected error when the environment asks for it here.
+pub fn reached(point: &'static str) -> io::Result<()> {
+    if !ARMED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let Some(plan) = plan() else { return Ok(()) };
+    let n = {
+        let mut counts = plan.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let c = counts.entry(point).or_insert(0);
+        *c += 1;
+        *c
+    };
+    if let Some((p, at)) = &plan.crash {
+        if p == point && *at == n {
+            // SAFETY: plain syscalls; SIGKILL cannot be caught, so nothing runs after.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+    if let Some((p, at, errno)) = &plan.fail {
+        if p == point && *at == n {
+            return Err(io::Error::from_raw_os_error(*errno));
+        }
+    }
+    Ok(())
+}
