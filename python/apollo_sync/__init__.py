@@ -11,18 +11,25 @@ from apollo_sync.errors import (
     ApolloSyncError,
     HandlesError,
     HeaderError,
+    JournalError,
     LayoutError,
+    LockedError,
     ModelDirError,
     PlanError,
     ProducerGoneError,
+    RollbackError,
     ShardChangedError,
     SyncIOError,
+    TornSyncError,
     UnsafeHandlesError,
+    UnsafeShardError,
 )
 from apollo_sync.handles import Handles, default_handles_path, export_handles, load_handles
+from apollo_sync.journal import Generation, history, prune, recover, rollback
 from apollo_sync.layouts import MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
+from apollo_sync.steps import StepCounter
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
 
 __all__ = [
@@ -31,26 +38,37 @@ __all__ = [
     "ApolloSyncError",
     "DiskTensor",
     "FileResult",
+    "Generation",
     "Handles",
     "HandlesError",
     "HeaderError",
+    "JournalError",
     "LayoutError",
     "LiveTensor",
+    "LockedError",
     "ModelDir",
     "ModelDirError",
     "PlanError",
     "ProducerGoneError",
+    "RollbackError",
     "ShardChangedError",
+    "StepCounter",
     "SyncIOError",
     "SyncResult",
+    "TornSyncError",
     "UnsafeHandlesError",
+    "UnsafeShardError",
     "__version__",
     "checkpoint_sync",
     "default_handles_path",
     "export_handles",
     "from_torch",
+    "history",
     "load_handles",
     "map_tensors",
     "plan",
+    "prune",
+    "recover",
+    "rollback",
     "sync",
 ]

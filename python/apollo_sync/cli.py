@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from apollo_sync import journal as gens
 from apollo_sync.errors import ApolloSyncError
 from apollo_sync.sync import DEFAULT_BLOCK_SIZE, SyncResult
 
@@ -36,6 +38,14 @@ def print_result(r: SyncResult) -> None:
         f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
         f"{r.tensors_on_disk_only} on disk only"
     )
+    if r.recovered:
+        print(f"recovered      undid interrupted generation(s) {r.recovered} first")
+    if r.generation is not None:
+        undo = f"undo data {_mb(r.bytes_journaled)}" if r.bytes_journaled else "no journal"
+        retried = f", redone {r.retries}x (producer stepped)" if r.retries else ""
+        print(f"generation     {r.generation} committed ({undo}{retried})")
+    elif not r.dry_run:
+        print("generation     unchanged (nothing to write)")
     if r.files_changed:
         width = max(len(f.file) for f in r.files)
         print(f"\n{'file':<{width}}  {'compared':>12}  {'changed':>12}  {'writes':>6}")
@@ -64,6 +74,11 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         threads=args.threads,
         allow_unmatched=args.allow_unmatched,
         progress=not args.json and sys.stderr.isatty(),
+        journal=not args.no_journal,
+        keep=args.keep,
+        undo_budget=args.undo_budget,
+        lock_timeout=args.lock_timeout,
+        private_copy=args.private_copy,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -81,6 +96,78 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     else:
         print(report.render(limit=None if args.verbose else 20))
     return 0 if report.ok else 1
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    done = gens.recover(args.model_dir, lock_timeout=args.lock_timeout)
+    state = gens.history(args.model_dir)
+    if args.json:
+        print(json.dumps({"generation": state.generation, "recovered": [vars(r) for r in done]}))
+    elif not done:
+        print(f"{args.model_dir}: nothing to recover (generation {state.generation})")
+    for r in done:
+        print(
+            f"undid interrupted generation {r.generation}: {r.records} run(s), "
+            f"{_mb(r.bytes)} restored in {', '.join(r.files) or 'no file'}"
+        )
+    if done and not args.json:
+        print(f"{args.model_dir} is at generation {state.generation}")
+    return 0
+
+
+def render_history(state: gens.State) -> str:
+    """The history as a table, newest first."""
+    lines = [
+        f"{'gen':>5}  {'committed':<19}  {'kind':<14}  {'changed':>12}  {'undo kept':>12}  "
+        f"{'files':>5}  {'tensors':>7}"
+    ]
+    for g in reversed(state.history):
+        kind = g.kind if g.rollback_to is None else f"rollback to {g.rollback_to}"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.time))
+        undo = _mb(g.undo_bytes) if g.undo else "-"
+        mark = "  <- current" if g.number == state.generation else ""
+        lines.append(
+            f"{g.number:>5}  {when:<19}  {kind:<14}  {_mb(g.bytes_changed):>12}  {undo:>12}  "
+            f"{len(g.files):>5}  {len(g.tensors):>7}{mark}"
+        )
+    lines.append(f"{0:>5}  {'(before the first sync)':<19}")
+    return "\n".join(lines)
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    state = gens.history(args.model_dir)
+    if args.json:
+        print(
+            json.dumps(
+                {"generation": state.generation, "history": [g.to_dict() for g in state.history]},
+                indent=2,
+            )
+        )
+    else:
+        print(render_history(state))
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    g = gens.rollback(args.model_dir, args.to, lock_timeout=args.lock_timeout)
+    print(
+        f"{args.model_dir}: rolled back to generation {args.to} as generation {g.number} "
+        f"({_mb(g.bytes_changed)} restored in {len(g.files)} file(s); "
+        f"`apollo-sync rollback --to {g.number - 1}` undoes it)"
+    )
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    dropped = gens.prune(
+        args.model_dir, keep=args.keep, max_bytes=args.undo_budget, lock_timeout=args.lock_timeout
+    )
+    print(
+        f"{args.model_dir}: dropped the undo data of generation(s) {dropped}"
+        if dropped
+        else f"{args.model_dir}: nothing to prune"
+    )
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -103,6 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and full listings")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def lock(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--lock-timeout",
+            type=float,
+            default=gens.DEFAULT_LOCK_TIMEOUT,
+            help="seconds to wait for another apollo-sync writing the same directory "
+            f"(default {gens.DEFAULT_LOCK_TIMEOUT:g})",
+        )
+
+    def retention(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--keep",
+            type=int,
+            default=gens.DEFAULT_KEEP,
+            help=f"generations whose undo data is kept (default {gens.DEFAULT_KEEP})",
+        )
+        sp.add_argument(
+            "--undo-budget",
+            type=int,
+            default=None,
+            help="bytes of undo data kept at most (default: a tenth of the model's size; "
+            "the newest generation's is always kept)",
+        )
 
     def source(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -141,7 +252,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="sync what matches and report live tensors with no file counterpart "
         "instead of refusing",
     )
+    s.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="skip the undo journal: faster, but a crash mid-sync can leave a mix of two "
+        "generations and there is no rollback past this sync",
+    )
+    s.add_argument(
+        "--private-copy",
+        action="store_true",
+        help="replace shards that are symlinks (a Hugging Face cache) or hard links by "
+        "private copies (reflinks where possible) instead of refusing",
+    )
+    retention(s)
+    lock(s)
     s.set_defaults(func=_cmd_sync)
+
+    r = sub.add_parser("recover", help="undo an interrupted sync or rollback")
+    r.add_argument("--model-dir", type=Path, required=True)
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    lock(r)
+    r.set_defaults(func=_cmd_recover)
+
+    h = sub.add_parser("history", help="list the committed generations")
+    h.add_argument("--model-dir", type=Path, required=True)
+    h.add_argument("--json", action="store_true", help="print the history as JSON")
+    h.set_defaults(func=_cmd_history)
+
+    b = sub.add_parser("rollback", help="restore the files to an earlier generation")
+    b.add_argument("--model-dir", type=Path, required=True)
+    b.add_argument("--to", type=int, required=True, help="the generation to restore")
+    lock(b)
+    b.set_defaults(func=_cmd_rollback)
+
+    q = sub.add_parser("prune", help="drop the undo data of old generations")
+    q.add_argument("--model-dir", type=Path, required=True)
+    retention(q)
+    lock(q)
+    q.set_defaults(func=_cmd_prune)
 
     d = sub.add_parser("diagnose", help="show how live names map onto the files")
     source(d)

@@ -308,7 +308,10 @@ impl UndoJournal {
         }
         let header_len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes")) as usize;
         if header_len < BODY_AT + 16 || header_len as u64 > file_len {
-            return Err(corrupt(path, format!("header length {header_len} out of range")));
+            return Err(corrupt(
+                path,
+                format!("header length {header_len} out of range"),
+            ));
         }
         let mut body = vec![0u8; header_len - BODY_AT];
         read(&mut body, BODY_AT as u64, "the header")?;
@@ -453,7 +456,10 @@ impl Shards {
                 let name = &j.shards[r.shard as usize];
                 if !open.contains_key(name) {
                     if name.contains('/') || name == ".." || name == "." {
-                        return Err(corrupt(j.path(), format!("shard name {name:?} is not a file name")));
+                        return Err(corrupt(
+                            j.path(),
+                            format!("shard name {name:?} is not a file name"),
+                        ));
                     }
                     let path = dir.join(name);
                     let len = std::fs::metadata(&path)
@@ -600,7 +606,8 @@ mod tests {
         let mut s = Syncer::new(vec![spec], opts).unwrap();
         let half = live.len() / 2;
         s.feed(&[Segment::mem(0, 0, &live[..half])]).unwrap();
-        s.feed(&[Segment::mem(0, half as u64, &live[half..])]).unwrap();
+        s.feed(&[Segment::mem(0, half as u64, &live[half..])])
+            .unwrap();
         s.finish().unwrap();
         path
     }
@@ -696,7 +703,10 @@ mod tests {
         let j1 = sync_gen(&p, &b, 1, HOLD);
         let j2 = sync_gen(&p, &c, 2, HOLD);
         assert_eq!(std::fs::read(&p).unwrap(), c);
-        let (u1, u2) = (UndoJournal::open(&j1).unwrap(), UndoJournal::open(&j2).unwrap());
+        let (u1, u2) = (
+            UndoJournal::open(&j1).unwrap(),
+            UndoJournal::open(&j2).unwrap(),
+        );
         let journals = [&u2, &u1];
         let log = UndoLog::new(dir.path().join("3.undo"), 3, shard_names(&journals));
         rollback(&journals, dir.path(), &log).unwrap();
@@ -720,7 +730,10 @@ mod tests {
         let journal = UndoJournal::open(&j).unwrap();
         let now = std::fs::read(&p).unwrap();
         std::fs::write(&p, &now[..60_000]).unwrap();
-        assert!(matches!(undo(&journal, dir.path()), Err(Error::Changed { .. })));
+        assert!(matches!(
+            undo(&journal, dir.path()),
+            Err(Error::Changed { .. })
+        ));
         assert_eq!(std::fs::read(&p).unwrap(), &now[..60_000]);
     }
 }

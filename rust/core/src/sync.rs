@@ -589,10 +589,13 @@ impl Syncer {
                         let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return;
                         };
-                        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            write_run(&self.shards[r.shard], r.offset, &r.data, &mut staging)
-                        }))
-                        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
+                        let written =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                write_run(&self.shards[r.shard], r.offset, &r.data, &mut staging)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(Error::Plan("a writer thread panicked".into()))
+                            });
                         if let Err(e) = written {
                             abort.store(true, Ordering::Relaxed);
                             failed
@@ -649,7 +652,14 @@ fn diff_job<'a>(
             blocks += r.len().div_ceil(block) as u64;
             let at = job.offset + (rel + r.start) as u64;
             let borrowed = mem.map(|m| &m[r.clone()]);
-            sink.emit(job.shard, shard, at, &disk[r.clone()], &chunk[r.clone()], borrowed)?;
+            sink.emit(
+                job.shard,
+                shard,
+                at,
+                &disk[r.clone()],
+                &chunk[r.clone()],
+                borrowed,
+            )?;
         }
         rel += n;
     }
@@ -929,8 +939,7 @@ mod tests {
                     block_size: block,
                     ..Options::default()
                 };
-                let (after, rep, _) =
-                    run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
+                let (after, rep, _) = run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
                 assert_eq!(after, live, "block {block} from_file {from_file}");
                 assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &live, block));
                 assert_eq!(

@@ -1,0 +1,434 @@
+"""Crash safety and generations: the undo journal, recovery, history, rollback,
+pruning, the lock, shards that must not be written in place, step counters.
+
+Crashes are real: a child process runs the sync and is killed with SIGKILL at a
+chosen instant (the fault points of the core and of the Python package), or at
+a random time. Recovery must then bring every shard back to exactly the last
+committed generation: the old files in full, or the new ones in full, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import apollo_sync
+from apollo_sync import journal as gens
+from apollo_sync.errors import (
+    JournalError,
+    LayoutError,
+    LockedError,
+    RollbackError,
+    TornSyncError,
+    UnsafeShardError,
+)
+from apollo_sync.steps import StepCounter
+from conftest import dir_digest, randn, write_model
+
+Factory = Callable[..., Path]
+
+
+def shards_digest(root: Path) -> dict[str, str]:
+    """sha256 of every shard (the checkpoint, without .apollo_sync/)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.glob("*.safetensors"))
+    }
+
+
+def base(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {
+        f"model.layers.{i}.mlp.weight": randn(256, 512, dtype=torch.bfloat16, seed=seed + i)
+        for i in range(6)
+    } | {"model.norm.weight": randn(512, dtype=torch.float32, seed=seed + 99)}
+
+
+def step(tensors: dict[str, torch.Tensor], seed: int, fraction: float = 0.01) -> None:
+    """Changes about ``fraction`` of the elements of every tensor, in place."""
+    g = torch.Generator().manual_seed(seed)
+    for t in tensors.values():
+        flat = t.view(-1)
+        idx = torch.randint(0, flat.numel(), (max(1, int(flat.numel() * fraction)),), generator=g)
+        flat[idx] += 1
+
+
+# --- generations, history, rollback ------------------------------------------------------
+
+
+def test_syncs_make_generations_and_rollback_restores_each_exactly(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live, shards=2)
+    snapshots = {0: shards_digest(root)}
+    for n in (1, 2, 3):
+        step(live, seed=n)  # rewrites most blocks: more than the default undo budget
+        r = apollo_sync.sync(root, live, undo_budget=1 << 30)
+        assert r.generation == n and r.bytes_journaled == r.total_changed > 0
+        snapshots[n] = shards_digest(root)
+    assert apollo_sync.sync(root, live).generation is None  # nothing changed: no generation
+    state = gens.history(root)
+    assert state.generation == 3 and [g.number for g in state.history] == [1, 2, 3]
+    assert all(g.undo and g.tensors and g.files for g in state.history)
+
+    g = gens.rollback(root, 1)
+    assert (g.number, g.kind, g.rollback_to) == (4, "rollback", 1)
+    assert shards_digest(root) == snapshots[1]
+    gens.rollback(root, 3)  # a rollback is a generation like any other: undo it
+    assert shards_digest(root) == snapshots[3]
+    gens.rollback(root, 0)
+    assert shards_digest(root) == snapshots[0]
+    for name, t in load_file(str(root / "model-00001-of-00002.safetensors")).items():
+        assert torch.equal(t.view(torch.uint8), base()[name].view(torch.uint8))
+    with pytest.raises(RollbackError, match="current generation is 6"):
+        gens.rollback(root, 6)
+
+
+def test_the_journal_records_exactly_the_tensors_touched(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    live["model.layers.3.mlp.weight"][7, 9] += 1
+    apollo_sync.sync(root, live)
+    assert gens.history(root).history[0].tensors == ["model.layers.3.mlp.weight"]
+
+
+def test_pruning_keeps_the_newest_and_refuses_rollback_past_them(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    for n in range(1, 6):
+        step(live, seed=n)
+        apollo_sync.sync(root, live, keep=2, undo_budget=1 << 30)
+    layout = gens.Layout(root)
+    assert sorted(layout.journals()) == [4, 5]
+    state = gens.history(root)
+    assert [g.undo for g in state.history] == [False, False, False, True, True]
+    with pytest.raises(RollbackError, match=r"generation\(s\) 3 is gone"):
+        gens.rollback(root, 2)
+    gens.rollback(root, 3)  # within what is kept
+    # A byte budget smaller than one generation keeps only the newest.
+    assert gens.prune(root, keep=100, max_bytes=1) == [4, 5]
+    assert sorted(layout.journals()) == [6]
+
+
+def test_without_a_journal_the_generation_cannot_be_rolled_back(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    step(live, seed=1)
+    r = apollo_sync.sync(root, live, journal=False)
+    assert r.generation == 1 and r.bytes_journaled == 0
+    assert not gens.Layout(root).journals()
+    with pytest.raises(RollbackError, match="synced without a journal"):
+        gens.rollback(root, 0)
+
+
+# --- the lock ----------------------------------------------------------------------------
+
+
+def test_a_second_writer_waits_then_gives_up_with_a_clear_message(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    step(live, seed=1)
+    before = shards_digest(root)
+    with gens.ModelLock(root), pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+        apollo_sync.sync(root, live, lock_timeout=0.2)
+    assert shards_digest(root) == before
+    assert apollo_sync.sync(root, live).generation == 1
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from apollo_sync.journal import ModelLock\n"
+            "with ModelLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with pytest.raises(LockedError):
+        apollo_sync.recover(root, lock_timeout=0.1)
+    holder.send_signal(signal.SIGKILL)
+    holder.communicate()
+    step(live, seed=1)
+    assert apollo_sync.sync(root, live, lock_timeout=5).generation == 1
+
+
+# --- files that must not be written in place ---------------------------------------------
+
+
+def test_symlinked_and_hard_linked_shards_are_refused_or_copied(tmp_path: Path) -> None:
+    live = base()
+    blobs = write_model(tmp_path / "blobs", live, shards=2)
+    root = tmp_path / "snapshot"
+    root.mkdir()
+    shutil.copy(blobs / "model.safetensors.index.json", root)
+    os.symlink(
+        blobs / "model-00001-of-00002.safetensors", root / "model-00001-of-00002.safetensors"
+    )
+    os.link(blobs / "model-00002-of-00002.safetensors", root / "model-00002-of-00002.safetensors")
+    cache = dir_digest(blobs)
+    step(live, seed=1)
+    with pytest.raises(UnsafeShardError, match="symlink.*hard link"):
+        apollo_sync.sync(root, live)
+    assert dir_digest(blobs) == cache
+    assert not (root / ".apollo_sync").exists()
+
+    r = apollo_sync.sync(root, live, private_copy=True)
+    assert r.total_changed > 0
+    assert dir_digest(blobs) == cache  # the cache's copies are untouched
+    for p in root.glob("*.safetensors"):
+        assert not p.is_symlink() and p.stat().st_nlink == 1
+    assert apollo_sync.sync(root, live).total_changed == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_a_read_only_shard_is_refused_before_anything_is_written(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    (root / "model.safetensors").chmod(0o444)
+    step(live, seed=1)
+    digest = dir_digest(root)
+    with pytest.raises(UnsafeShardError, match="not writable"):
+        apollo_sync.sync(root, live)
+    assert shards_digest(root) == {k: v for k, v in digest.items() if "/" not in k}
+
+
+# --- crashes -----------------------------------------------------------------------------
+
+CHILD = """
+import json, sys
+from safetensors.torch import load_file
+import apollo_sync
+from apollo_sync import journal
+root, live_path, op = sys.argv[1], sys.argv[2], sys.argv[3]
+live = load_file(live_path)
+print("ready", flush=True)
+if op == "sync":
+    apollo_sync.sync(root, live, keep=int(sys.argv[4]))
+else:
+    journal.rollback(root, int(op.split(":")[1]))
+print("done", flush=True)
+"""
+
+
+def run_child(
+    root: Path, live_path: Path, op: str = "sync", env: dict[str, str] | None = None, keep: int = 20
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), str(live_path), op, str(keep)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def crash_case(tmp_path: Path) -> tuple[Path, Path, dict[str, str], dict[str, str]]:
+    """A committed generation 1 (the "old" files) and live tensors for a second
+    sync that changes several runs in both shards (the "new" files)."""
+    live = base()
+    root = write_model(tmp_path / "model", live, shards=2)
+    step(live, seed=1)
+    apollo_sync.sync(root, live)
+    old = shards_digest(root)
+    step(live, seed=2, fraction=0.0005)
+    live_path = tmp_path / "live.safetensors"
+    save_file(live, str(live_path))
+    new_root = write_model(tmp_path / "expected", live, shards=2)
+    return root, live_path, old, shards_digest(new_root)
+
+
+KILL_POINTS = [
+    "journal:1",
+    "journal:5",
+    "barrier:1",
+    "write:1",
+    "write:4",
+    "write:12",
+    "fsync:1",
+    "fsync:2",
+    "commit:1",
+    "prune:1",
+]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_kill_at_any_point_recovers_to_one_generation(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str
+) -> None:
+    root, live_path, old, new = crash_case
+    keep = 1 if point.startswith("prune") else 20  # so the sync prunes
+    p = run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": point}, keep=keep)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    apollo_sync.recover(root)
+    committed = gens.history(root).generation
+    if point.startswith("prune"):  # after the commit
+        assert shards_digest(root) == new and committed == 2
+    else:
+        assert shards_digest(root) == old and committed == 1
+    assert max(gens.Layout(root).journals()) == committed  # no uncommitted journal left
+    # and the next sync completes the job
+    assert run_child(root, live_path).returncode == 0
+    assert shards_digest(root) == new
+
+
+def test_kills_at_random_instants_never_leave_a_mix(tmp_path: Path) -> None:
+    live = {f"w{i}": randn(1024, 2048, dtype=torch.float16, seed=i) for i in range(8)}  # 32 MB
+    template = write_model(tmp_path / "template", live, shards=4)
+    old = shards_digest(template)
+    step(live, seed=7, fraction=0.02)
+    live_path = tmp_path / "live.safetensors"
+    save_file(live, str(live_path))
+    new = shards_digest(write_model(tmp_path / "expected", live, shards=4))
+    rng = random.Random(0)
+    outcomes = {"old": 0, "new": 0}
+    tried = 16
+    for i in range(tried):
+        root = tmp_path / f"run{i}"
+        shutil.copytree(template, root)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(root), str(live_path), "sync", "20"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # the sync itself takes tens of milliseconds: kill within (or just after) it
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.15))
+        child.send_signal(signal.SIGKILL)
+        child.communicate()
+        apollo_sync.recover(root)
+        got = shards_digest(root)
+        assert got in (old, new), f"kill {i}: a mix of two generations"
+        outcomes["old" if got == old else "new"] += 1
+    print(f"random kills: {tried} tried, recovered to old {outcomes['old']}, new {outcomes['new']}")
+
+
+@pytest.mark.parametrize("point", ["journal:2", "barrier:1", "undo:1", "undo:3", "fsync:1"])
+def test_a_kill_during_rollback_recovers_to_the_generation_before_it(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str
+) -> None:
+    root, live_path, _, new = crash_case
+    assert run_child(root, live_path).returncode == 0  # generation 2
+    p = run_child(root, live_path, op="rollback:1", env={"APOLLO_SYNC_CRASH_AT": point})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    apollo_sync.recover(root)
+    assert shards_digest(root) == new and gens.history(root).generation == 2
+
+
+@pytest.mark.parametrize(
+    ("point", "errno_"),
+    [("journal:3", 28), ("barrier:1", 5), ("write:2", 28), ("write:7", 5), ("fsync:1", 5)],
+)
+def test_enospc_and_eio_leave_the_last_generation(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str, errno_: int
+) -> None:
+    root, live_path, old, _ = crash_case
+    p = run_child(root, live_path, env={"APOLLO_SYNC_FAIL_AT": f"{point}:{errno_}"})
+    assert p.returncode == 1
+    assert os.strerror(errno_) in p.stderr
+    assert shards_digest(root) == old  # put back at once, not left for recovery
+    assert gens.history(root).generation == 1
+    assert sorted(gens.Layout(root).journals()) == [1]
+
+
+def test_a_damaged_journal_is_reported_and_nothing_applied(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
+) -> None:
+    root, live_path, old, _ = crash_case
+    p = run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": "write:3"})
+    assert p.returncode == -signal.SIGKILL
+    journal = gens.Layout(root).undo_path(2)
+    raw = bytearray(journal.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    journal.write_bytes(bytes(raw))
+    torn = shards_digest(root)
+    assert torn != old
+    with pytest.raises(JournalError, match="checksum mismatch"):
+        apollo_sync.recover(root)
+    assert shards_digest(root) == torn  # not half-applied
+    with pytest.raises(JournalError):  # and no sync goes on top of it
+        apollo_sync.sync(root, load_file(str(live_path)))
+
+
+def test_the_cli_recovers_lists_history_and_rolls_back(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
+) -> None:
+    root, live_path, old, _ = crash_case
+    run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": "write:2"})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "apollo_sync", *args, "--model-dir", str(root)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    assert "undid interrupted generation 2" in cli("recover").stdout
+    assert shards_digest(root) == old
+    table = cli("history").stdout
+    assert "<- current" in table and "(before the first sync)" in table
+    assert json.loads(cli("history", "--json").stdout)["generation"] == 1
+    assert "rolled back to generation 0 as generation 2" in cli("rollback", "--to", "0").stdout
+
+
+# --- a generation is one training step ---------------------------------------------------
+
+
+def test_a_sync_during_training_steps_is_redone_or_refused(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    counter = StepCounter.create()
+    try:
+        step(live, seed=1)
+        before = shards_digest(root)
+        stop = threading.Event()
+
+        def train() -> None:  # steps as fast as it can, all the time
+            while not stop.is_set():
+                with counter.step(cuda_sync=False):
+                    pass
+
+        t = threading.Thread(target=train)
+        t.start()
+        try:
+            with pytest.raises(TornSyncError, match="stepped during each of 3 tries"):
+                apollo_sync.sync(root, live, step_counter=counter, step_retries=2)
+        finally:
+            stop.set()
+            t.join()
+        assert shards_digest(root) == before and gens.history(root).generation == 0
+        r = apollo_sync.sync(root, live, step_counter=counter)
+        assert r.generation == 1 and r.retries == 0
+    finally:
+        counter.close()
+        counter.unlink()
+
+
+def test_bad_input_still_changes_nothing_and_creates_no_state(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    live["model.norm.weight"] = randn(7, dtype=torch.float32)
+    digest = dir_digest(root)
+    with pytest.raises(LayoutError):
+        apollo_sync.sync(root, live)
+    assert dir_digest(root) == digest and not (root / ".apollo_sync").exists()
