@@ -9,7 +9,9 @@ What it measures (all on the same data, files page-cached and already flushed):
   thread per core; the GIL is released by ``preadv`` and by ``memcmp`` via ctypes);
 * ``apollo_sync.sync`` over read-only mmaps of the live tensors (zero copy), in a
   child process: wall time of the call, bytes changed / written, device bytes
-  (``ru_oublock``), peak anonymous memory (``RssAnon`` sampled by the parent);
+  (``ru_oublock``), peak anonymous memory (``RssAnon`` sampled by the parent); with
+  the undo journal (the default) and without it (``journal=False``), to measure
+  what crash safety costs;
 * the seed script (``/work/shared/seeds/checkpoint_sync.py``), given a handles file
   whose handles map the same live files with ``torch.from_file``: the call timed
   in a child that imports it, and the CLI's wall time as a subprocess;
@@ -236,6 +238,8 @@ def restore(model_dir: Path, pristine: Path, shards: list[str]) -> None:
     """Puts back the pristine shards, warms the page cache and flushes everything."""
     for f in shards:
         shutil.copyfile(pristine / f, model_dir / f)
+    # the files were replaced behind apollo_sync's back: its generations no longer apply
+    shutil.rmtree(model_dir / ".apollo_sync", ignore_errors=True)
     os.sync()
     read_all([model_dir / f for f in shards])
     os.sync()
@@ -400,7 +404,7 @@ def _write_result(obj: dict[str, Any]) -> None:
 
 def child_apollo(spec: dict[str, Any]) -> None:
     import apollo_sync
-    from apollo_sync.live import LiveTensor
+    from apollo_sync.live import LiveTensor, OpenFile
 
     # Prefaulted: the live mappings are populated before the clock starts, as a live
     # process's own tensors would be. Otherwise the live bytes are another process's
@@ -414,11 +418,18 @@ def child_apollo(spec: dict[str, Any]) -> None:
         mm = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
         src = np.frombuffer(mm, dtype=np.uint8)
         tensors[t["name"]] = LiveTensor(
-            t["name"], t["dtype"], tuple(t["shape"]), src, 0, file=None if populate else (fd, 0)
+            t["name"],
+            t["dtype"],
+            tuple(t["shape"]),
+            src,
+            0,
+            file=None if populate else (OpenFile(fd), 0),
         )
     anon_before = rss_anon_kb(os.getpid())
     t0 = time.perf_counter()
-    r = apollo_sync.sync(spec["model_dir"], tensors=tensors, block_size=BLOCK)
+    r = apollo_sync.sync(
+        spec["model_dir"], tensors=tensors, block_size=BLOCK, journal=spec.get("journal", True)
+    )
     secs = time.perf_counter() - t0
     _write_result(
         {
@@ -527,10 +538,12 @@ def main() -> int:
     ap.add_argument("--_child", choices=["apollo", "seed", "rewrite"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_populate", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_no_journal", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         spec = json.loads(args._spec.read_text())
         spec["populate"] = args._populate
+        spec["journal"] = not args._no_journal
         {"apollo": child_apollo, "seed": child_seed, "rewrite": child_rewrite}[args._child](spec)
         return 0
 
@@ -583,6 +596,8 @@ def main() -> int:
         for name, argv in [
             ("apollo_sync", [*me, "apollo"]),
             ("apollo (prefault)", [*me, "apollo", "--_populate"]),
+            ("apollo, no journal", [*me, "apollo", "--_no_journal"]),
+            ("prefault, no journal", [*me, "apollo", "--_populate", "--_no_journal"]),
             ("seed (call)", [*me, "seed"]),
             ("seed (CLI)", seed_cli),
             ("full rewrite", [*me, "rewrite"]),
@@ -602,7 +617,7 @@ def main() -> int:
         for name, r in runs.items():
             c = r["child"]
             secs = r["wall_s"] if name == "seed (CLI)" else c.get("call_s", float("nan"))
-            if name.startswith("apollo"):
+            if "bytes_written" in c:  # the apollo_sync rows
                 chg, wr, dev = c["total_changed"], c["bytes_written"], r["device_bytes"]
             elif name.startswith("seed"):
                 chg = c.get("total_changed")
@@ -639,7 +654,7 @@ def main() -> int:
         )
 
         hdr = (
-            f"{'contender':<17} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
+            f"{'contender':<20} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
             f"{'device':>10} {'x seed':>7} {'/limit':>7} {'stale':>6}"
         )
         print()
@@ -652,7 +667,7 @@ def main() -> int:
         for row in rows:
             stale = "-" if row["stale_tensors_after"] is None else row["stale_tensors_after"]
             print(
-                f"{row['contender']:<17} {row['seconds']:>8.3f} {row['gbps']:>6.2f} "
+                f"{row['contender']:<20} {row['seconds']:>8.3f} {row['gbps']:>6.2f} "
                 f"{fmt_bytes(row['bytes_changed']):>10} {fmt_bytes(row['bytes_written']):>10} "
                 f"{fmt_bytes(row['device_bytes']):>10} {row['x_vs_seed']:>7.2f} "
                 f"{row['frac_of_limit']:>7.2f} {stale:>6}"
