@@ -15,22 +15,26 @@ from apollo_sync.errors import (
     ModelDirError,
     PlanError,
     ProducerGoneError,
+    RefusedError,
     ShardChangedError,
     SyncIOError,
     UnsafeHandlesError,
 )
 from apollo_sync.handles import Handles, default_handles_path, export_handles, load_handles
-from apollo_sync.layouts import MERGED_RULES, PREFIX_RULES, map_tensors
+from apollo_sync.hf_views import HFViews, hf_views
+from apollo_sync.layouts import EXPERT_RULES, MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
 
 __all__ = [
+    "EXPERT_RULES",
     "MERGED_RULES",
     "PREFIX_RULES",
     "ApolloSyncError",
     "DiskTensor",
     "FileResult",
+    "HFViews",
     "Handles",
     "HandlesError",
     "HeaderError",
@@ -40,6 +44,7 @@ __all__ = [
     "ModelDirError",
     "PlanError",
     "ProducerGoneError",
+    "RefusedError",
     "ShardChangedError",
     "SyncIOError",
     "SyncResult",
@@ -49,6 +54,7 @@ __all__ = [
     "default_handles_path",
     "export_handles",
     "from_torch",
+    "hf_views",
     "load_handles",
     "map_tensors",
     "plan",

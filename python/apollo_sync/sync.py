@@ -20,12 +20,14 @@ from typing import Any
 import torch
 
 from apollo_sync._core import Syncer
-from apollo_sync.errors import HandlesError, LayoutError
+from apollo_sync.errors import HandlesError, LayoutError, RefusedError
 from apollo_sync.handles import Handles, load_handles
-from apollo_sync.layouts import LayoutMap, map_tensors
+from apollo_sync.layouts import LayoutMap, map_tensors, tied_embeddings
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
+from apollo_sync.refusals import check_producer
 from apollo_sync.stream import Placement, stream_into
+from apollo_sync.upcast import resolve
 
 DEFAULT_BLOCK_SIZE = 4096
 
@@ -99,12 +101,13 @@ def plan(
     Raises :class:`LayoutError` listing every problem, unless ``allow_unmatched``
     and the only problems are names that match nothing on disk.
     """
-    mapping = map_tensors(live, model_dir.tensors)
+    mapping = map_tensors(live, model_dir.tensors, tied=tied_embeddings(model_dir.path))
     fatal = [p for p in mapping.problems if not (allow_unmatched and p.kind == "unmatched")]
     if fatal:
         lines = [f"  {p.live_name}: {p.detail}" for p in fatal[:20]]
         more = f"\n  ... and {len(fatal) - 20} more" if len(fatal) > 20 else ""
-        raise LayoutError(
+        refused = any(p.kind == "refused" for p in fatal)
+        raise (RefusedError if refused else LayoutError)(
             f"{len(fatal)} live tensor(s) cannot be synced to {model_dir.path} "
             f"(nothing was written):\n"
             + "\n".join(lines)
@@ -112,7 +115,10 @@ def plan(
             + "\n(run `apollo-sync diagnose` for the full picture)"
         )
     placements = sorted(
-        (Placement(m.disk.shard, m.disk.start, m.live) for m in mapping.matches),
+        (
+            Placement(m.disk.shard, m.disk.start, resolve(m, model_dir).live)
+            for m in mapping.matches
+        ),
         key=lambda p: (p.shard, p.offset),
     )
     return mapping, placements
@@ -144,6 +150,7 @@ def sync(
         if tensors is None:
             opened = handles if isinstance(handles, Handles) else load_handles(handles)
             live: dict[str, LiveTensor] = dict(opened.tensors)
+            check_producer(opened.metadata, str(opened.path))
             if model_dir is None:
                 model_dir = opened.metadata.get("model_path")
                 if not isinstance(model_dir, str):
