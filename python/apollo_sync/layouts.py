@@ -569,3 +569,71 @@ def _moe_hint(rows: int, cols: int, disk_rows: int, d: DiskTensor | None) -> str
     if rows and disk_rows % rows == 0 and disk_rows > rows:
         return " (a tensor-parallel shard? only tensor-parallel size 1 is supported)"
     return ""
+
+
+def explain(live_name: str, disk: Mapping[str, DiskTensor]) -> list[str]:
+    """Why ``live_name`` matched nothing, rule by rule: which prefix and layout rules
+    apply to it and which of the names they need are on disk, or, when no rule
+    gets near, the most similar names on disk and the prefix rule that would
+    have mapped the live name onto them."""
+    lines: list[str] = []
+    best: tuple[int, str] | None = None
+    for name, label in candidate_names(live_name):
+        needs: list[tuple[str, list[str]]] = [("as is", [name])]
+        for rule, parts in _split_candidates(name):
+            needs.append((f"merged {rule.fused} -> {'+'.join(rule.parts)}", parts))
+        for erule in EXPERT_RULES:
+            base = _expert_base(name, erule)
+            if base is not None:
+                needs.append((f"experts.{erule.fused} -> fused", [base + erule.hf_fused]))
+                per = [f"{base}0.{p}.weight" for p in erule.parts]
+                needs.append((f"experts.{erule.fused} -> experts.N.{'+'.join(erule.parts)}", per))
+        for what, names in needs:
+            have = [n for n in names if n in disk]
+            if have and (best is None or len(have) > best[0]):
+                missing = [n for n in names if n not in disk]
+                best = (
+                    len(have),
+                    f"{label}; {what}: on disk {', '.join(have)}; missing {', '.join(missing)}",
+                )
+    if best is not None:
+        lines.append(f"nearest rule: {best[1]}")
+        return lines
+    lines.append("no rule gets near: " + _rules_tried(live_name))
+    close = _similar(live_name, disk)
+    for d in close:
+        lines.append(f"similar on disk: {d!r}" + _prefix_hint(live_name, d))
+    if not close:
+        lines.append("nothing similar on disk (a tensor the checkpoint does not have?)")
+    return lines
+
+
+def _rules_tried(live_name: str) -> str:
+    rules = [r for r in PREFIX_RULES if live_name.startswith(r.live)]
+    return "; ".join(
+        f"prefix {r.live or '(none)'} -> {' | '.join(d or '(none)' for d in r.disk)}" for r in rules
+    )
+
+
+def _similar(live_name: str, disk: Mapping[str, DiskTensor], n: int = 3) -> list[str]:
+    import difflib
+
+    tail = live_name.split(".")[-3:]
+    pool = [d for d in disk if d.split(".")[-3:] == tail] or list(disk)
+    return difflib.get_close_matches(live_name, pool, n=n, cutoff=0.5)
+
+
+def _prefix_hint(live_name: str, disk_name: str) -> str:
+    """The prefix pair that would map ``live_name`` onto ``disk_name``, if the rest agrees."""
+    a, b = live_name.split("."), disk_name.split(".")
+    k = 0
+    while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k]:
+        k += 1
+    if k == 0:
+        return ""
+    live_pre = ".".join(a[: len(a) - k])
+    disk_pre = ".".join(b[: len(b) - k])
+    return (
+        f" (the same after the prefix; a rule {live_pre + '.' if live_pre else '(none)'} -> "
+        f"{disk_pre + '.' if disk_pre else '(none)'} would match it)"
+    )
