@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from apollo_sync import LayoutError, ModelDir, RefusedError, from_torch, map_tensors, sync
+from apollo_sync.layouts import refusal
 from apollo_sync.refusals import check_producer, producer_refusals
 from conftest import dir_digest, randn
 
@@ -392,6 +393,25 @@ def test_quantized_and_lora_refused_before_writing(
     with pytest.raises(RefusedError, match=match):
         sync(root, {"model.layers.0.mlp.down_proj.weight": randn(8, 16, seed=5), **live})
     assert dir_digest(root) == digest
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["w13_weight_scale", "w2_qweight", "input_scale", "weight_scale_inv", "k_scale", "g_idx"],
+)
+def test_quantization_names_are_refused(name: str) -> None:
+    assert "quantization parameter" in (refusal(f"model.layers.0.mlp.{name}") or "")
+
+
+def test_float_parameters_named_like_scales_still_sync(model_factory: Factory) -> None:
+    hf = {"vision.blocks.0.layer_scale": randn(8), "model.layers.0.attn.scale_emb": randn(8)}
+    root = model_factory(hf)
+    live = {k: v + 1 for k, v in hf.items()}
+    assert refusal("vision.blocks.0.layer_scale") is None
+    r = sync(root, live)
+    assert r.tensors_synced == 2
+    got = load_file(root / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in live.items())
 
 
 def test_tensor_parallel_shard_is_explained(model_factory: Factory) -> None:

@@ -142,8 +142,21 @@ def to_vllm(hf: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_train_on_views_sync_and_reload(tmp_path: Path, arch: str) -> None:
+def test_train_on_views_sync_and_reload(tmp_path: Path, arch: str, device: str) -> None:
     cfg = CONFIGS[arch]
     torch.manual_seed(0)
     saved = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -153,7 +166,7 @@ def test_train_on_views_sync_and_reload(tmp_path: Path, arch: str) -> None:
         store_fp32(root, FP32_IN_CHECKPOINT)
     before = read_dir(root)
     assert len(list(root.glob("*.safetensors"))) > 1
-    live = to_vllm(before, arch)
+    live = {k: v.to(device) for k, v in to_vllm(before, arch).items()}
     assert not any("lm_head" in n for n in live) or not cfg.tie_word_embeddings
 
     # the training worker: a transformers model whose parameters are views into vLLM's
@@ -162,7 +175,7 @@ def test_train_on_views_sync_and_reload(tmp_path: Path, arch: str) -> None:
         assert sorted(views.dtype_differs) == sorted(
             n for n in before if n.endswith(FP32_IN_CHECKPOINT)
         )
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device)
     missing, unexpected = model.load_state_dict(views, strict=False, assign=True)
     assert not unexpected
     assert set(missing) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
@@ -182,7 +195,7 @@ def test_train_on_views_sync_and_reload(tmp_path: Path, arch: str) -> None:
     g = torch.Generator().manual_seed(1)
     model.train()
     for _ in range(3):
-        ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+        ids = torch.randint(0, VOCAB, (2, 12), generator=g).to(device)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -205,12 +218,13 @@ def test_train_on_views_sync_and_reload(tmp_path: Path, arch: str) -> None:
     for n in frozen:  # a float32 tensor training did not change keeps its bits
         assert torch.equal(after[n].view(torch.int32), before[n].view(torch.int32))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.bfloat16)
+    reloaded = reloaded.to(device)
     trained = model.state_dict()
     for name, t in reloaded.state_dict().items():
         assert torch.equal(t, trained[name]), name
     model.eval()
     reloaded.eval()
-    ids = torch.randint(0, VOCAB, (2, 16), generator=g)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=g).to(device)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     again = sync(root, live)

@@ -42,7 +42,9 @@ differs from the file, is reported by name (and is an error for a sync).
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from math import prod
@@ -78,20 +80,17 @@ _PACKED_DTYPES: frozenset[str] = frozenset(
 _FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16"})
 
 #: Last name components that only quantized layers have (vLLM's fp8, GPTQ, AWQ,
-#: Marlin, compressed-tensors and bitsandbytes parameters).
-_QUANT_NAMES: frozenset[str] = frozenset(
-    {"qweight", "qzeros", "scales", "g_idx", "g_idx_sort_indices", "workspace", "weight_packed"}
-)
-_QUANT_SUFFIXES: tuple[str, ...] = (
-    "_scale",
-    "_scale_inv",
-    "_scale_2",
-    "_zero_point",
-    "_qweight",
-    "_qzeros",
-    "_g_idx",
-    "_packed",
-    "_shape",
+#: Marlin, compressed-tensors, ModelOpt and bitsandbytes parameters, fused-MoE
+#: variants such as ``w13_weight_scale`` or ``w2_qweight`` included). Anchored on
+#: the quantization vocabulary so that an ordinary float parameter such as a
+#: vision tower's ``layer_scale`` is not mistaken for one.
+_QUANT_NAME = re.compile(
+    r"^(?:w13_|w2_|w1_|w3_)?(?:"
+    r"(?:weight|input|output|k|v|q|prob|bias)_(?:global_)?scale(?:_inv|_2)?"
+    r"|(?:weight|input)_zero_point"
+    r"|qweight|qzeros|scales|g_idx|g_idx_sort_indices|workspace"
+    r"|weight_packed|weight_shape|weight_g_idx"
+    r")$"
 )
 _LORA_MARKERS: tuple[str, ...] = ("lora_a", "lora_b", "lora_embedding")
 
@@ -225,12 +224,11 @@ def _expert_base(name: str, rule: ExpertRule) -> str | None:
     return None
 
 
-def refusal(live_name: str, t: LiveTensor) -> str | None:
+def refusal(live_name: str) -> str | None:
     """Why a live tensor cannot be written back byte for byte by its name alone
     (quantization parameters, LoRA wrappers), or None."""
     comps = live_name.split(".")
-    last = comps[-2] if comps[-1] in ("weight", "bias") and len(comps) > 1 else comps[-1]
-    if comps[-1] in _QUANT_NAMES or last in _QUANT_NAMES or comps[-1].endswith(_QUANT_SUFFIXES):
+    if _QUANT_NAME.match(comps[-1]):
         return (
             f"a quantization parameter ({comps[-1]!r}): the live model is quantized or "
             "repacked (fp8 with rescaled scales, GPTQ/AWQ/Marlin), so its weights are not "
@@ -370,7 +368,7 @@ def _all_zero(t: LiveTensor) -> bool:
 def _match_one(
     live_name: str, t: LiveTensor, disk: Mapping[str, DiskTensor]
 ) -> list[Match] | Problem:
-    why = refusal(live_name, t)
+    why = refusal(live_name)
     if why is not None:
         return Problem(live_name, "refused", why)
     tried: list[str] = []
@@ -616,8 +614,6 @@ def _rules_tried(live_name: str) -> str:
 
 
 def _similar(live_name: str, disk: Mapping[str, DiskTensor], n: int = 3) -> list[str]:
-    import difflib
-
     tail = live_name.split(".")[-3:]
     pool = [d for d in disk if d.split(".")[-3:] == tail] or list(disk)
     return difflib.get_close_matches(live_name, pool, n=n, cutoff=0.5)
