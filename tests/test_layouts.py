@@ -108,6 +108,21 @@ def test_fused_tensor_on_disk_passes_through(model_factory: Factory) -> None:
     )
 
 
+@pytest.mark.parametrize("fused", ["in_proj_qkvz", "in_proj"])
+def test_gdn_projection_folded_with_b_and_a(model_factory: Factory, fused: str) -> None:
+    hf = hf_layer("model.")
+    root = model_factory(hf)
+    p = "model.layers.0.linear_attn."
+    parts = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
+    live = torch.cat([hf[p + f"{x}.weight"] for x in parts])
+    live[-1] += 1  # the last row of a
+    r = sync(root, {p + f"{fused}.weight": live})
+    assert r.tensors_synced == 4
+    got = load_file(root / "model.safetensors")
+    assert torch.equal(got[p + "in_proj_a.weight"], live[-6:])
+    assert torch.equal(got[p + "in_proj_qkv.weight"], live[:64])
+
+
 def test_lm_head_prefix(model_factory: Factory) -> None:
     root = model_factory({"lm_head.weight": randn(10, 4)})
     live = {"language_model.lm_head.weight": randn(10, 4, seed=3)}

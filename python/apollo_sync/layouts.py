@@ -8,9 +8,12 @@ Small tables drive it, each checked against vLLM's and transformers' sources:
   multimodal checkpoints and ``model.X`` in text-only ones.
 * :data:`MERGED_RULES`: a fused module and the modules it concatenates along
   the first dimension (vLLM's ``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up;
-  Qwen3.5's ``in_proj_qkvz`` = qkv, z and ``in_proj_ba`` = b, a). Row counts come
-  from the headers of the parts on disk and must add up to the live tensor's rows
-  (so the gated q block of Qwen3.5, twice the head dim, needs no special case).
+  Qwen3.5's ``in_proj_qkvz`` = qkv, z and ``in_proj_ba`` = b, a, or, in builds
+  that fold them together, ``in_proj_qkvz`` / ``in_proj`` = qkv, z, b, a). Row
+  counts come from the headers of the parts on disk and must add up to the live
+  tensor's rows; where several rules share a fused name, the first whose rows add
+  up wins (so the gated q block of Qwen3.5, twice the head dim, needs no special
+  case either).
   Where the checkpoint stores the fused tensor itself (Qwen3-Next's
   ``in_proj_qkvz``), it passes through unsplit.
 * :data:`EXPERT_RULES`: vLLM's fused MoE parameters (``experts.w13_weight``
@@ -127,6 +130,9 @@ MERGED_RULES: tuple[MergedRule, ...] = (
     MergedRule("gate_up_proj", ("gate_proj", "up_proj")),
     MergedRule("in_proj_qkvz", ("in_proj_qkv", "in_proj_z")),
     MergedRule("in_proj_ba", ("in_proj_b", "in_proj_a")),
+    # vLLM builds that fold b and a into the GDN input projection too
+    MergedRule("in_proj_qkvz", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
+    MergedRule("in_proj", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
 )
 
 EXPERT_RULES: tuple[ExpertRule, ...] = (
@@ -372,13 +378,20 @@ def _match_one(
     if why is not None:
         return Problem(live_name, "refused", why)
     tried: list[str] = []
+    rows_off: Problem | None = None
     for name, label in candidate_names(live_name):
         if name in disk:
             return _direct(t, disk[name], label, live_name)
         for rule, parts in _split_candidates(name):
             if all(p in disk for p in parts):
-                return _split(t, rule, [disk[p] for p in parts], label)
+                split = _split(t, rule, [disk[p] for p in parts], label)
+                if not (isinstance(split, Problem) and split.kind == "split"):
+                    return split
+                # rows do not add up: another rule for the same fused name may fit
+                rows_off = rows_off or split
             tried.extend(parts)
+        if rows_off is not None:
+            return rows_off
         for erule in EXPERT_RULES:
             base = _expert_base(name, erule)
             if base is None:
