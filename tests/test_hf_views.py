@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
-from apollo_sync import hf_views
+from apollo_sync import LayoutError, LiveTensor, from_torch, hf_views
 from conftest import randn
 
 Factory = Callable[..., Path]
@@ -53,3 +54,24 @@ def test_views_alias_merged_padded_and_fused_live_tensors(model_factory: Factory
     fused = hf_views(live, root, experts="fused")
     assert fused[p + "mlp.experts.gate_up_proj"].data_ptr() == w13.data_ptr()
     assert not any(".experts.0." in n for n in fused)
+
+
+def test_views_from_handles_style_live_tensors(model_factory: Factory) -> None:
+    disk = {
+        "model.layers.0.mlp.gate_proj.weight": randn(4, 8),
+        "model.layers.0.mlp.up_proj.weight": randn(4, 8),
+    }
+    root = model_factory(disk)
+    memory = torch.zeros(1000, dtype=torch.uint8)
+    # what load_handles gives for CUDA handles: a LiveTensor over a uint8 torch tensor
+    gate_up = LiveTensor(
+        "model.layers.0.mlp.gate_up_proj.weight", "BF16", (8, 8), memory, offset=200
+    )
+    views = hf_views({gate_up.name: gate_up}, root)
+    views["model.layers.0.mlp.up_proj.weight"].fill_(1.0)
+    as_bf16 = memory[200 : 200 + 128].view(torch.bfloat16).view(8, 8)
+    assert (as_bf16[4:] == 1).all() and not as_bf16[:4].any()
+    assert not memory[:200].any() and not memory[328:].any()
+    host = from_torch(gate_up.name, torch.zeros(8, 8, dtype=torch.bfloat16))  # numpy source
+    with pytest.raises(LayoutError, match="mapped read-only"):
+        hf_views({gate_up.name: host}, root)

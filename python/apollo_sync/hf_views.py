@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from apollo_sync.dtypes import torch_dtype
 from apollo_sync.errors import LayoutError, RefusedError
 from apollo_sync.layouts import EXPERT_RULES, Match, map_tensors, tied_embeddings
-from apollo_sync.live import from_torch
+from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
 
 
@@ -40,7 +41,7 @@ class HFViews(dict[str, torch.Tensor]):
 
 
 def hf_views(
-    live_tensors: Mapping[str, torch.Tensor],
+    live_tensors: Mapping[str, torch.Tensor | LiveTensor],
     model_dir: str | os.PathLike[str],
     *,
     experts: Literal["checkpoint", "fused"] = "checkpoint",
@@ -55,14 +56,31 @@ def hf_views(
     which are the whole vLLM tensors: transformers 5 holds experts fused and
     saves them per expert.
 
+    ``live_tensors`` may also hold :class:`LiveTensor` objects opened from a
+    handles file (``load_handles(...).tensors``) whose memory is CUDA memory, as
+    in a training worker that shares the serving process's GPU.
+
     Raises :class:`LayoutError` (or :class:`RefusedError`) when a live tensor maps
     onto nothing or cannot be written back, and :class:`LayoutError` for a
-    non-contiguous live tensor (a view into it cannot be a flat byte range).
+    non-contiguous live tensor (a view into it cannot be a flat byte range) or a
+    host live tensor from a handles file (mapped read-only: nothing to train).
     """
+    bases: dict[str, torch.Tensor] = {}
+    live: dict[str, LiveTensor] = {}
     for name, t in live_tensors.items():
+        if isinstance(t, LiveTensor):
+            if not isinstance(t.source, torch.Tensor):
+                raise LayoutError(
+                    f"{name}: host memory from a handles file is mapped read-only; "
+                    "views to train on need the tensor itself or CUDA handles"
+                )
+            bases[name] = t.source[t.offset : t.offset + t.nbytes]
+            live[name] = replace(t, source=bases[name], offset=0)
+            continue
         if not t.is_contiguous():
             raise LayoutError(f"{name}: not contiguous; a view into it cannot be built")
-    live = {name: from_torch(name, t) for name, t in live_tensors.items()}
+        live[name] = from_torch(name, t)
+        bases[name] = t.detach().reshape(-1).view(torch.uint8)
     md = ModelDir.open(model_dir)
     mapping = map_tensors(live, md.tensors, tied=tied_embeddings(md.path))
     if mapping.problems:
@@ -74,12 +92,13 @@ def hf_views(
     out = HFViews()
     fused_done: set[str] = set()
     for m in mapping.matches:
-        base = live_tensors[m.live_name].detach().reshape(-1).view(torch.uint8)
+        base = bases[m.live_name]
         if experts == "fused" and "split experts." in m.rule:
             name = _fused_expert_name(m)
             if name not in fused_done:
                 fused_done.add(name)
-                out[name] = live_tensors[m.live_name].detach()
+                whole = live[m.live_name]
+                out[name] = base.view(torch_dtype(whole.dtype)).view(whole.shape)
             continue
         view = base[m.live.offset : m.live.offset + m.live.nbytes]
         out[m.disk.name] = view.view(torch_dtype(m.live.dtype)).view(m.live.shape)
