@@ -98,8 +98,10 @@ def plan(
 ) -> tuple[LayoutMap, list[Placement]]:
     """Maps live tensors onto the files and orders them as they lie on disk.
 
-    Raises :class:`LayoutError` listing every problem, unless ``allow_unmatched``
-    and the only problems are names that match nothing on disk.
+    Raises :class:`LayoutError` listing every problem (:class:`RefusedError` when
+    one is a refusal), unless ``allow_unmatched`` and the only problems are names
+    that match nothing on disk. Upcast matches (float32 on disk) are placed as the
+    float32 bytes to write (:func:`apollo_sync.upcast.resolve`).
     """
     mapping = map_tensors(live, model_dir.tensors, tied=tied_embeddings(model_dir.path))
     fatal = [p for p in mapping.problems if not (allow_unmatched and p.kind == "unmatched")]
