@@ -17,6 +17,7 @@ from apollo_sync.errors import (
     ModelDirError,
     PlanError,
     ProducerGoneError,
+    RefusedError,
     RollbackError,
     ShardChangedError,
     SyncIOError,
@@ -25,20 +26,23 @@ from apollo_sync.errors import (
     UnsafeShardError,
 )
 from apollo_sync.handles import Handles, default_handles_path, export_handles, load_handles
+from apollo_sync.hf_views import HFViews, hf_views
 from apollo_sync.journal import Generation, history, prune, recover, rollback
-from apollo_sync.layouts import MERGED_RULES, PREFIX_RULES, map_tensors
+from apollo_sync.layouts import EXPERT_RULES, MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
 
 __all__ = [
+    "EXPERT_RULES",
     "MERGED_RULES",
     "PREFIX_RULES",
     "ApolloSyncError",
     "DiskTensor",
     "FileResult",
     "Generation",
+    "HFViews",
     "Handles",
     "HandlesError",
     "HeaderError",
@@ -50,6 +54,7 @@ __all__ = [
     "ModelDirError",
     "PlanError",
     "ProducerGoneError",
+    "RefusedError",
     "RollbackError",
     "ShardChangedError",
     "StepCounter",
@@ -63,6 +68,7 @@ __all__ = [
     "default_handles_path",
     "export_handles",
     "from_torch",
+    "hf_views",
     "history",
     "load_handles",
     "map_tensors",

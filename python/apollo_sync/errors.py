@@ -26,6 +26,7 @@ __all__ = [
     "ModelDirError",
     "PlanError",
     "ProducerGoneError",
+    "RefusedError",
     "RollbackError",
     "ShardChangedError",
     "SyncIOError",
@@ -43,6 +44,11 @@ class ModelDirError(ApolloSyncError):
 class LayoutError(ApolloSyncError):
     """Live tensors do not map onto the tensors on disk: an unmatched name, a shape
     or dtype that differs, merged rows that do not add up."""
+
+
+class RefusedError(LayoutError):
+    """The live weights cannot be written back byte for byte (quantized or repacked
+    weights, tensor parallelism, LoRA, reordered experts): refused before writing."""
 
 
 class HandlesError(ApolloSyncError):

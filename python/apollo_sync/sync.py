@@ -33,15 +33,18 @@ from apollo_sync.errors import (
     HandlesError,
     LayoutError,
     PlanError,
+    RefusedError,
     TornSyncError,
     UnsafeShardError,
 )
 from apollo_sync.handles import Handles, load_handles
-from apollo_sync.layouts import LayoutMap, map_tensors
+from apollo_sync.layouts import LayoutMap, map_tensors, tied_embeddings
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
+from apollo_sync.refusals import check_producer
 from apollo_sync.steps import StepCounter
 from apollo_sync.stream import Placement, stream_into
+from apollo_sync.upcast import resolve
 
 DEFAULT_BLOCK_SIZE = 4096
 
@@ -122,26 +125,40 @@ def plan(
 ) -> tuple[LayoutMap, list[Placement]]:
     """Maps live tensors onto the files and orders them as they lie on disk.
 
-    Raises :class:`LayoutError` listing every problem, unless ``allow_unmatched``
-    and the only problems are names that match nothing on disk.
+    Raises :class:`LayoutError` listing every problem (:class:`RefusedError` when
+    one is a refusal), unless ``allow_unmatched`` and the only problems are names
+    that match nothing on disk. Upcast matches (float32 on disk) are placed as the
+    float32 bytes to write (:func:`apollo_sync.upcast.resolve`).
     """
-    mapping = map_tensors(live, model_dir.tensors)
+    mapping = check_mapping(model_dir, live, allow_unmatched=allow_unmatched)
+    placements = sorted(
+        (
+            Placement(m.disk.shard, m.disk.start, resolve(m, model_dir).live)
+            for m in mapping.matches
+        ),
+        key=lambda p: (p.shard, p.offset),
+    )
+    return mapping, placements
+
+
+def check_mapping(
+    model_dir: ModelDir, live: Mapping[str, LiveTensor], *, allow_unmatched: bool = False
+) -> LayoutMap:
+    """The mapping of live tensors onto the files, or the error :func:`plan` raises."""
+    mapping = map_tensors(live, model_dir.tensors, tied=tied_embeddings(model_dir.path))
     fatal = [p for p in mapping.problems if not (allow_unmatched and p.kind == "unmatched")]
     if fatal:
         lines = [f"  {p.live_name}: {p.detail}" for p in fatal[:20]]
         more = f"\n  ... and {len(fatal) - 20} more" if len(fatal) > 20 else ""
-        raise LayoutError(
+        refused = any(p.kind == "refused" for p in fatal)
+        raise (RefusedError if refused else LayoutError)(
             f"{len(fatal)} live tensor(s) cannot be synced to {model_dir.path} "
             f"(nothing was written):\n"
             + "\n".join(lines)
             + more
             + "\n(run `apollo-sync diagnose` for the full picture)"
         )
-    placements = sorted(
-        (Placement(m.disk.shard, m.disk.start, m.live) for m in mapping.matches),
-        key=lambda p: (p.shard, p.offset),
-    )
-    return mapping, placements
+    return mapping
 
 
 def sync(
@@ -195,6 +212,7 @@ def sync(
         if tensors is None:
             opened = handles if isinstance(handles, Handles) else load_handles(handles)
             live: dict[str, LiveTensor] = dict(opened.tensors)
+            check_producer(opened.metadata, str(opened.path))
             if model_dir is None:
                 model_dir = opened.metadata.get("model_path")
                 if not isinstance(model_dir, str):
@@ -259,7 +277,7 @@ def _sync_locked(
     # Bad input is refused before the lock file (or anything else) is created;
     # under the lock the directory is read again, after any recovery.
     md = ModelDir.open(root)
-    plan(md, live, allow_unmatched=options.allow_unmatched)
+    check_mapping(md, live, allow_unmatched=options.allow_unmatched)
     if not private_copy:
         _check_shards(md, private_copy=False)
     layout = gens.Layout(root)

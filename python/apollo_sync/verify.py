@@ -11,6 +11,7 @@ from safetensors import safe_open
 from apollo_sync.live import LiveTensor
 from apollo_sync.model_dir import ModelDir
 from apollo_sync.sync import plan
+from apollo_sync.upcast import resolve
 
 
 def mismatches(model_dir: ModelDir, live: Mapping[str, LiveTensor]) -> list[str]:
@@ -19,7 +20,8 @@ def mismatches(model_dir: ModelDir, live: Mapping[str, LiveTensor]) -> list[str]
     mapping, _ = plan(model_dir, live)
     by_file: dict[int, list[tuple[str, LiveTensor]]] = {}
     for m in mapping.matches:
-        by_file.setdefault(m.disk.shard, []).append((m.disk.name, m.live))
+        # an upcast match is compared as the float32 bytes a sync would write
+        by_file.setdefault(m.disk.shard, []).append((m.disk.name, resolve(m, model_dir).live))
     bad: list[str] = []
     for shard, items in sorted(by_file.items()):
         with safe_open(model_dir.headers[shard].path, framework="pt") as f:
