@@ -12,13 +12,16 @@ In one run, per dtype (fp16, then bf16):
   ``language_model.`` prefix), exports CUDA IPC handles, and flips one bit of one
   element in ``--fraction`` of the shards' 4 KiB blocks;
 * measures the limits (once): pinned and pageable device-to-host copies, pinned
-  allocation, page-cache reads of the shards, ``memcmp`` and read+``memcmp`` on 1
-  and all cores (GIL released: ``preadv`` and ``memcmp`` through ctypes);
+  allocation, page-cache reads of the shards, ``memcmp``, read+``memcmp`` and
+  mmap+``memcmp`` on 1 and all cores (GIL released: ``preadv`` and ``memcmp`` through
+  ctypes), and the disk's rate of random 4 KiB ``O_DIRECT`` writes;
 * sweeps the staging parameters of ``stream_into`` on dry runs (nothing written);
 * times, each after restoring the shards to their pre-change bytes and page-caching
   them: apollo_sync in a fresh consumer process through the handles file; apollo_sync
-  on this process's own tensors; the seed script's ``checkpoint_sync`` in a fresh
-  process on the same handles file; ``save_file`` of every shard + ``fsync``;
+  on this process's own tensors (twice); the seed script's ``checkpoint_sync`` in a
+  fresh process on the same handles file; ``save_file`` of every shard + ``fsync``;
+  then apollo_sync as a dry run and with buffered writes, and a changed sync right
+  after another changed sync (O_DIRECT and buffered: the page-cache eviction);
 * checks the files against the live tensors after each contender and prints a table
   with ratios to the seed and to the limits.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -110,13 +114,16 @@ def layer_tensors(i: int) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def model_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """HF names and shapes of the slice, in file order."""
+    return [t for i in range(layers) for t in layer_tensors(i)] + [("model.norm.weight", (HIDDEN,))]
+
+
 def build(model_dir: Path, layers: int, dtype: Any, device: str) -> dict[str, Any]:
     """Writes the HF shards (random weights made on the GPU) and returns the live
     tensors merged as vLLM holds them, with where every HF tensor lives in them."""
     import torch
     from safetensors.torch import save_file
-
-    from apollo_sync.layouts import MERGED_RULES
 
     names = [t for i in range(layers) for t in layer_tensors(i)] + [
         ("model.norm.weight", (HIDDEN,))
@@ -148,7 +155,19 @@ def build(model_dir: Path, layers: int, dtype: Any, device: str) -> dict[str, An
     )
     (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen3_5_text"}))
 
-    # vLLM's layout: each merged module concatenates its parts along rows.
+    live, where = to_vllm(hf, names)
+    _sync_device()
+    return {"live": live, "where": where, "shards": shards, "total": total, "names": names}
+
+
+def to_vllm(hf: dict[str, Any], names: list[tuple[str, tuple[int, ...]]]) -> tuple[dict, dict]:
+    """The HF tensors merged as vLLM holds them (``hf`` is emptied as they merge), and
+    where each HF tensor lives in them: ``name -> (live name, element offset)``."""
+    import torch
+
+    from apollo_sync.layouts import MERGED_RULES
+
+    # Each merged module concatenates its parts along rows, under a prefix.
     live: dict[str, Any] = {}
     where: dict[str, tuple[str, int]] = {}  # HF name -> (live name, element offset)
     done: set[str] = set()
@@ -172,8 +191,7 @@ def build(model_dir: Path, layers: int, dtype: Any, device: str) -> dict[str, An
             at += hf[p].numel()
             done.add(p)
             del hf[p]
-    _sync_device()
-    return {"live": live, "where": where, "shards": shards, "total": total, "names": names}
+    return live, where
 
 
 def perturb(model_dir: Path, info: dict[str, Any], fraction: float, seed: int) -> list[tuple]:
@@ -348,6 +366,39 @@ def host_limits(model_dir: Path, shards: list[str], threads: int) -> dict[str, f
     mapped.clear()
     for m in maps.values():
         m.close()
+    return out
+
+
+def disk_limits(work: Path, writes: int) -> dict[str, float]:
+    """Random aligned 4 KiB ``O_DIRECT`` writes per second into a 2 GiB scratch file
+    on the shards' filesystem, ``writes`` of them (as many as a sync must make) at
+    queue depths 1, 16 and 64 (threads; ``pwrite`` releases the GIL), then fdatasync."""
+    path = work / "iops.bin"
+    size = 2 << 30
+    with open(path, "wb") as f:
+        fill = b"\1" * (64 << 20)
+        for _ in range(size // len(fill)):
+            f.write(fill)
+        f.flush()
+        os.fsync(f.fileno())
+    buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT needs
+    buf.write(b"\2" * BLOCK)
+    out: dict[str, float] = {}
+    try:
+        for qd in (1, 16, 64):
+            n = min(writes, 1000) if qd == 1 else writes
+            offs = [b * BLOCK for b in random.Random(qd).sample(range(size // BLOCK), n)]
+            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            try:
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(qd) as pool:
+                    list(pool.map(functools.partial(os.pwrite, fd, buf), offs))
+                os.fdatasync(fd)
+                out[f"write_iops_qd{qd}"] = n / (time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+    finally:
+        path.unlink()
     return out
 
 
@@ -666,6 +717,7 @@ def run_dtype(
     if lim is None:
         restore(model_dir, pristine, info["shards"], [])
         lim = host_limits(model_dir, info["shards"], threads)
+        lim |= disk_limits(work, round(total / BLOCK * args.fraction))
         if args.device == "cuda":
             lim |= gpu_limits(info["live"])
         print(f"limits: {json.dumps({k: round(v, 4) for k, v in lim.items()})}", flush=True)
@@ -739,15 +791,18 @@ def table(res: dict[str, Any], lim: dict[str, float], threads: int) -> str:
     seed = runs.get("seed (call)", {})
     seed_ok = seed and seed["stale_bytes_after"] == 0
     seed_s = seed.get("child", {}).get("call_s") if seed else None
+    rewrite_s = runs["full rewrite"]["call_s"]
+    iops = lim.get("write_iops_qd16", float("nan"))
     read_lim = lim[f"read_{threads}t"]
     d2h = lim.get("d2h_pinned_64MiB", float("nan"))
     cmp_lim = max(lim[f"read_cmp_{threads}t"], lim[f"mmap_cmp_{threads}t"])
     lines = [
         f"{total / 1e9:.2f} GB {res['dtype']}, {res['changed_blocks']} blocks changed "
         f"({res['changed_blocks'] * BLOCK / 1e6:.2f} MB); limits: pinned D2H "
-        f"{d2h:.1f} GB/s, page-cache read {read_lim:.1f}, read+cmp {cmp_lim:.1f}",
+        f"{d2h:.1f} GB/s, page-cache read {read_lim:.1f}, read+cmp {cmp_lim:.1f}, "
+        f"disk {iops / 1e3:.1f}k random 4 KiB writes/s (QD16)",
         f"{'contender':<24} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
-        f"{'device':>10} {'x seed':>7} {'/read':>6} {'/D2H':>6} {'stale':>9}",
+        f"{'device':>10} {'x seed':>7} {'x rewr':>7} {'/read':>6} {'/D2H':>6} {'stale':>9}",
     ]
     lines.append("-" * len(lines[-1]))
     for name, r in runs.items():
@@ -763,8 +818,8 @@ def table(res: dict[str, Any], lim: dict[str, float], threads: int) -> str:
         xs = f"{seed_s / secs:7.1f}" if seed_ok and seed_s else "      -"
         lines.append(
             f"{name:<24} {secs:8.3f} {gbps:6.2f} {e2e.fmt_bytes(chg):>10} {e2e.fmt_bytes(wr):>10} "
-            f"{e2e.fmt_bytes(dev):>10} {xs} {gbps / read_lim:6.2f} {gbps / d2h:6.2f} "
-            f"{e2e.fmt_bytes(r['stale_bytes_after']):>9}"
+            f"{e2e.fmt_bytes(dev):>10} {xs} {rewrite_s / secs:7.1f} {gbps / read_lim:6.2f} "
+            f"{gbps / d2h:6.2f} {e2e.fmt_bytes(r['stale_bytes_after']):>9}"
         )
     return "\n".join(lines)
 

@@ -41,7 +41,9 @@ class Placement:
 
 @dataclass
 class StreamStats:
-    """Where a stream's time went (seconds, wall clock of the feeding thread)."""
+    """Where a stream's time went, in seconds of wall clock: ``copy_wait_s`` and
+    ``feed_s`` in the thread that feeds the core, ``setup_s`` and ``submit_s`` in
+    the calling thread (overlapped with the feeds)."""
 
     #: Batches handed to the core.
     batches: int = 0
@@ -93,7 +95,7 @@ def _chunks(plan: Sequence[Placement], batch: int, chunk: int) -> Iterator[list[
 class _Stager:
     """A ring of pinned buffers and a side stream for device-to-host copies.
 
-    Buffers are pinned on first use: pinning costs about 0.4 s per GiB on an H100
+    Buffers are pinned on first use: pinning costs about 0.5 s per GiB on an H100
     host, so only the first one delays the start; the others are pinned while the
     core diffs the first chunk.
     """
