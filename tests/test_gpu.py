@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from apollo_sync import HandlesError, ModelDir, ProducerGoneError, load_handles, sync
 from apollo_sync._core import Syncer
 from apollo_sync.demo import Producer, load_live, make_demo_model
+from apollo_sync.errors import PlanError
 from apollo_sync.handles import device_for_uuid
 from apollo_sync.live import from_torch
 from apollo_sync.stream import stream_into
@@ -108,6 +110,20 @@ def test_in_process_cuda_tensors_split_and_staged_in_small_chunks(tmp_path: Path
     assert sum(r.bytes_changed for r in reports) > 0
     assert mismatches(md, lt) == []
     assert sync(model, live).total_changed == 0
+
+
+def test_a_failing_feed_stops_the_stream_and_raises(tmp_path: Path) -> None:
+    model = make_demo_model(tmp_path / "model", 16, shards=1)
+    live = load_live(model, "cuda")
+    md = ModelDir.open(model)
+    _, placements = plan(md, {k: from_torch(k, v) for k, v in live.items()})
+    syncer = Syncer([(h.path, h.data_start, h.file_len) for h in md.headers], dry_run=True)
+    threads = threading.active_count()
+    # Out of file order: the core refuses the second batch; the feeder thread's
+    # error comes back here, and the thread is gone.
+    with pytest.raises(PlanError, match="precedes"):
+        stream_into(syncer, placements[::-1], chunk_bytes=1 << 20, depth=2)
+    assert threading.active_count() == threads
 
 
 def test_producer_gone_is_refused_and_nothing_written(tmp_path: Path) -> None:
