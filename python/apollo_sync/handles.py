@@ -183,8 +183,9 @@ def export_handles(
             raise HandlesError(f"{METADATA_KEY!r} is reserved and cannot name a tensor")
         t = tensor.detach()
         if t.device.type == "cuda":
-            entries[name] = {"handle": reduce_tensor(t)}
+            entries[name] = {"handle": _reduce_cuda(name, t)}
             meta.setdefault("gpu_uuid", _gpu_uuid(t.device))
+            meta.setdefault("cuda_allocator", _cuda_allocator())
         elif t.device.type == "cpu":
             entries[name] = {"shm": _share_cpu(name, t)}
         else:
@@ -192,6 +193,32 @@ def export_handles(
     entries[METADATA_KEY] = meta
     _write_atomic(target, entries)
     return target
+
+
+def _reduce_cuda(name: str, t: torch.Tensor) -> Any:
+    """torch's IPC reduction of a CUDA tensor, with a clear error where its memory
+    cannot be shared (memory from a pluggable allocator, as vLLM's sleep mode uses)."""
+    try:
+        return reduce_tensor(t)
+    except RuntimeError as e:
+        msg = str(e).split("\n", 1)[0]
+        raise HandlesError(
+            f"{name}: cannot export a CUDA IPC handle ({msg}). Its memory may come from a "
+            "virtual-memory allocator (vLLM sleep mode's cuMem allocator, a pluggable "
+            "allocator) that legacy CUDA IPC cannot share; export weights allocated by "
+            "torch's caching allocator"
+        ) from None
+
+
+def _cuda_allocator() -> str:
+    """``expandable_segments`` where torch's caching allocator maps memory with the
+    virtual-memory API (opened through ``pidfd_getfd`` on the producer, which needs
+    ptrace permission over it), else ``native``."""
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        conf = os.environ.get(var, "").replace(" ", "").lower()
+        if "expandable_segments:true" in conf:
+            return "expandable_segments"
+    return "native"
 
 
 def _producer_metadata() -> dict[str, Any]:
@@ -280,7 +307,7 @@ def _write_atomic(target: Path, obj: Any) -> None:
 def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
     """Opens the live tensors a handles file describes (see the module docs)."""
     src = Path(path) if path is not None else default_handles_path()
-    raw = _read_checked(src)
+    raw, mtime = _read_checked(src)
     try:
         obj = _unpickle(raw)
     except pickle.UnpicklingError as e:
@@ -292,7 +319,7 @@ def load_handles(path: str | os.PathLike[str] | None = None) -> Handles:
     meta = obj.pop(METADATA_KEY, None) or {}
     if not isinstance(meta, dict):
         raise HandlesError(f"{src}: {METADATA_KEY} is not a dict")
-    _check_producer(src, meta)
+    _check_producer(src, meta, mtime)
     entries = {name: _entry(src, name, entry) for name, entry in obj.items()}  # all checked first
     handles = Handles(tensors={}, metadata=meta, path=src)
     device = _local_device(meta) if any("handle" in e for e in entries.values()) else None
@@ -322,7 +349,8 @@ def _entry(src: Path, name: Any, entry: Any) -> dict[str, Any]:
     return entry
 
 
-def _read_checked(src: Path) -> bytes:
+def _read_checked(src: Path) -> tuple[bytes, float]:
+    """The file's bytes and mtime, after the ownership and permission checks."""
     try:
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -349,7 +377,7 @@ def _read_checked(src: Path) -> bytes:
                 "chmod 600 it or re-export"
             )
         _check_parent(src.parent, me)
-        return f.read()
+        return f.read(), st.st_mtime
 
 
 def _check_parent(parent: Path, me: int) -> None:
@@ -371,7 +399,10 @@ def _process_start(pid: int) -> int | None:
     return int(stat_line.rsplit(")", 1)[1].split()[19])
 
 
-def _check_producer(src: Path, meta: Mapping[str, Any]) -> None:
+def _check_producer(src: Path, meta: Mapping[str, Any], mtime: float | None = None) -> None:
+    """Refuses handles whose producer has exited or restarted: its pid is gone, the
+    process with that pid started at another time than the recorded one, or the
+    file was written before that process started (``mtime``, where given)."""
     pid = meta.get("producer_pid")
     if not isinstance(pid, int):
         return  # a seeds-format file: nothing to check against
@@ -384,19 +415,58 @@ def _check_producer(src: Path, meta: Mapping[str, Any]) -> None:
             f"{src}: pid {pid} is a different process than the one that wrote these handles "
             "(the producer restarted); re-export handles"
         )
+    started = _start_epoch(start)
+    if mtime is not None and started is not None and mtime < started - _START_SLACK_S:
+        raise ProducerGoneError(
+            f"{src}: written {started - mtime:.0f} s before the producer (pid {pid}) started: "
+            "the producer restarted since; re-export handles"
+        )
+
+
+#: /proc gives the boot time in whole seconds: a file is older than its producer
+#: only when its mtime precedes the producer's start by more than this.
+_START_SLACK_S = 1.0
+
+
+def _start_epoch(ticks: int) -> float | None:
+    """A process start time (clock ticks since boot) as seconds since the epoch."""
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _local_device(meta: Mapping[str, Any]) -> int | None:
     """The local CUDA device whose UUID the producer recorded (None: keep the index)."""
     uuid = meta.get("gpu_uuid")
     if not torch.cuda.is_available():
-        raise HandlesError("the handles are CUDA IPC handles but no CUDA device is visible here")
+        raise HandlesError(
+            "the handles are CUDA IPC handles but no CUDA device is visible here "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
+        )
     if uuid is None:
         return None
-    for i in range(torch.cuda.device_count()):
-        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+    visible = [
+        str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())
+    ]
+    return device_for_uuid(str(uuid), visible)
+
+
+def device_for_uuid(uuid: str, visible: list[str]) -> int:
+    """The index, among the ``visible`` devices' UUIDs (this process's numbering), of
+    the GPU with ``uuid``: CUDA_VISIBLE_DEVICES may number GPUs differently in the
+    producer and here, so a handle's device index cannot be trusted."""
+    want = uuid.lower().removeprefix("gpu-")
+    for i, u in enumerate(visible):
+        if u.lower().removeprefix("gpu-") == want:
             return i
-    raise HandlesError(f"the producer's GPU {uuid} is not visible here (CUDA_VISIBLE_DEVICES?)")
+    raise HandlesError(
+        f"the producer's GPU {uuid} is not visible here (visible: {', '.join(visible) or 'none'}; "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
+    )
 
 
 def _open_entry(
@@ -410,15 +480,25 @@ def _open_entry(
     try:
         tensor = rebuild_cuda_tensor(*args)
     except RuntimeError as e:
-        msg = str(e).split("\n", 1)[0]
-        hint = ""
-        if "invalid argument" in msg or "invalid resource handle" in msg:
-            hint = (
-                " (the producer may have exited, or its memory came from a virtual-memory "
-                "allocator such as expandable_segments where legacy CUDA IPC cannot open it)"
-            )
-        raise HandlesError(f"{src}: cannot open CUDA handle of {name!r}: {msg}{hint}") from None
+        raise HandlesError(
+            f"{src}: cannot open CUDA handle of {name!r}: {str(e).split(chr(10), 1)[0]}"
+            + _open_hint(handles.metadata)
+        ) from None
     return from_torch(name, tensor)
+
+
+def _open_hint(meta: Mapping[str, Any]) -> str:
+    if meta.get("cuda_allocator") == "expandable_segments":
+        return (
+            " (the producer runs with expandable_segments: torch opens such memory through "
+            "pidfd_getfd on the producer, which needs the producer alive and ptrace permission "
+            "over it (same user, kernel.yama.ptrace_scope); or start the producer with "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False)"
+        )
+    return (
+        " (the producer may have exited, or its memory came from a virtual-memory allocator "
+        "such as expandable_segments or vLLM's sleep mode, where legacy CUDA IPC cannot open it)"
+    )
 
 
 def _open_shm(src: Path, name: str, rec: Any, handles: Handles) -> LiveTensor:

@@ -2,13 +2,16 @@
 
 Host tensors are handed over in place (buffer protocol, no copy). CUDA tensors are
 copied in chunks into a small ring of pinned host buffers on a side stream; while
-the core diffs chunk *i* (GIL released), the copies of the next chunks proceed.
+a feeder thread has the core diff chunk *i* (GIL released), this thread issues the
+copies of the next chunks into the free buffers.
 Host memory stays bounded by the ring, whatever the model weighs.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +23,11 @@ from apollo_sync.live import LiveTensor
 
 #: Bytes handed to the core per call (progress is reported between calls).
 BATCH_BYTES = 256 << 20
-#: Size and number of pinned staging buffers for CUDA tensors.
-CHUNK_BYTES = 64 << 20
-STAGING_DEPTH = 3
+#: Size and number of pinned staging buffers for CUDA tensors: each buffer is one
+#: call into the core (32 parallel jobs on 16 cores); two are enough while the bus
+#: (55 GB/s pinned on an H100 host) outruns the diff (see BENCHMARKS.md).
+CHUNK_BYTES = 128 << 20
+STAGING_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,26 @@ class Placement:
     shard: int
     offset: int
     live: LiveTensor
+
+
+@dataclass
+class StreamStats:
+    """Where a stream's time went, in seconds of wall clock: ``copy_wait_s`` and
+    ``feed_s`` in the thread that feeds the core, ``setup_s`` and ``submit_s`` in
+    the calling thread (overlapped with the feeds)."""
+
+    #: Batches handed to the core.
+    batches: int = 0
+    #: Live bytes handed to the core.
+    bytes: int = 0
+    #: Setting up staging (pinned buffers, stream): paid once per call.
+    setup_s: float = 0.0
+    #: Waiting for device-to-host copies to complete (the bus, if large).
+    copy_wait_s: float = 0.0
+    #: Inside ``Syncer.feed`` (diff and writes, GIL released).
+    feed_s: float = 0.0
+    #: Issuing copies and building batches (Python).
+    submit_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,36 +93,48 @@ def _chunks(plan: Sequence[Placement], batch: int, chunk: int) -> Iterator[list[
 
 
 class _Stager:
-    """A ring of pinned buffers and a side stream for device-to-host copies."""
+    """A ring of pinned buffers and a side stream for device-to-host copies.
+
+    Buffers are pinned on first use: pinning costs about 0.5 s per GiB on an H100
+    host, so only the first one delays the start; the others are pinned while the
+    core diffs the first chunk.
+    """
 
     def __init__(self, device: torch.device, chunk: int, depth: int) -> None:
         self.device = device
+        self.chunk = chunk
         self.stream = torch.cuda.Stream(device=device)  # default (lowest) priority
         self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.buffers = [
-            torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(depth)
-        ]
-        self.views = [b.numpy() for b in self.buffers]
+        self.buffers: list[torch.Tensor | None] = [None] * depth
+        self.views: list[Any] = [None] * depth
 
     def submit(self, slot: int, pieces: list[_Piece]) -> tuple[list[tuple[int, int, Any]], Any]:
         """Starts the copies of ``pieces`` into buffer ``slot``; returns the segments
         (valid once the returned event has completed) and the event."""
+        buf = self.buffers[slot]
+        if buf is None:
+            buf = self.buffers[slot] = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
+            self.views[slot] = buf.numpy()
+        view = self.views[slot]
         segments: list[tuple[int, int, Any]] = []
         pos = 0
         with torch.cuda.stream(self.stream):
             for p in pieces:
                 n = p.stop - p.start
                 if p.live.is_cuda:
-                    self.buffers[slot][pos : pos + n].copy_(
+                    buf[pos : pos + n].copy_(
                         p.live.device_bytes(p.start, p.stop), non_blocking=True
                     )
-                    segments.append((p.shard, p.offset, self.views[slot][pos : pos + n]))
+                    segments.append((p.shard, p.offset, view[pos : pos + n]))
                     pos += n
                 else:
                     segments.append((p.shard, p.offset, p.live.stream_source(p.start, p.stop)))
             event = torch.cuda.Event()
             event.record(self.stream)
         return segments, event
+
+
+_Ready = tuple[int, list[_Piece], list[tuple[int, int, Any]], Any]
 
 
 def stream_into(
@@ -108,18 +145,27 @@ def stream_into(
     batch_bytes: int = BATCH_BYTES,
     chunk_bytes: int = CHUNK_BYTES,
     depth: int = STAGING_DEPTH,
-) -> None:
-    """Feeds every placement of ``plan`` (sorted by shard and offset) to ``syncer``."""
-    chunks = _chunks(plan, batch_bytes, chunk_bytes)
+) -> StreamStats:
+    """Feeds every placement of ``plan`` (sorted by shard and offset) to ``syncer``;
+    returns where the time went.
+
+    With CUDA tensors, this thread issues the copies into the ring and a feeder
+    thread hands each completed buffer to the core (GIL released); a buffer is
+    refilled only after the core has returned it. ``progress`` is called from the
+    feeder thread.
+    """
+    stats = StreamStats()
+    chunks = _chunks(plan, max(batch_bytes, chunk_bytes), chunk_bytes)
     cuda = [p.live for p in plan if p.live.is_cuda]
     if not cuda:
         for pieces in chunks:
+            t0 = time.perf_counter()
             syncer.feed(
                 [(p.shard, p.offset, p.live.stream_source(p.start, p.stop)) for p in pieces]
             )
-            if progress:
-                progress(sum(p.stop - p.start for p in pieces))
-        return
+            stats.feed_s += time.perf_counter() - t0
+            _count(stats, pieces, progress)
+        return stats
     device = cuda[0].device_bytes().device
     others = {str(t.device_bytes().device) for t in cuda} - {str(device)}
     if others:
@@ -129,20 +175,61 @@ def stream_into(
             f"live CUDA tensors on several devices ({device}, {', '.join(sorted(others))}); "
             "sync one device's tensors at a time"
         )
+    t0 = time.perf_counter()
     stager = _Stager(device, chunk_bytes, depth)
-    inflight: deque[tuple[int, list[_Piece], list[tuple[int, int, Any]], Any]] = deque()
-
-    def submit(slot: int) -> None:
-        pieces = next(chunks, None)
-        if pieces is not None:
-            inflight.append((slot, pieces, *stager.submit(slot, pieces)))
-
+    stats.setup_s = time.perf_counter() - t0
+    ready: queue.Queue[_Ready | None] = queue.Queue()
+    free: queue.Queue[int] = queue.Queue()
     for slot in range(depth):
-        submit(slot)
-    while inflight:
-        slot, pieces, segments, event = inflight.popleft()
-        event.synchronize()
-        syncer.feed(segments)  # GIL released: the next copies run meanwhile
-        if progress:
-            progress(sum(p.stop - p.start for p in pieces))
-        submit(slot)
+        free.put(slot)
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def feeder() -> None:
+        try:
+            while (item := ready.get()) is not None:
+                slot, pieces, segments, event = item
+                if stop.is_set():
+                    continue
+                t0 = time.perf_counter()
+                event.synchronize()
+                t1 = time.perf_counter()
+                syncer.feed(segments)  # GIL released: copies and pinning go on meanwhile
+                stats.copy_wait_s += t1 - t0
+                stats.feed_s += time.perf_counter() - t1
+                _count(stats, pieces, progress)
+                free.put(slot)
+        except BaseException as e:
+            failed.append(e)
+            stop.set()
+            free.put(-1)  # wake the submitting thread
+
+    thread = threading.Thread(target=feeder, name="apollo-sync-feed", daemon=True)
+    thread.start()
+    try:
+        for pieces in chunks:
+            slot = free.get()
+            if slot < 0:
+                break
+            t0 = time.perf_counter()
+            ready.put((slot, pieces, *stager.submit(slot, pieces)))
+            stats.submit_s += time.perf_counter() - t0
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        ready.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+    return stats
+
+
+def _count(
+    stats: StreamStats, pieces: list[_Piece], progress: Callable[[int], None] | None
+) -> None:
+    n = sum(p.stop - p.start for p in pieces)
+    stats.batches += 1
+    stats.bytes += n
+    if progress:
+        progress(n)
