@@ -461,6 +461,26 @@ def test_a_sync_during_training_steps_is_redone_or_refused(model_factory: Factor
         counter.unlink()
 
 
+def test_the_step_counter_travels_with_the_handles(model_factory: Factory, tmp_path: Path) -> None:
+    live = base()
+    root = model_factory(live)
+    counter = StepCounter.create(tmp_path / "steps")
+    meta = {"model_path": str(root)}
+    handles = apollo_sync.export_handles(
+        live, tmp_path / "h" / "handles.pt", metadata=meta, step_counter=counter
+    )
+    try:
+        with counter.step(cuda_sync=False):  # a step in progress: the sync waits, then refuses
+            step(live, seed=1)
+            with pytest.raises(apollo_sync.HandlesError, match="inside a training step"):
+                apollo_sync.sync(handles=handles, lock_timeout=0.2)
+        assert gens.history(root).generation == 0
+        r = apollo_sync.sync(handles=handles)  # the step is over: it commits
+        assert r.generation == 1 and r.total_changed > 0
+    finally:
+        counter.close()
+
+
 def test_bad_input_still_changes_nothing_and_creates_no_state(model_factory: Factory) -> None:
     live = base()
     root = model_factory(live)

@@ -39,6 +39,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from apollo_sync.dtypes import itemsize, st_dtype
 from apollo_sync.errors import HandlesError, ProducerGoneError, UnsafeHandlesError
 from apollo_sync.live import LiveTensor, OpenFile, from_torch
+from apollo_sync.steps import StepCounter
 
 FORMAT = "apollo_sync.handles/1"
 METADATA_KEY = "__metadata__"
@@ -164,6 +165,7 @@ def export_handles(
     path: str | os.PathLike[str] | None = None,
     *,
     metadata: Mapping[str, Any] | None = None,
+    step_counter: StepCounter | None = None,
 ) -> Path:
     """Writes a handles file for ``tensors`` so another process can read them live.
 
@@ -171,12 +173,16 @@ def export_handles(
     moved into named shared memory in place (the tensors stay the same objects and
     keep their values). The file is written atomically (temp file, fsync, rename)
     with mode 0600. The caller must keep the tensors alive while handles are in use.
+    With a ``step_counter`` (bumped around each training step), a sync through these
+    handles never commits a mix of two steps.
     """
     target = Path(path) if path is not None else default_handles_path()
     meta = _producer_metadata()
     for k, v in (metadata or {}).items():
         _check_plain(k, v)
         meta[k] = v
+    if step_counter is not None:
+        meta["step_counter"] = str(step_counter.path)
     entries: dict[str, Any] = {}
     for name, tensor in tensors.items():
         if name == METADATA_KEY:
