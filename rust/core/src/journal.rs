@@ -29,7 +29,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::faults;
@@ -98,7 +98,7 @@ fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 struct Open {
-    file: File,
+    file: Arc<File>,
     /// Bytes in the file (records flushed so far).
     written: u64,
     buf: Vec<u8>,
@@ -195,7 +195,7 @@ impl UndoLog {
             fsync_dir(dir)?;
         }
         Ok(Open {
-            file,
+            file: Arc::new(file),
             written: header_len as u64,
             buf: Vec::with_capacity(FLUSH_BYTES + REC_HEAD),
             records: 0,
@@ -252,30 +252,36 @@ impl UndoLog {
     }
 
     /// Makes every appended record durable: records, `fdatasync`, the next
-    /// slot, `fdatasync`. Returns false when there was nothing new.
+    /// slot, `fdatasync`. Returns false when there was nothing new. Records
+    /// may be appended meanwhile (they wait for the next barrier); barriers
+    /// themselves must not run concurrently.
     pub fn barrier(&self) -> Result<bool> {
-        let mut guard = self.lock();
-        let Some(o) = guard.as_mut() else {
-            return Ok(false);
+        let (file, next) = {
+            let mut guard = self.lock();
+            let Some(o) = guard.as_mut() else {
+                return Ok(false);
+            };
+            if o.records == o.durable.records {
+                return Ok(false);
+            }
+            faults::reached("barrier").map_err(|e| Error::io(&self.path, "fsync journal", e))?;
+            Self::flush(&self.path, o)?;
+            let next = Slot {
+                seq: o.durable.seq + 1,
+                durable_len: o.written,
+                records: o.records,
+            };
+            (o.file.clone(), next)
         };
-        if o.records == o.durable.records {
-            return Ok(false);
-        }
-        faults::reached("barrier").map_err(|e| Error::io(&self.path, "fsync journal", e))?;
-        Self::flush(&self.path, o)?;
-        o.file
-            .sync_data()
+        // The fsyncs run without the lock, so appends from the diff go on.
+        file.sync_data()
             .map_err(|e| Error::io(&self.path, "fsync journal", e))?;
-        let next = Slot {
-            seq: o.durable.seq + 1,
-            durable_len: o.written,
-            records: o.records,
-        };
-        o.file
-            .write_all_at(&next.encode(), SLOTS[(next.seq % 2) as usize])
-            .and_then(|()| o.file.sync_data())
+        file.write_all_at(&next.encode(), SLOTS[(next.seq % 2) as usize])
+            .and_then(|()| file.sync_data())
             .map_err(|e| Error::io(&self.path, "commit journal slot", e))?;
-        o.durable = next;
+        if let Some(o) = self.lock().as_mut() {
+            o.durable = next;
+        }
         Ok(true)
     }
 }

@@ -24,7 +24,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -152,16 +152,21 @@ struct Pending {
     new: Vec<u8>,
 }
 
+/// A shard as the diff workers and writers share it.
 struct Shard {
     io: ShardIo,
+    changed: AtomicU64,
+    changed_blocks: AtomicU64,
+    journaled: AtomicU64,
+}
+
+/// Where the feed stands in a shard (touched by the feeding thread only).
+struct FeedState {
     data_start: u64,
     /// No segment may start before this offset (the end of the last one).
     cursor: u64,
     pending: Option<Pending>,
     compared: u64,
-    changed: AtomicU64,
-    changed_blocks: AtomicU64,
-    journaled: AtomicU64,
 }
 
 struct Job<'a> {
@@ -242,7 +247,8 @@ impl<'a> Sink<'_, 'a> {
 
 /// A sync in progress over a fixed set of shards.
 pub struct Syncer {
-    shards: Vec<Shard>,
+    shards: Arc<Vec<Shard>>,
+    feeds: Vec<FeedState>,
     opts: Options,
     pool: rayon::ThreadPool,
     /// One per pool thread, indexed by `rayon::current_thread_index`.
@@ -250,8 +256,11 @@ pub struct Syncer {
     staging: Staging,
     /// Set when a batch failed after it started writing.
     broken: bool,
-    log: Option<UndoLog>,
+    log: Option<Arc<UndoLog>>,
     held: Mutex<Held>,
+    /// With a journal: makes batches of held runs durable and writes them in
+    /// the background while the feed goes on.
+    committer: Option<Committer>,
 }
 
 impl Syncer {
@@ -266,6 +275,7 @@ impl Syncer {
         }
         let mut names = Vec::with_capacity(specs.len());
         let mut shards = Vec::with_capacity(specs.len());
+        let mut feeds = Vec::with_capacity(specs.len());
         for spec in specs {
             let name = spec.path.file_name().and_then(|n| n.to_str());
             names.push(name.map(str::to_owned).ok_or_else(|| {
@@ -287,13 +297,15 @@ impl Syncer {
             )?;
             shards.push(Shard {
                 io,
+                changed: AtomicU64::new(0),
+                changed_blocks: AtomicU64::new(0),
+                journaled: AtomicU64::new(0),
+            });
+            feeds.push(FeedState {
                 data_start: spec.data_start,
                 cursor: spec.data_start,
                 pending: None,
                 compared: 0,
-                changed: AtomicU64::new(0),
-                changed_blocks: AtomicU64::new(0),
-                journaled: AtomicU64::new(0),
             });
         }
         let pool = rayon::ThreadPoolBuilder::new()
@@ -310,12 +322,18 @@ impl Syncer {
                 })
             })
             .collect();
+        let shards = Arc::new(shards);
         let log = match (&opts.journal, opts.dry_run) {
-            (Some(j), false) => Some(UndoLog::new(j.path.clone(), j.generation, names)),
+            (Some(j), false) => Some(Arc::new(UndoLog::new(j.path.clone(), j.generation, names))),
             _ => None,
+        };
+        let committer = match &log {
+            Some(log) => Some(Committer::spawn(shards.clone(), log.clone())?),
+            None => None,
         };
         Ok(Syncer {
             shards,
+            feeds,
             opts,
             pool,
             scratch,
@@ -323,6 +341,7 @@ impl Syncer {
             broken: false,
             log,
             held: Mutex::new(Held::default()),
+            committer,
         })
     }
 
@@ -369,8 +388,8 @@ impl Syncer {
                 continue;
             }
             let file_len = self.shards[seg.shard].io.len();
-            self.shards[seg.shard].cursor = e;
-            self.shards[seg.shard].compared += seg.data.len() as u64;
+            self.feeds[seg.shard].cursor = e;
+            self.feeds[seg.shard].compared += seg.data.len() as u64;
             // Head: the part of the first block that the segment shares.
             let head_end = if s % b == 0 {
                 s
@@ -403,7 +422,7 @@ impl Syncer {
                 self.overlay(seg.shard, body_end, seg.data.slice(from, seg.data.len()))?;
             }
         }
-        let shards = &self.shards;
+        let shards = &*self.shards;
         let block = self.opts.block_size;
         let scratch = &self.scratch;
         let pool = &self.pool;
@@ -425,8 +444,15 @@ impl Syncer {
         }
         if let Some(log) = &self.log {
             diff_all(Sink::Hold(log, &self.held))?;
-            let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).bytes;
-            if held >= self.opts.hold_bytes {
+            // Release the held runs once the feed has moved past their shard
+            // (so a shard's writes overlap the next shard's diff, with one
+            // barrier per changed shard), or when they grow too large.
+            let last_fed = segments.iter().map(|s| s.shard).max();
+            let (bytes, first) = {
+                let h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                (h.bytes, h.runs.first().map(|r| r.shard))
+            };
+            if bytes >= self.opts.hold_bytes || first.is_some_and(|f| Some(f) < last_fed) {
                 self.release()?;
             }
             return Ok(());
@@ -458,6 +484,9 @@ impl Syncer {
             self.flush_pending(i)?;
         }
         self.release()?;
+        if let Some(c) = self.committer.take() {
+            c.finish()?;
+        }
         // fsync the shards in parallel: each waits on its own device flush.
         self.pool.install(|| {
             self.shards.par_iter().try_for_each(|s| {
@@ -470,11 +499,12 @@ impl Syncer {
         Ok(self
             .shards
             .iter()
-            .map(|s| {
+            .zip(&self.feeds)
+            .map(|(s, f)| {
                 let c = &s.io.counters;
                 ShardReport {
                     path: s.io.path().to_path_buf(),
-                    bytes_compared: s.compared,
+                    bytes_compared: f.compared,
                     bytes_changed: s.changed.load(Ordering::Relaxed),
                     blocks_changed: s.changed_blocks.load(Ordering::Relaxed),
                     bytes_written_direct: c.direct_bytes.load(Ordering::Relaxed),
@@ -488,18 +518,22 @@ impl Syncer {
     }
 
     fn check(&self, segments: &[Segment<'_>]) -> Result<()> {
-        let mut cursors: Vec<u64> = self.shards.iter().map(|s| s.cursor).collect();
+        let mut cursors: Vec<u64> = self.feeds.iter().map(|f| f.cursor).collect();
         for (i, seg) in segments.iter().enumerate() {
-            let shard = self.shards.get(seg.shard).ok_or_else(|| {
-                Error::Plan(format!(
-                    "segment {i}: shard index {} out of range",
-                    seg.shard
-                ))
-            })?;
+            let (shard, data_start) = match (self.shards.get(seg.shard), self.feeds.get(seg.shard))
+            {
+                (Some(s), Some(f)) => (s, f.data_start),
+                _ => {
+                    return Err(Error::Plan(format!(
+                        "segment {i}: shard index {} out of range",
+                        seg.shard
+                    )))
+                }
+            };
             let end = seg.offset.checked_add(seg.data.len() as u64);
             let path = shard.io.path().display();
             match end {
-                Some(end) if seg.offset >= shard.data_start && end <= shard.io.len() => {
+                Some(end) if seg.offset >= data_start && end <= shard.io.len() => {
                     if seg.data.is_empty() {
                         continue; // an empty tensor changes nothing wherever it sits
                     }
@@ -516,7 +550,7 @@ impl Syncer {
                         "{path}: segment of {} bytes at {} lies outside the tensor data {}..{}",
                         seg.data.len(),
                         seg.offset,
-                        shard.data_start,
+                        data_start,
                         shard.io.len()
                     )))
                 }
@@ -529,22 +563,22 @@ impl Syncer {
     fn overlay(&mut self, shard: usize, at: u64, bytes: Live<'_>) -> Result<()> {
         let b = self.opts.block_size as u64;
         let start = at / b * b;
-        if self.shards[shard].pending.as_ref().map(|p| p.start) != Some(start) {
+        if self.feeds[shard].pending.as_ref().map(|p| p.start) != Some(start) {
             self.flush_pending(shard)?;
             let s = &self.shards[shard];
             let len = (start + b).min(s.io.len()) - start;
             let mut orig = vec![0u8; len as usize];
             s.io.read_at(&mut orig, start)?;
             let new = orig.clone();
-            self.shards[shard].pending = Some(Pending { start, orig, new });
+            self.feeds[shard].pending = Some(Pending { start, orig, new });
         }
-        let p = self.shards[shard].pending.as_mut().expect("pending block");
+        let p = self.feeds[shard].pending.as_mut().expect("pending block");
         let rel = (at - p.start) as usize;
         bytes.read_into(0, &mut p.new[rel..rel + bytes.len()])
     }
 
     fn flush_pending(&mut self, shard: usize) -> Result<()> {
-        let Some(p) = self.shards[shard].pending.take() else {
+        let Some(p) = self.feeds[shard].pending.take() else {
             return Ok(());
         };
         if p.new == p.orig {
@@ -562,55 +596,134 @@ impl Syncer {
         }
     }
 
-    /// Makes the journal durable, then writes the held runs (in file order,
-    /// from [`IO_THREADS`] threads).
-    fn release(&self) -> Result<()> {
-        let Some(log) = &self.log else {
+    /// Hands the held runs to the committer (which makes the journal durable,
+    /// then writes them). Blocks while it is still busy with the previous batch,
+    /// so at most two batches are held in memory.
+    fn release(&mut self) -> Result<()> {
+        let Some(c) = &self.committer else {
             return Ok(());
         };
-        let mut runs = {
+        let runs = {
             let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
             h.bytes = 0;
             std::mem::take(&mut h.runs)
         };
         if runs.is_empty() {
-            return Ok(());
+            return c.check();
         }
-        log.barrier()?;
-        runs.sort_unstable_by_key(|r| (r.shard, r.offset));
-        let next = AtomicUsize::new(0);
-        let abort = AtomicBool::new(false);
-        let failed: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..IO_THREADS.min(runs.len()) {
-                scope.spawn(|| {
-                    let mut staging = Staging::default();
-                    while !abort.load(Ordering::Relaxed) {
-                        let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                            return;
-                        };
-                        let written =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                write_run(&self.shards[r.shard], r.offset, &r.data, &mut staging)
-                            }))
-                            .unwrap_or_else(|_| {
-                                Err(Error::Plan("a writer thread panicked".into()))
-                            });
-                        if let Err(e) = written {
-                            abort.store(true, Ordering::Relaxed);
-                            failed
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
-                        }
+        c.submit(runs)
+    }
+}
+
+/// A batch of changed runs whose old bytes are journaled.
+type Batch = Vec<WriteReq<'static>>;
+
+/// The background thread of a journaled sync: for each batch, a journal
+/// barrier, then the in-place writes.
+struct Committer {
+    tx: Option<SyncSender<Batch>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<Error>>>,
+}
+
+impl Committer {
+    fn spawn(shards: Arc<Vec<Shard>>, log: Arc<UndoLog>) -> Result<Self> {
+        let (tx, rx) = sync_channel::<Batch>(1);
+        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
+        let slot = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("apollo-sync-commit".into())
+            .spawn(move || {
+                for batch in rx {
+                    if slot.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                        continue; // drain: the feed learns of the failure and stops
                     }
-                });
-            }
-        });
-        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                    if let Err(e) = commit_batch(&shards, &log, batch) {
+                        slot.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            })
+            .map_err(|e| Error::Plan(format!("cannot start the commit thread: {e}")))?;
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    /// The first error of an earlier batch, if any.
+    fn check(&self) -> Result<()> {
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    fn submit(&self, batch: Batch) -> Result<()> {
+        self.check()?;
+        let tx = self.tx.as_ref().expect("open until finish");
+        if tx.send(batch).is_err() {
+            return Err(Error::Plan("the commit thread stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch to be durable and written.
+    fn finish(mut self) -> Result<()> {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| Error::Plan("the commit thread panicked".into()))?;
+        }
+        self.check()
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A journal barrier, then the batch's in-place writes in file order from
+/// [`IO_THREADS`] threads.
+fn commit_batch(shards: &[Shard], log: &UndoLog, mut runs: Batch) -> Result<()> {
+    log.barrier()?;
+    runs.sort_unstable_by_key(|r| (r.shard, r.offset));
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..IO_THREADS.min(runs.len()) {
+            scope.spawn(|| {
+                let mut staging = Staging::default();
+                while !abort.load(Ordering::Relaxed) {
+                    let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        write_run(&shards[r.shard], r.offset, &r.data, &mut staging)
+                    }))
+                    .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
+                    if let Err(e) = written {
+                        abort.store(true, Ordering::Relaxed);
+                        failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
