@@ -37,6 +37,7 @@ from apollo_sync.errors import (
     UnsafeShardError,
 )
 from apollo_sync.steps import StepCounter
+from apollo_sync.stream import Placement
 from conftest import dir_digest, randn, write_model
 
 Factory = Callable[..., Path]
@@ -131,6 +132,29 @@ def test_without_a_journal_the_generation_cannot_be_rolled_back(model_factory: F
     assert not gens.Layout(root).journals()
     with pytest.raises(RollbackError, match="synced without a journal"):
         gens.rollback(root, 0)
+
+
+def test_an_exception_mid_sync_puts_the_files_back(
+    model_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync_module = sys.modules["apollo_sync.sync"]  # the name apollo_sync.sync is the function
+    live = base()
+    root = model_factory(live, shards=3)
+    before = shards_digest(root)
+    step(live, seed=1)
+    real = sync_module.stream_into
+
+    def interrupted(syncer: object, plan: list[Placement], **kw: object) -> None:
+        # every shard but the last: the commit thread is writing the first ones
+        real(syncer, [p for p in plan if p.shard < 2], **kw)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sync_module, "stream_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apollo_sync.sync(root, live)
+    time.sleep(0.2)  # a writer left running would show up now
+    assert shards_digest(root) == before
+    assert gens.history(root).generation == 0 and not gens.Layout(root).journals()
 
 
 # --- the lock ----------------------------------------------------------------------------

@@ -323,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         msg = str(e).strip() or type(e).__name__
         print(f"apollo-sync: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        for note in getattr(e, "__notes__", []):
+            print(f"apollo-sync: note: {note}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("apollo-sync: interrupted", file=sys.stderr)

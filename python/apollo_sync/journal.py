@@ -411,8 +411,10 @@ def rollback(
         number = current + 1
         try:
             report = rollback_journals(paths, layout.root, layout.undo_path(number), number)
-        except BaseException:
-            undo_uncommitted(layout, number)
+        except BaseException as e:
+            note = undo_uncommitted(layout, number)
+            if note:
+                e.add_note(note)
             raise
         undo_path = layout.undo_path(number)
         undo_bytes = read_journal(undo_path).bytes if undo_path.exists() else 0
@@ -432,13 +434,20 @@ def rollback(
         return generation
 
 
-def undo_uncommitted(layout: Layout, number: int) -> None:
-    """After a failed sync or rollback: puts back what it wrote, if it can.
-    If it cannot (the disk is gone), the journal stays for the next recovery."""
+def undo_uncommitted(layout: Layout, number: int) -> str | None:
+    """After a failed sync or rollback: puts back what it wrote. Returns None when
+    done (or when it wrote nothing); otherwise why it could not (the disk is gone,
+    say): the journal then stays for the next recovery."""
     path = layout.undo_path(number)
     if not path.exists():
-        return
-    with contextlib.suppress(ApolloSyncError, OSError):
+        return None
+    try:
         undo_journal(path, layout.root)
         path.unlink()
         _fsync_dir(layout.undo_dir)
+    except (ApolloSyncError, OSError) as e:
+        return (
+            f"could not yet put back what generation {number} wrote ({e}); its journal "
+            f"{path} stays, and `apollo-sync recover` (or the next sync) will undo it"
+        )
+    return None

@@ -31,6 +31,7 @@ from apollo_sync import journal as gens
 from apollo_sync._core import MAX_BLOCK, MIN_BLOCK, Syncer, read_journal
 from apollo_sync.errors import (
     HandlesError,
+    JournalError,
     LayoutError,
     PlanError,
     RefusedError,
@@ -293,8 +294,10 @@ def _sync_locked(
             before = counter.wait_even(lock_timeout) if counter is not None else None
             try:
                 result = _run(md, live, options, spec)
-            except BaseException:
-                gens.undo_uncommitted(layout, number)
+            except BaseException as e:
+                note = gens.undo_uncommitted(layout, number)
+                if note:
+                    e.add_note(note)
                 raise
             if counter is None or counter.value() == before:
                 break
@@ -303,7 +306,9 @@ def _sync_locked(
                     f"{root}: the producer stepped during a sync without a journal; the "
                     "files may mix two training steps until the next sync"
                 )
-            gens.undo_uncommitted(layout, number)
+            note = gens.undo_uncommitted(layout, number)
+            if note:
+                raise JournalError(f"{root}: the producer stepped during the sync; {note}")
             retries += 1
             if retries > step_retries:
                 raise TornSyncError(
@@ -425,6 +430,9 @@ def _run(
     try:
         stream_into(syncer, placements, progress=bar.update if bar else None)
         reports = syncer.finish()
+    except BaseException:
+        syncer.abort()  # nothing it queued is written once this returns
+        raise
     finally:
         if bar:
             bar.close()

@@ -365,8 +365,19 @@ impl Syncer {
         let result = self.feed_checked(segments);
         // A batch that failed halfway leaves blocks of it written and others
         // not: refuse to go on as if it had not happened.
-        self.broken = result.is_err();
+        if result.is_err() {
+            self.abort();
+        }
         result
+    }
+
+    /// Abandons the sync: stops the commit thread (dropping batches not yet
+    /// written) and waits for it, so that nothing this sync queued is written
+    /// afterwards; further feeds are refused. What was written is in the
+    /// journal, for the caller to undo.
+    pub fn abort(&mut self) {
+        self.broken = true;
+        drop(self.committer.take());
     }
 
     fn usable(&self) -> Result<()> {
@@ -624,21 +635,25 @@ struct Committer {
     tx: Option<SyncSender<Batch>>,
     thread: Option<std::thread::JoinHandle<()>>,
     failed: Arc<Mutex<Option<Error>>>,
+    /// Set to stop: batches not yet started are dropped, writers stop between runs.
+    abort: Arc<AtomicBool>,
 }
 
 impl Committer {
     fn spawn(shards: Arc<Vec<Shard>>, log: Arc<UndoLog>) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let failed: Arc<Mutex<Option<Error>>> = Arc::default();
-        let slot = failed.clone();
+        let abort: Arc<AtomicBool> = Arc::default();
+        let (slot, stop) = (failed.clone(), abort.clone());
         let thread = std::thread::Builder::new()
             .name("apollo-sync-commit".into())
             .spawn(move || {
                 for batch in rx {
-                    if slot.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-                        continue; // drain: the feed learns of the failure and stops
+                    if stop.load(Ordering::Relaxed) {
+                        continue; // drain without writing: the sync is being abandoned
                     }
-                    if let Err(e) = commit_batch(&shards, &log, batch) {
+                    if let Err(e) = commit_batch(&shards, &log, batch, &stop) {
+                        stop.store(true, Ordering::Relaxed);
                         slot.lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get_or_insert(e);
@@ -650,6 +665,7 @@ impl Committer {
             tx: Some(tx),
             thread: Some(thread),
             failed,
+            abort,
         })
     }
 
@@ -682,7 +698,11 @@ impl Committer {
 }
 
 impl Drop for Committer {
+    /// Stops without writing what is still queued, and waits for the thread:
+    /// once a sync is abandoned, nothing may write behind the back of whoever
+    /// undoes it.
     fn drop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
         drop(self.tx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -692,7 +712,7 @@ impl Drop for Committer {
 
 /// A journal barrier, then the batch's in-place writes in file order from
 /// [`IO_THREADS`] threads.
-fn commit_batch(shards: &[Shard], log: &UndoLog, mut runs: Batch) -> Result<()> {
+fn commit_batch(shards: &[Shard], log: &UndoLog, mut runs: Batch, stop: &AtomicBool) -> Result<()> {
     log.barrier()?;
     runs.sort_unstable_by_key(|r| (r.shard, r.offset));
     let next = AtomicUsize::new(0);
@@ -702,7 +722,7 @@ fn commit_batch(shards: &[Shard], log: &UndoLog, mut runs: Batch) -> Result<()> 
         for _ in 0..IO_THREADS.min(runs.len()) {
             scope.spawn(|| {
                 let mut staging = Staging::default();
-                while !abort.load(Ordering::Relaxed) {
+                while !abort.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };

@@ -174,6 +174,16 @@ impl Syncer {
         result.map_err(to_py)
     }
 
+    /// Abandons the sync: waits for the commit thread to stop, dropping what
+    /// it has not written yet, so that nothing is written after this returns.
+    /// (What was written is in the journal.) A no-op once finished.
+    fn abort(&mut self, py: Python<'_>) {
+        if let Some(inner) = self.inner.as_mut() {
+            py.detach(|| inner.abort());
+        }
+        self.inner = None;
+    }
+
     /// Writes the last pending blocks, fsyncs every written shard, and
     /// returns one report per shard.
     fn finish(&mut self, py: Python<'_>) -> PyResult<Vec<ShardReport>> {
