@@ -222,6 +222,23 @@ def test_symlinked_and_hard_linked_shards_are_refused_or_copied(tmp_path: Path) 
     assert apollo_sync.sync(root, live).total_changed == 0
 
 
+def test_rollback_refuses_a_shard_that_became_a_symlink(
+    model_factory: Factory, tmp_path: Path
+) -> None:
+    live = base()
+    root = model_factory(live)
+    step(live, seed=1)
+    apollo_sync.sync(root, live)
+    shard = root / "model.safetensors"
+    blob = tmp_path / "blob.safetensors"
+    shutil.move(shard, blob)
+    os.symlink(blob, shard)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    with pytest.raises(UnsafeShardError, match="symlink"):
+        gens.rollback(root, 0)
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of its own (needs mount rights: root in a container that allows it)."""

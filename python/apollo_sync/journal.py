@@ -37,6 +37,8 @@ from typing import Any
 
 from apollo_sync._core import JournalInfo, read_journal, rollback_journals, undo_journal
 from apollo_sync.errors import ApolloSyncError, JournalError, LockedError, RollbackError
+from apollo_sync.model_dir import ModelDir
+from apollo_sync.shards import check_shards
 
 STATE_DIRNAME = ".apollo_sync"
 FORMAT = 1
@@ -389,6 +391,7 @@ def rollback(
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
         recover_locked(layout)
+        check_shards(ModelDir.open(model_dir), private_copy=False)
         state = load_state(layout)
         current = state.generation
         if not 0 <= to < current:

@@ -13,11 +13,8 @@ committed one (see :mod:`apollo_sync.journal`).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import resource
-import shutil
-import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -36,13 +33,13 @@ from apollo_sync.errors import (
     PlanError,
     RefusedError,
     TornSyncError,
-    UnsafeShardError,
 )
 from apollo_sync.handles import Handles, load_handles
 from apollo_sync.layouts import LayoutMap, map_tensors, tied_embeddings
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
 from apollo_sync.refusals import check_producer
+from apollo_sync.shards import check_shards
 from apollo_sync.steps import StepCounter
 from apollo_sync.stream import Placement, stream_into
 from apollo_sync.upcast import resolve
@@ -280,12 +277,12 @@ def _sync_locked(
     md = ModelDir.open(root)
     check_mapping(md, live, allow_unmatched=options.allow_unmatched)
     if not private_copy:
-        _check_shards(md, private_copy=False)
+        check_shards(md, private_copy=False)
     layout = gens.Layout(root)
     with gens.ModelLock(root, lock_timeout):
         recovered = [r.generation for r in gens.recover_locked(layout)]
         md = ModelDir.open(root)
-        md = _check_shards(md, private_copy)
+        md = check_shards(md, private_copy)
         state = gens.load_state(layout)
         number = state.generation + 1
         spec = (layout.undo_path(number), number) if journal else None
@@ -347,60 +344,6 @@ def _tensor_ranges(md: ModelDir) -> list[tuple[str, str, int, int]]:
     return [
         (Path(md.headers[t.shard].path).name, t.name, t.start, t.end) for t in md.tensors.values()
     ]
-
-
-def _check_shards(md: ModelDir, private_copy: bool) -> ModelDir:
-    """Refuses shards that must not be written in place, or replaces them by
-    private copies when asked. Returns the directory to sync (re-read when a
-    shard was replaced)."""
-    shared: list[str] = []
-    for h in md.headers:
-        path = Path(h.path)
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            shared.append(f"{path.name} is a symlink to {os.readlink(path)}")
-        elif st.st_nlink > 1:
-            shared.append(f"{path.name} has {st.st_nlink - 1} other hard link(s)")
-    if shared and not private_copy:
-        raise UnsafeShardError(
-            f"{md.path}: writing in place would also change other copies of these shards "
-            "(a Hugging Face cache blob, a hard-linked snapshot): "
-            + "; ".join(shared[:5])
-            + ". Nothing was written. Pass --private-copy to replace them by private "
-            "copies first (a reflink where the filesystem supports it)."
-        )
-    for h in md.headers:
-        path = Path(h.path)
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1:
-            _replace_by_copy(path)
-    for h in md.headers:
-        if not os.access(h.path, os.W_OK):
-            raise UnsafeShardError(f"{h.path}: not writable by this user; nothing was written")
-    return ModelDir.open(md.path) if shared else md
-
-
-_FICLONE = 0x40049409
-
-
-def _replace_by_copy(path: Path) -> None:
-    """Replaces ``path`` (a symlink or a hard link) by a private copy of its bytes,
-    atomically and durably: a reflink where the filesystem can, else a copy."""
-    tmp = path.with_name(f".{path.name}.apollo_sync-copy")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
-        try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-        except OSError:
-            shutil.copyfileobj(src, dst, 16 << 20)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _run(
