@@ -312,10 +312,11 @@ def touched_tensors(info: JournalInfo, tensors: Sequence[tuple[str, str, int, in
         by_shard.setdefault(shard, []).append((start, end, name))
     for ranges in by_shard.values():
         ranges.sort()
+    starts_of = {shard: [r[0] for r in ranges] for shard, ranges in by_shard.items()}
     found: set[str] = set()
     for shard_index, offset, length in info.runs:
         ranges = by_shard.get(info.shards[shard_index], [])
-        starts = [r[0] for r in ranges]
+        starts = starts_of.get(info.shards[shard_index], [])
         i = max(bisect.bisect_right(starts, offset) - 1, 0)
         while i < len(ranges) and ranges[i][0] < offset + length:
             if ranges[i][1] > offset:
