@@ -11,6 +11,7 @@ summary. No GPU is needed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import IO, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from apollo_sync import journal as gens
 from apollo_sync.handles import export_handles, load_handles
 from apollo_sync.model_dir import ModelDir
 from apollo_sync.sync import SyncResult, sync
@@ -264,6 +266,7 @@ def run_demo(
         os.sync()  # so the disk column counts the syncs, not the model's first writeback
         handles = workdir / "handles" / "weight_handles.pt"
         rows: list[tuple[str, int, SyncResult, bool]] = []
+        digests: dict[int, str] = {}  # generation -> sha256 of the shards
         with Producer(model, handles, fraction=fraction) as prod:
             for step in range(steps + 1):
                 touched = prod.step() if step else 0
@@ -272,16 +275,49 @@ def run_demo(
                     result = sync(handles=h, block_size=block_size, progress=sys.stderr.isatty())
                     ok = not mismatches(ModelDir.open(model), h.tensors)
                 rows.append((label, touched, result, ok))
+                if result.generation is not None:
+                    digests[result.generation] = _shards_digest(model)
                 print(
                     f"{label}: {result.total_changed / 1e6:.2f} MB changed, "
                     f"verified={'yes' if ok else 'NO'}",
                     file=sys.stderr,
                 )
         _summary(rows)
-        return 0 if all(ok for *_, ok in rows) else 1
+        rolled = _rollback_check(model, digests)
+        return 0 if rolled and all(ok for *_, ok in rows) else 1
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _shards_digest(model: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(model.glob("*.safetensors")):
+        with open(p, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _rollback_check(model: Path, digests: dict[int, str]) -> bool:
+    """Rolls the directory back to the first step's generation and forward again,
+    checking the files each time against what that sync left."""
+    if len(digests) < 2:
+        return True
+    first, last = min(digests), max(digests)
+    back = gens.rollback(model, first)
+    ok_back = _shards_digest(model) == digests[first]
+    gens.rollback(model, last)  # a rollback is a generation: undo it too
+    ok_forward = _shards_digest(model) == digests[last]
+    from apollo_sync.cli import render_history
+
+    print(
+        f"\nrollback to generation {first} (as generation {back.number}): files equal what "
+        f"that sync wrote: {'yes' if ok_back else 'NO'}; and forward to {last} again: "
+        f"{'yes' if ok_forward else 'NO'}\n\napollo-sync history:\n"
+        + render_history(gens.history(model))
+    )
+    return ok_back and ok_forward
 
 
 def _summary(rows: list[tuple[str, int, SyncResult, bool]]) -> None:
@@ -294,6 +330,7 @@ def _summary(rows: list[tuple[str, int, SyncResult, bool]]) -> None:
         "disk writes",
         "time",
         "GB/s",
+        "generation",
         "files == live",
     )
     table = [head]
@@ -308,6 +345,7 @@ def _summary(rows: list[tuple[str, int, SyncResult, bool]]) -> None:
                 "n/a" if r.disk_bytes_written is None else f"{r.disk_bytes_written / 1e6:.3f} MB",
                 f"{r.seconds:.3f} s",
                 f"{r.gb_per_s:.2f}",
+                "-" if r.generation is None else str(r.generation),
                 "yes" if ok else "NO",
             )
         )
