@@ -89,5 +89,11 @@ def test_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = cli("demo", "--size-mb", "16", "--steps", "2", "--dir", str(tmp_path)).stdout
     lines = out.strip().splitlines()
-    assert lines[0].split()[0] == "sync" and len(lines) == 2 + 3
-    assert all(line.rstrip().endswith("yes") for line in lines[2:])
+    assert lines[0].split()[0] == "sync"
+    assert all(line.rstrip().endswith("yes") for line in lines[2:5])  # files == live
+    assert [line.split()[-2] for line in lines[2:5]] == ["-", "1", "2"]  # generations
+    assert (
+        "rollback to generation 1 (as generation 3): files equal what that sync wrote: yes;" in out
+    )
+    assert "and forward to 2 again: yes" in out
+    assert "rollback to 2" in out and "<- current" in out  # the history
