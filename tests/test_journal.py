@@ -414,7 +414,14 @@ def test_a_kill_during_rollback_recovers_to_the_generation_before_it(
 
 @pytest.mark.parametrize(
     ("point", "errno_"),
-    [("journal:3", 28), ("barrier:1", 5), ("write:2", 28), ("write:7", 5), ("fsync:1", 5)],
+    [
+        ("journal:3", 28),
+        ("barrier:1", 5),
+        ("write:2", 28),
+        ("write:7", 5),
+        ("fsync:1", 5),
+        ("commit:1", 28),  # writing state.json: the written blocks are put back
+    ],
 )
 def test_enospc_and_eio_leave_the_last_generation(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str, errno_: int
@@ -426,6 +433,18 @@ def test_enospc_and_eio_leave_the_last_generation(
     assert shards_digest(root) == old  # put back at once, not left for recovery
     assert gens.history(root).generation == 1
     assert sorted(gens.Layout(root).journals()) == [1]
+
+
+def test_a_failed_prune_is_a_warning_and_the_generation_stays_committed(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
+) -> None:
+    root, live_path, _, new = crash_case
+    p = run_child(root, live_path, env={"APOLLO_SYNC_FAIL_AT": "prune:1:5"}, keep=1)
+    assert p.returncode == 0, p.stderr
+    assert shards_digest(root) == new and gens.history(root).generation == 2
+    assert sorted(gens.Layout(root).journals()) == [1, 2]  # the prune is retried later
+    apollo_sync.recover(root)
+    assert sorted(gens.Layout(root).journals()) == [2]
 
 
 def test_a_damaged_journal_is_reported_and_nothing_applied(

@@ -38,6 +38,8 @@ def print_result(r: SyncResult) -> None:
         f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
         f"{r.tensors_on_disk_only} on disk only"
     )
+    for w in r.warnings:
+        print(f"apollo-sync: warning: {w}", file=sys.stderr)
     if r.recovered:
         print(f"recovered      undid interrupted generation(s) {r.recovered} first")
     if r.generation is not None:

@@ -101,11 +101,12 @@ class Layout:
         return self.undo_dir / f"{number}.undo"
 
     def ensure(self) -> None:
-        """Creates the directories (private to the user), durably."""
+        """Creates the directories (private to the user), durably: their entries
+        are fsynced every time, since a process killed between a mkdir and its
+        fsync leaves a directory that exists but might not survive a power loss."""
         for d in (self.meta, self.undo_dir):
-            if not d.is_dir():
-                d.mkdir(mode=0o700, exist_ok=True)
-                _fsync_dir(d.parent)
+            d.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(d.parent)
 
     def journals(self) -> dict[int, Path]:
         """Undo journals present, by generation number."""
@@ -227,13 +228,15 @@ def save_state(layout: Layout, state: State) -> None:
         "generation": state.generation,
         "history": [g.to_dict() for g in state.history],
     }
+    data = json.dumps(body, indent=1).encode()
     tmp = layout.state_path.with_suffix(".json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(body, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(fd, "wb") as f:  # write() loops over short writes; a full disk raises
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        if os.fstat(f.fileno()).st_size != len(data):
+            raise OSError(f"{tmp}: short write of the state file")
     fault_point("commit")
     os.replace(tmp, layout.state_path)
     _fsync_dir(layout.meta)
@@ -360,6 +363,12 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
     return sorted(drop)
 
 
+def default_budget(model_dir: str | os.PathLike[str]) -> int:
+    """The default undo byte budget: a tenth of the model's shards."""
+    size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    return int(DEFAULT_BUDGET_FRACTION * size)
+
+
 def prune(
     model_dir: str | os.PathLike[str],
     *,
@@ -367,11 +376,13 @@ def prune(
     max_bytes: int | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> list[int]:
-    """Drops old rollback points (see :func:`prune_locked`)."""
+    """Drops old rollback points (see :func:`prune_locked`); ``max_bytes``
+    defaults to :func:`default_budget`."""
     with ModelLock(model_dir, lock_timeout):
         layout = Layout(model_dir)
         recover_locked(layout)
-        return prune_locked(layout, keep, max_bytes)
+        budget = default_budget(model_dir) if max_bytes is None else max_bytes
+        return prune_locked(layout, keep, budget)
 
 
 def history(model_dir: str | os.PathLike[str]) -> State:
@@ -421,21 +432,39 @@ def rollback(
                 e.add_note(note)
             raise
         undo_path = layout.undo_path(number)
-        undo_bytes = read_journal(undo_path).bytes if undo_path.exists() else 0
-        tensors = sorted({t for g in steps if g is not None for t in g.tensors})
-        generation = Generation(
-            number=number,
-            time=time.time(),
-            kind="rollback",
-            bytes_changed=report.bytes,
-            undo_bytes=undo_bytes,
-            undo=undo_path.exists(),
-            files=list(report.files),
-            tensors=tensors,
-            rollback_to=to,
-        )
-        commit(layout, state, generation)
+        try:
+            undo_bytes = read_journal(undo_path).bytes if undo_path.exists() else 0
+            tensors = sorted({t for g in steps if g is not None for t in g.tensors})
+            generation = Generation(
+                number=number,
+                time=time.time(),
+                kind="rollback",
+                bytes_changed=report.bytes,
+                undo_bytes=undo_bytes,
+                undo=undo_path.exists(),
+                files=list(report.files),
+                tensors=tensors,
+                rollback_to=to,
+            )
+            commit(layout, state, generation)
+        except BaseException as e:
+            undo_unless_committed(layout, number, e)
+            raise
         return generation
+
+
+def undo_unless_committed(layout: Layout, number: int, error: BaseException) -> None:
+    """After a failure while committing generation ``number``: if the state on
+    disk does not say it is committed, puts back what it wrote (noting on
+    ``error`` if that cannot be done now)."""
+    try:
+        committed = load_state(layout).generation == number
+    except JournalError:
+        committed = False
+    if not committed:
+        note = undo_uncommitted(layout, number)
+        if note:
+            error.add_note(note)
 
 
 def undo_uncommitted(layout: Layout, number: int) -> str | None:

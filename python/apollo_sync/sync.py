@@ -27,6 +27,7 @@ import torch
 from apollo_sync import journal as gens
 from apollo_sync._core import MAX_BLOCK, MIN_BLOCK, Syncer, read_journal
 from apollo_sync.errors import (
+    ApolloSyncError,
     HandlesError,
     JournalError,
     LayoutError,
@@ -99,6 +100,8 @@ class SyncResult:
     recovered: list[int] = field(default_factory=list)
     #: Times the sync was redone because the producer stepped during it.
     retries: int = 0
+    #: Things that went wrong after the generation was committed (pruning).
+    warnings: list[str] = field(default_factory=list)
 
     def seeds_dict(self) -> dict[str, Any]:
         """The dict the seed script's ``checkpoint_sync`` returned."""
@@ -195,7 +198,8 @@ def sync(
     replaces it by a private copy (a reflink where the filesystem can).
     With a ``step_counter`` (the producer's, from the handles metadata by
     default), a sync during which the producer stepped is undone and redone, up
-    to ``step_retries`` times.
+    to ``step_retries`` times (without a journal it cannot be undone: it raises
+    :class:`TornSyncError` at once).
     """
     if tensors is not None and handles is not None:
         raise TypeError("pass either tensors or handles, not both")
@@ -315,28 +319,33 @@ def _sync_locked(
         result = replace(result, recovered=recovered, retries=retries)
         if result.total_changed == 0:
             return result
-        undo_bytes, tensors = 0, []
-        if spec is not None:
-            info = read_journal(spec[0])
-            undo_bytes = info.bytes
-            tensors = gens.touched_tensors(info, _tensor_ranges(md))
-        generation = gens.Generation(
-            number=number,
-            time=time.time(),
-            kind="sync",
-            bytes_changed=result.total_changed,
-            undo_bytes=undo_bytes,
-            undo=spec is not None,
-            files=result.files_changed,
-            tensors=tensors,
-        )
-        gens.commit(layout, state, generation)
-        budget = (
-            undo_budget
-            if undo_budget is not None
-            else int(gens.DEFAULT_BUDGET_FRACTION * sum(h.file_len for h in md.headers))
-        )
-        gens.prune_locked(layout, keep, budget)
+        try:
+            undo_bytes, tensors = 0, []
+            if spec is not None:
+                info = read_journal(spec[0])
+                undo_bytes = info.bytes
+                tensors = gens.touched_tensors(info, _tensor_ranges(md))
+            generation = gens.Generation(
+                number=number,
+                time=time.time(),
+                kind="sync",
+                bytes_changed=result.total_changed,
+                undo_bytes=undo_bytes,
+                undo=spec is not None,
+                files=result.files_changed,
+                tensors=tensors,
+            )
+            gens.commit(layout, state, generation)
+        except BaseException as e:
+            gens.undo_unless_committed(layout, number, e)
+            raise
+        budget = gens.default_budget(root) if undo_budget is None else undo_budget
+        warnings: list[str] = []
+        try:
+            gens.prune_locked(layout, keep, budget)
+        except (ApolloSyncError, OSError) as e:  # committed all the same
+            warnings.append(f"pruning old undo data failed ({e}); it is retried next time")
+        result = replace(result, warnings=warnings)
         return replace(result, generation=number)
 
 

@@ -23,4 +23,4 @@ pub use error::{Error, Result};
 pub use header::{Header, TensorEntry};
 pub use journal::{UndoJournal, UndoLog, UndoReport};
 pub use live::Live;
-pub use sync::{JournalSpec, Options, Segment, ShardReport, ShardSpec, Syncer};
+pub use sync::{AbortHandle, JournalSpec, Options, Segment, ShardReport, ShardSpec, Syncer};

@@ -24,7 +24,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rayon::prelude::*;
 
@@ -184,6 +184,30 @@ struct Scratch {
     runs: Vec<Range<usize>>,
 }
 
+/// Stops a sync's in-place writes from any thread. Once [`abort`](Self::abort)
+/// returns, no write of the sync is in flight and none will start: whoever
+/// undoes the sync afterwards is not raced by it.
+#[derive(Clone, Default)]
+pub struct AbortHandle(Arc<RwLock<bool>>);
+
+impl AbortHandle {
+    /// Stops the writes, waiting for the ones in flight.
+    pub fn abort(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        *self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `write` unless aborted, holding [`abort`](Self::abort) off until
+    /// it returns.
+    fn guard<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        let aborted = self.0.read().unwrap_or_else(|e| e.into_inner());
+        (!*aborted).then(write)
+    }
+}
+
 /// A changed run on its way to a writer thread: borrowed from live memory, or
 /// copied out of a chunk read from a live file.
 struct WriteReq<'a> {
@@ -261,6 +285,7 @@ pub struct Syncer {
     /// With a journal: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
     committer: Option<Committer>,
+    stop: AbortHandle,
 }
 
 impl Syncer {
@@ -327,8 +352,9 @@ impl Syncer {
             (Some(j), false) => Some(Arc::new(UndoLog::new(j.path.clone(), j.generation, names))),
             _ => None,
         };
+        let stop = AbortHandle::default();
         let committer = match &log {
-            Some(log) => Some(Committer::spawn(shards.clone(), log.clone())?),
+            Some(log) => Some(Committer::spawn(shards.clone(), log.clone(), stop.clone())?),
             None => None,
         };
         Ok(Syncer {
@@ -342,6 +368,7 @@ impl Syncer {
             log,
             held: Mutex::new(Held::default()),
             committer,
+            stop,
         })
     }
 
@@ -377,7 +404,14 @@ impl Syncer {
     /// journal, for the caller to undo.
     pub fn abort(&mut self) {
         self.broken = true;
+        self.stop.abort();
         drop(self.committer.take());
+    }
+
+    /// A handle that aborts this sync's writes from another thread, even while
+    /// a [`feed`](Self::feed) is running.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.stop.clone()
     }
 
     fn usable(&self) -> Result<()> {
@@ -475,7 +509,7 @@ impl Syncer {
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|scope| {
             for _ in 0..IO_THREADS {
-                scope.spawn(|| write_loop(shards, &rx, &failed, &abort));
+                scope.spawn(|| write_loop(shards, &rx, &failed, &abort, &self.stop));
             }
             let diffed = diff_all(Sink::Queue(&tx));
             drop(tx); // writers finish the queue, then stop
@@ -636,24 +670,23 @@ struct Committer {
     thread: Option<std::thread::JoinHandle<()>>,
     failed: Arc<Mutex<Option<Error>>>,
     /// Set to stop: batches not yet started are dropped, writers stop between runs.
-    abort: Arc<AtomicBool>,
+    stop: AbortHandle,
 }
 
 impl Committer {
-    fn spawn(shards: Arc<Vec<Shard>>, log: Arc<UndoLog>) -> Result<Self> {
+    fn spawn(shards: Arc<Vec<Shard>>, log: Arc<UndoLog>, stop: AbortHandle) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let failed: Arc<Mutex<Option<Error>>> = Arc::default();
-        let abort: Arc<AtomicBool> = Arc::default();
-        let (slot, stop) = (failed.clone(), abort.clone());
+        let (slot, halt) = (failed.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("apollo-sync-commit".into())
             .spawn(move || {
                 for batch in rx {
-                    if stop.load(Ordering::Relaxed) {
+                    if halt.is_aborted() {
                         continue; // drain without writing: the sync is being abandoned
                     }
-                    if let Err(e) = commit_batch(&shards, &log, batch, &stop) {
-                        stop.store(true, Ordering::Relaxed);
+                    if let Err(e) = commit_batch(&shards, &log, batch, &halt) {
+                        halt.abort();
                         slot.lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get_or_insert(e);
@@ -665,7 +698,7 @@ impl Committer {
             tx: Some(tx),
             thread: Some(thread),
             failed,
-            abort,
+            stop,
         })
     }
 
@@ -702,7 +735,7 @@ impl Drop for Committer {
     /// once a sync is abandoned, nothing may write behind the back of whoever
     /// undoes it.
     fn drop(&mut self) {
-        self.abort.store(true, Ordering::Relaxed);
+        self.stop.abort();
         drop(self.tx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -712,7 +745,12 @@ impl Drop for Committer {
 
 /// A journal barrier, then the batch's in-place writes in file order from
 /// [`IO_THREADS`] threads.
-fn commit_batch(shards: &[Shard], log: &UndoLog, mut runs: Batch, stop: &AtomicBool) -> Result<()> {
+fn commit_batch(
+    shards: &[Shard],
+    log: &UndoLog,
+    mut runs: Batch,
+    stop: &AbortHandle,
+) -> Result<()> {
     log.barrier()?;
     runs.sort_unstable_by_key(|r| (r.shard, r.offset));
     let next = AtomicUsize::new(0);
@@ -722,14 +760,18 @@ fn commit_batch(shards: &[Shard], log: &UndoLog, mut runs: Batch, stop: &AtomicB
         for _ in 0..IO_THREADS.min(runs.len()) {
             scope.spawn(|| {
                 let mut staging = Staging::default();
-                while !abort.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                while !abort.load(Ordering::Relaxed) {
                     let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
-                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        write_run(&shards[r.shard], r.offset, &r.data, &mut staging)
-                    }))
-                    .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
+                    let Some(written) = stop.guard(|| {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            write_run(&shards[r.shard], r.offset, &r.data, &mut staging)
+                        }))
+                        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())))
+                    }) else {
+                        return; // aborted
+                    };
                     if let Err(e) = written {
                         abort.store(true, Ordering::Relaxed);
                         failed
@@ -820,6 +862,7 @@ fn write_loop(
     rx: &Mutex<Receiver<WriteReq<'_>>>,
     failed: &Mutex<Option<Error>>,
     abort: &AtomicBool,
+    stop: &AbortHandle,
 ) {
     let mut staging = Staging::default();
     loop {
@@ -830,10 +873,14 @@ fn write_loop(
         }
         // A panic here must not leave the diff blocked on a queue nobody
         // drains: it becomes an error like any other.
-        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            write_run(&shards[req.shard], req.offset, &req.data, &mut staging)
-        }))
-        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())));
+        let Some(written) = stop.guard(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_run(&shards[req.shard], req.offset, &req.data, &mut staging)
+            }))
+            .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())))
+        }) else {
+            continue; // aborted: drain without writing
+        };
         if let Err(e) = written {
             abort.store(true, Ordering::Relaxed);
             failed

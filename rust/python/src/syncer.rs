@@ -4,6 +4,7 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use apollo_sync_core as core;
 use pyo3::buffer::PyBuffer;
@@ -97,9 +98,13 @@ impl Source {
 /// written to an undo journal at `path` (created on the first change) and
 /// made durable before the run is overwritten; new bytes are held back, at
 /// most `hold_bytes` at a time, until then.
-#[pyclass(module = "apollo_sync._core")]
+#[pyclass(module = "apollo_sync._core", frozen)]
 pub struct Syncer {
-    inner: Option<core::Syncer>,
+    /// Locked by `feed` and `finish` for the duration of the work.
+    inner: Mutex<Option<core::Syncer>>,
+    /// Reaches the writers without the lock, so `abort` works while another
+    /// thread is inside `feed`.
+    stop: core::AbortHandle,
 }
 
 #[pymethods]
@@ -139,22 +144,18 @@ impl Syncer {
         let inner = py
             .detach(|| core::Syncer::new(specs, opts))
             .map_err(to_py)?;
-        Ok(Syncer { inner: Some(inner) })
+        let stop = inner.abort_handle();
+        Ok(Syncer {
+            inner: Mutex::new(Some(inner)),
+            stop,
+        })
     }
 
     /// Diffs `segments` — `(shard_index, file_offset, live)` — and writes the
     /// blocks that changed. `live` is a C-contiguous byte buffer, compared in
     /// place, or `(fd, offset, length)`: bytes of an open file, read with
     /// `pread` (the fd stays the caller's; it must stay open during the call).
-    fn feed(
-        &mut self,
-        py: Python<'_>,
-        segments: Vec<(usize, u64, Bound<'_, PyAny>)>,
-    ) -> PyResult<()> {
-        let inner = self
-            .inner
-            .as_mut()
-            .ok_or_else(|| PyRuntimeError::new_err("this Syncer has already finished"))?;
+    fn feed(&self, py: Python<'_>, segments: Vec<(usize, u64, Bound<'_, PyAny>)>) -> PyResult<()> {
         let mut sources = Vec::with_capacity(segments.len());
         for (i, (_, _, obj)) in segments.iter().enumerate() {
             sources.push(Source::extract(i, obj)?);
@@ -168,30 +169,46 @@ impl Syncer {
                 data: src.live(),
             })
             .collect();
-        let result = py.detach(|| inner.feed(&segs));
+        let result = py.detach(|| {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_mut() {
+                Some(inner) => inner.feed(&segs).map_err(to_py),
+                None => Err(PyRuntimeError::new_err(
+                    "this Syncer has finished or was aborted",
+                )),
+            }
+        });
         drop(segs);
         drop(sources); // buffers are released with the GIL held
-        result.map_err(to_py)
+        result
     }
 
-    /// Abandons the sync: waits for the commit thread to stop, dropping what
-    /// it has not written yet, so that nothing is written after this returns.
-    /// (What was written is in the journal.) A no-op once finished.
-    fn abort(&mut self, py: Python<'_>) {
-        if let Some(inner) = self.inner.as_mut() {
-            py.detach(|| inner.abort());
-        }
-        self.inner = None;
+    /// Abandons the sync: once this returns, no write of it is in flight and
+    /// none will start (what was written is in the journal, for the caller to
+    /// undo). Safe to call from any thread, also while another is in `feed`.
+    fn abort(&self, py: Python<'_>) {
+        py.detach(|| {
+            self.stop.abort();
+            if let Ok(mut guard) = self.inner.try_lock() {
+                if let Some(mut inner) = guard.take() {
+                    inner.abort(); // joins the commit thread
+                }
+            }
+        });
     }
 
     /// Writes the last pending blocks, fsyncs every written shard, and
     /// returns one report per shard.
-    fn finish(&mut self, py: Python<'_>) -> PyResult<Vec<ShardReport>> {
-        let inner = self
-            .inner
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this Syncer has already finished"))?;
-        let reports = py.detach(|| inner.finish()).map_err(to_py)?;
+    fn finish(&self, py: Python<'_>) -> PyResult<Vec<ShardReport>> {
+        let reports = py.detach(|| {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match inner {
+                Some(inner) => inner.finish().map_err(to_py),
+                None => Err(PyRuntimeError::new_err(
+                    "this Syncer has finished or was aborted",
+                )),
+            }
+        })?;
         Ok(reports.into_iter().map(ShardReport::from).collect())
     }
 }
