@@ -487,19 +487,10 @@ def child_consumer(spec: dict[str, Any]) -> None:
 
 def child_seed(spec: dict[str, Any]) -> None:
     """The seed's ``checkpoint_sync`` on the same handles file, timed in its process."""
-    import importlib.util
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    mod_spec = importlib.util.spec_from_file_location("checkpoint_sync_seed", e2e.SEED_SCRIPT)
-    seed = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(seed)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_oublock
-    t0 = time.perf_counter()
-    stats = seed.checkpoint_sync(spec["model_dir"], spec["handles"], BLOCK)
-    secs = time.perf_counter() - t0
-    dev = (resource.getrusage(resource.RUSAGE_SELF).ru_oublock - before) * 512
-    e2e._write_result({"call_s": secs, "device_bytes_call": dev, **stats})
+    e2e.child_seed(spec)
 
 
 class RssSampler:

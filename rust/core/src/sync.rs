@@ -764,20 +764,10 @@ fn commit_batch(
                     let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
-                    let Some(written) = stop.guard(|| {
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            write_run(&shards[r.shard], r.offset, &r.data, &mut staging)
-                        }))
-                        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())))
-                    }) else {
-                        return; // aborted
-                    };
-                    if let Err(e) = written {
-                        abort.store(true, Ordering::Relaxed);
-                        failed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
+                    match writer_write(shards, r, &mut staging, stop) {
+                        None => return, // aborted
+                        Some(Err(e)) => fail(&failed, &abort, e),
+                        Some(Ok(())) => {}
                     }
                 }
             });
@@ -871,24 +861,38 @@ fn write_loop(
         if abort.load(Ordering::Relaxed) {
             continue;
         }
-        // A panic here must not leave the diff blocked on a queue nobody
-        // drains: it becomes an error like any other.
-        let Some(written) = stop.guard(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                write_run(&shards[req.shard], req.offset, &req.data, &mut staging)
-            }))
-            .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())))
-        }) else {
-            continue; // aborted: drain without writing
-        };
-        if let Err(e) = written {
-            abort.store(true, Ordering::Relaxed);
-            failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(e);
+        // Aborted: drain without writing (the diff must never block on a
+        // queue nobody drains).
+        if let Some(Err(e)) = writer_write(shards, &req, &mut staging, stop) {
+            fail(failed, abort, e);
         }
     }
+}
+
+/// One run written by a writer thread; `None` once the sync is aborted. A
+/// panic becomes an error like any other, so a writer never leaves the others
+/// (or the diff) waiting.
+fn writer_write(
+    shards: &[Shard],
+    r: &WriteReq<'_>,
+    staging: &mut Staging,
+    stop: &AbortHandle,
+) -> Option<Result<()>> {
+    stop.guard(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_run(&shards[r.shard], r.offset, &r.data, staging)
+        }))
+        .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())))
+    })
+}
+
+/// Records a writer's failure (the first one wins) and stops the other writers.
+fn fail(failed: &Mutex<Option<Error>>, abort: &AtomicBool, e: Error) {
+    abort.store(true, Ordering::Relaxed);
+    failed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert(e);
 }
 
 #[cfg(test)]
