@@ -105,6 +105,27 @@ def test_the_journal_records_exactly_the_tensors_touched(model_factory: Factory)
     assert gens.history(root).history[0].tensors == ["model.layers.3.mlp.weight"]
 
 
+def test_touched_tensors_matches_a_brute_force_overlap() -> None:
+    from types import SimpleNamespace
+
+    rng = random.Random(3)
+    for _ in range(50):
+        tensors, at = [], 80
+        for i in range(rng.randint(1, 30)):
+            size = rng.choice([0, 2, 100, 4096, 10_000])
+            tensors.append(("a.safetensors", f"t{i}", at, at + size))
+            at += size
+        runs = []
+        for _ in range(rng.randint(0, 20)):
+            off = rng.randrange(0, at + 1) // 512 * 512
+            runs.append((0, off, rng.choice([512, 4096, 8192])))
+        info = SimpleNamespace(shards=["a.safetensors", "b.safetensors"], runs=runs)
+        expected = sorted(
+            {n for _, n, s, e in tensors for _, o, ln in runs if s < o + ln and e > o and e > s}
+        )
+        assert gens.touched_tensors(info, tensors) == expected  # type: ignore[arg-type]
+
+
 def test_pruning_keeps_the_newest_and_refuses_rollback_past_them(model_factory: Factory) -> None:
     live = base()
     root = model_factory(live)

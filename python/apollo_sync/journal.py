@@ -23,7 +23,6 @@ Layout, under ``<model-dir>/.apollo_sync/``::
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import json
@@ -34,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from apollo_sync._core import JournalInfo, read_journal, rollback_journals, undo_journal
 from apollo_sync.errors import ApolloSyncError, JournalError, LockedError, RollbackError
@@ -309,22 +310,31 @@ def touched_tensors(info: JournalInfo, tensors: Sequence[tuple[str, str, int, in
     """Names of the tensors whose bytes the journal's runs overlap.
 
     ``tensors`` is ``(shard file name, tensor name, start, end)`` with absolute
-    file offsets."""
+    file offsets; tensors of one shard do not overlap (the headers were checked)."""
     by_shard: dict[str, list[tuple[int, int, str]]] = {}
     for shard, name, start, end in tensors:
-        by_shard.setdefault(shard, []).append((start, end, name))
-    for ranges in by_shard.values():
-        ranges.sort()
-    starts_of = {shard: [r[0] for r in ranges] for shard, ranges in by_shard.items()}
+        if end > start:  # an empty tensor has no byte to touch
+            by_shard.setdefault(shard, []).append((start, end, name))
+    if not info.runs:
+        return []
+    runs = np.asarray(info.runs, dtype=np.int64)  # (shard index, offset, length)
     found: set[str] = set()
-    for shard_index, offset, length in info.runs:
-        ranges = by_shard.get(info.shards[shard_index], [])
-        starts = starts_of.get(info.shards[shard_index], [])
-        i = max(bisect.bisect_right(starts, offset) - 1, 0)
-        while i < len(ranges) and ranges[i][0] < offset + length:
-            if ranges[i][1] > offset:
-                found.add(ranges[i][2])
-            i += 1
+    for index, shard in enumerate(info.shards):
+        ranges = sorted(by_shard.get(shard, []))
+        mine = runs[runs[:, 0] == index]
+        if not ranges or not len(mine):
+            continue
+        starts = np.array([r[0] for r in ranges], dtype=np.int64)
+        ends = np.array([r[1] for r in ranges], dtype=np.int64)
+        # tensors [first, last) overlap a run: the first ending after its start,
+        # up to the first starting at or after its end
+        first = np.searchsorted(ends, mine[:, 1], side="right")
+        last = np.searchsorted(starts, mine[:, 1] + mine[:, 2], side="left")
+        cover = np.zeros(len(ranges) + 1, dtype=np.int64)
+        np.add.at(cover, first, 1)
+        np.add.at(cover, last, -1)
+        hit = np.cumsum(cover[:-1]) > 0
+        found.update(ranges[k][2] for k in np.flatnonzero(hit))
     return sorted(found)
 
 

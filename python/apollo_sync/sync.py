@@ -350,9 +350,8 @@ def _sync_locked(
 
 
 def _tensor_ranges(md: ModelDir) -> list[tuple[str, str, int, int]]:
-    return [
-        (Path(md.headers[t.shard].path).name, t.name, t.start, t.end) for t in md.tensors.values()
-    ]
+    names = [Path(h.path).name for h in md.headers]
+    return [(names[t.shard], t.name, t.start, t.end) for t in md.tensors.values()]
 
 
 def _run(
