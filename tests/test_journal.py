@@ -97,6 +97,19 @@ def test_syncs_make_generations_and_rollback_restores_each_exactly(model_factory
         gens.rollback(root, 6)
 
 
+def test_journal_barriers_are_bounded_by_the_changed_shards(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live, shards=3)
+    step(live, seed=1, fraction=0.0005)  # a few blocks in every shard
+    r = apollo_sync.sync(root, live)
+    assert len(r.files_changed) == 3
+    info = apollo_sync._core.read_journal(gens.Layout(root).undo_path(1))
+    # each barrier is two fsyncs; a small change makes at most one per changed shard
+    # and a last one in finish (fewer when one feed covers several shards)
+    assert 1 <= info.barriers <= 3 + 1
+    assert info.bytes == r.bytes_journaled == r.total_changed
+
+
 def test_the_journal_records_exactly_the_tensors_touched(model_factory: Factory) -> None:
     live = base()
     root = model_factory(live)

@@ -305,6 +305,8 @@ pub struct UndoJournal {
     pub records: Vec<UndoRecord>,
     /// Bytes past the durable length (a torn tail, ignored).
     pub torn_tail: u64,
+    /// Barriers that made it durable (the commit slot's sequence number).
+    pub barriers: u64,
 }
 
 impl UndoJournal {
@@ -430,6 +432,7 @@ impl UndoJournal {
             shards,
             records,
             torn_tail: file_len - slot.durable_len,
+            barriers: slot.seq,
         })
     }
 

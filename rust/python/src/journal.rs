@@ -16,6 +16,8 @@ pub struct JournalInfo {
     records: u64,
     bytes: u64,
     torn_tail: u64,
+    /// Barriers that made it durable (each: two fsyncs).
+    barriers: u64,
     /// `(shard index, offset, length)` of each durable record.
     runs: Vec<(u32, u64, u32)>,
 }
@@ -51,6 +53,7 @@ pub fn read_journal(py: Python<'_>, path: PathBuf) -> PyResult<JournalInfo> {
         records: j.records.len() as u64,
         bytes: j.bytes(),
         torn_tail: j.torn_tail,
+        barriers: j.barriers,
         runs: j
             .records
             .iter()
