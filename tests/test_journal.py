@@ -481,6 +481,17 @@ def test_a_failed_prune_is_a_warning_and_the_generation_stays_committed(
     assert sorted(gens.Layout(root).journals()) == [2]
 
 
+def test_a_dry_run_warns_of_a_pending_recovery(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
+) -> None:
+    root, live_path, _, _ = crash_case
+    run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": "write:2"})
+    torn = shards_digest(root)
+    r = apollo_sync.sync(root, load_file(str(live_path)), dry_run=True)
+    assert any("awaits recovery" in w for w in r.warnings)
+    assert shards_digest(root) == torn  # a dry run changes nothing, recovery included
+
+
 def test_a_damaged_journal_is_reported_and_nothing_applied(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:

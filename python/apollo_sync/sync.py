@@ -232,8 +232,19 @@ def sync(
         if model_dir is None:
             raise TypeError("model_dir is required when live tensors are passed directly")
         options = _Options(block_size, dry_run, direct_io, threads, allow_unmatched, progress)
-        if dry_run:
-            return _run(ModelDir.open(model_dir), live, options, None)
+        if dry_run:  # writes nothing, so takes no lock and recovers nothing
+            result = _run(ModelDir.open(model_dir), live, options, None)
+            layout = gens.Layout(model_dir)
+            pending = [n for n in layout.journals() if n > gens.load_state(layout).generation]
+            if pending:
+                result = replace(
+                    result,
+                    warnings=[
+                        f"an interrupted sync (generation {max(pending)}) awaits recovery: "
+                        "the files compared may mix two generations (`apollo-sync recover`)"
+                    ],
+                )
+            return result
         return _sync_locked(
             Path(model_dir),
             live,
