@@ -245,6 +245,37 @@ def test_fused_experts_on_disk_pass_through(model_factory: Factory) -> None:
     )
 
 
+def test_fused_experts_stored_transposed_are_refused_even_when_square(
+    model_factory: Factory,
+) -> None:
+    # Llama 4 / GPT-OSS store gate_up_proj as [E, H, 2I] and down_proj as [E, I, H];
+    # with I == H, vLLM's w2 [E, H, I] has down_proj's shape but not its layout
+    disk = {
+        "model.layers.0.mlp.experts.gate_up_proj": randn(4, 16, 32, seed=1),
+        "model.layers.0.mlp.experts.down_proj": randn(4, 16, 16, seed=2),
+    }
+    root = model_factory(disk)
+    live = {
+        "model.layers.0.mlp.experts.w13_weight": randn(4, 32, 16, seed=3),
+        "model.layers.0.mlp.experts.w2_weight": randn(4, 16, 16, seed=4),
+    }
+    m = map_tensors({k: from_torch(k, v) for k, v in live.items()}, ModelDir.open(root).tensors)
+    assert not m.matches and {p.kind for p in m.problems} == {"refused"}
+    digest = dir_digest(root)
+    with pytest.raises(RefusedError, match="would need a transpose"):
+        sync(root, live)
+    assert dir_digest(root) == digest
+
+
+def test_an_untied_head_left_on_disk_is_warned_about(model_factory: Factory) -> None:
+    disk = {"model.embed_tokens.weight": randn(64, 16), "lm_head.weight": randn(64, 16, seed=1)}
+    root = model_factory(disk)  # no config.json: whether the model ties is unknown
+    live = {"model.embed_tokens.weight": randn(64, 16, seed=2)}
+    r = sync(root, live)
+    assert r.total_changed > 0
+    assert any("'lm_head.weight'" in w and "stale" in w for w in r.warnings)
+
+
 @pytest.mark.parametrize(
     ("experts", "intermediate", "match"),
     [

@@ -135,7 +135,7 @@ def to_vllm(hf: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
             pad = torch.zeros(-(-t.shape[0] // 64) * 64 - t.shape[0], t.shape[1], dtype=t.dtype)
             t = torch.cat([t, pad])
         if name.endswith(FP32_IN_CHECKPOINT):
-            t = t.to(torch.bfloat16)  # vLLM holds them in the model dtype
+            t = t.to(torch.bfloat16)  # norm.weight is bf16 in vLLM (A_log too in older builds)
         out[name] = t.clone()
     if arch == "qwen3_5":  # the multimodal model's text tower
         out = {"language_model." + k: v for k, v in out.items()}

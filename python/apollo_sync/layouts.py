@@ -188,13 +188,15 @@ class LayoutMap:
     """The outcome of mapping: what will be synced, what cannot be, what is left alone.
 
     ``skipped`` lists live tensors deliberately not written, with the reason (a
-    tied ``lm_head`` that the checkpoint does not store).
+    tied ``lm_head`` that the checkpoint does not store). ``warnings`` says what
+    may be wrong but cannot be decided from the names and shapes alone.
     """
 
     matches: list[Match] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     disk_only: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def candidate_names(live_name: str) -> list[tuple[str, str]]:
@@ -287,6 +289,17 @@ def map_tensors(
             claimed[m.disk.name] = m.live_name
             result.matches.append(m)
     result.disk_only = sorted(set(disk) - set(claimed))
+    heads = [n for n in result.disk_only if _is_head(n)]
+    if (
+        heads
+        and not any(_is_head(n) for n in live)
+        and any(e in claimed for e in _embedding_of(list(disk)))
+    ):
+        result.warnings.append(
+            f"{heads[0]!r} on disk is not synced while the embedding is: if the served "
+            "model ties them, that file's LM head is now stale (set tie_word_embeddings "
+            "in config.json, or export the head too)"
+        )
     return result
 
 
@@ -398,6 +411,9 @@ def _match_one(
                 continue
             fused = base + erule.hf_fused
             if fused in disk:
+                why = _transposed_experts(base, disk)
+                if why is not None:
+                    return Problem(live_name, "refused", why)
                 return _direct(
                     t, disk[fused], f"{label}; experts.{erule.fused} -> {fused}", live_name
                 )
@@ -410,6 +426,24 @@ def _match_one(
         live_name,
         "unmatched",
         "no tensor on disk named " + " or ".join(repr(n) for n in dict.fromkeys(tried)),
+    )
+
+
+def _transposed_experts(base: str, disk: Mapping[str, DiskTensor]) -> str | None:
+    """Why fused expert tensors on disk cannot take vLLM's bytes as they are: some
+    checkpoints (Llama 4, GPT-OSS) store ``gate_up_proj`` as ``[E, H, 2I]`` and
+    ``down_proj`` as ``[E, I, H]``, transposed from vLLM's ``[E, 2I, H]`` and
+    ``[E, H, I]``; when I equals H the shapes alone cannot tell. The pair tells."""
+    gate_up, down = disk.get(base + "gate_up_proj"), disk.get(base + "down_proj")
+    if gate_up is None or down is None or len(gate_up.shape) != 3 or len(down.shape) != 3:
+        return None
+    _, rows, cols = gate_up.shape
+    if rows == 2 * down.shape[2] and cols == down.shape[1]:
+        return None  # [E, 2I, H] and [E, H, I]: vLLM's orientation
+    return (
+        f"{base}gate_up_proj {list(gate_up.shape)} and {base}down_proj "
+        f"{list(down.shape)} are not stored as vLLM holds experts ([E, 2I, H] and "
+        "[E, H, I]): writing them back would need a transpose"
     )
 
 

@@ -240,8 +240,9 @@ def sync(
                 result = replace(
                     result,
                     warnings=[
+                        *result.warnings,
                         f"an interrupted sync (generation {max(pending)}) awaits recovery: "
-                        "the files compared may mix two generations (`apollo-sync recover`)"
+                        "the files compared may mix two generations (`apollo-sync recover`)",
                     ],
                 )
             return result
@@ -356,7 +357,7 @@ def _sync_locked(
             gens.prune_locked(layout, keep, budget)
         except (ApolloSyncError, OSError) as e:  # committed all the same
             warnings.append(f"pruning old undo data failed ({e}); it is retried next time")
-        result = replace(result, warnings=warnings)
+        result = replace(result, warnings=[*result.warnings, *warnings])
         return replace(result, generation=number)
 
 
@@ -438,6 +439,7 @@ def _run(
         block_size=block_size,
         model_dir=str(md.path),
         tensors_on_disk_only=len(mapping.disk_only),
+        warnings=list(mapping.warnings),
         files=files,
         missing=missing,
         bytes_journaled=sum(f.bytes_journaled for f in files),

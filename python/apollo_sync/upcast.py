@@ -1,7 +1,9 @@
 """Checkpoint tensors stored wider than the live ones (float32 on disk, bf16/fp16 live).
 
 Qwen3.5 stores ``linear_attn.A_log`` and ``linear_attn.norm.weight`` in float32;
-vLLM holds them in the model dtype. Writing the live values widened would replace
+vLLM holds ``norm.weight`` in the model dtype (current vLLM creates ``A_log`` in
+float32, a plain copy; older builds and other models may not). Writing the live
+values widened would replace
 every float32 value by its rounded one even where training changed nothing. So
 the comparison happens in the live dtype: an element whose file value, rounded to
 the live dtype, equals the live value keeps the file's float32 bits; only an
