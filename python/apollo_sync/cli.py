@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-direct-io",
         action="store_true",
-        help="write through the page cache instead of O_DIRECT",
+        help="write through the page cache instead of O_DIRECT (the same disk bytes; "
+        "keeps the cache warm for the next sync, but costs more CPU per write)",
     )
     s.add_argument(
         "--allow-unmatched",

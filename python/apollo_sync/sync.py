@@ -77,7 +77,10 @@ class SyncResult:
     #: Bytes the sync asked the kernel to write (whole changed blocks).
     bytes_written: int
     #: Bytes the kernel accounted as written to the device by this process during
-    #: the sync (``getrusage`` ``ru_oublock`` × 512): what the disk really absorbed.
+    #: the sync (``getrusage`` ``ru_oublock`` × 512). Exact for ``O_DIRECT``
+    #: writes; a buffered write is charged the whole page-cache folio it dirties
+    #: (up to 2 MiB), though writeback sends only the dirty blocks to the disk:
+    #: see ``disk_bytes_written``.
     bytes_written_device: int
     #: Bytes the block device under the model directory wrote during the sync, by
     #: every writer on it (``/sys/dev/block/.../stat``); None where there is no such
@@ -200,6 +203,13 @@ def sync(
     default), a sync during which the producer stepped is undone and redone, up
     to ``step_retries`` times (without a journal it cannot be undone: it raises
     :class:`TornSyncError` at once).
+
+    Changed blocks are written with ``O_DIRECT`` and every written shard is
+    ``fdatasync``-ed before the sync returns. ``direct_io=False`` writes them
+    through the page cache instead: the same bytes reach the disk and the cache
+    stays warm (a direct write evicts the cached folio around it, so the next
+    sync reads those back from disk), but each write into a large folio costs
+    more CPU; BENCHMARKS.md has both measured.
     """
     if tensors is not None and handles is not None:
         raise TypeError("pass either tensors or handles, not both")

@@ -1151,6 +1151,7 @@ mod tests {
             from_file in any::<bool>(),
             journaled in any::<bool>(),
             hold_bytes in 1usize..20_000,
+            direct_io in any::<bool>(),
         ) {
             let block = 1usize << block_pow;
             let orig: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
@@ -1163,7 +1164,7 @@ mod tests {
             let cuts: Vec<usize> = cut_fracs.iter().map(|f| (len as f64 * f) as usize).collect();
             let dir = tempfile::tempdir().unwrap();
             let journal = journaled.then(|| JournalSpec { path: dir.path().join("1.undo"), generation: 1 });
-            let opts = Options { block_size: block, journal, hold_bytes, ..Options::default() };
+            let opts = Options { block_size: block, journal, hold_bytes, direct_io, ..Options::default() };
             let (after, rep, undone) =
                 run_from(&orig, &live, data_start, &cuts, &skip, opts, from_file);
             // Expected: live bytes where fed, original bytes in skipped segments.
