@@ -259,6 +259,14 @@ def restore(model_dir: Path, pristine: Path, shards: list[str], blocks: list[tup
             os.close(src)
             os.close(dst)
     os.sync()
+    # page-cached as reading them from disk leaves them (a server loading the model),
+    # whatever the restore's own writes left in the cache
+    for f in shards:
+        fd = os.open(model_dir / f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     read_parallel([model_dir / f for f in shards], os.cpu_count() or 1)
 
 
@@ -793,11 +801,15 @@ def table(res: dict[str, Any], lim: dict[str, float], threads: int) -> str:
         f"{d2h:.1f} GB/s, page-cache read {read_lim:.1f}, read+cmp {cmp_lim:.1f}, "
         f"disk {iops / 1e3:.1f}k random 4 KiB writes/s (QD16)",
         f"{'contender':<24} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
-        f"{'device':>10} {'x seed':>7} {'x rewr':>7} {'/read':>6} {'/D2H':>6} {'stale':>9}",
+        f"{'device':>10} {'disk':>10} {'x seed':>7} {'x rewr':>7} {'/read':>6} {'/D2H':>6} "
+        f"{'stale':>9}",
     ]
     lines.append("-" * len(lines[-1]))
     for name, r in runs.items():
         c = r.get("child", r)
+        if "call_s" not in c:
+            lines.append(f"{name:<24} failed (rc {r.get('returncode')})")
+            continue
         secs = c["call_s"]
         gbps = total / secs / 1e9
         dev = r.get("device_bytes")
@@ -809,7 +821,8 @@ def table(res: dict[str, Any], lim: dict[str, float], threads: int) -> str:
         xs = f"{seed_s / secs:7.1f}" if seed_ok and seed_s else "      -"
         lines.append(
             f"{name:<24} {secs:8.3f} {gbps:6.2f} {e2e.fmt_bytes(chg):>10} {e2e.fmt_bytes(wr):>10} "
-            f"{e2e.fmt_bytes(dev):>10} {xs} {rewrite_s / secs:7.1f} {gbps / read_lim:6.2f} "
+            f"{e2e.fmt_bytes(dev):>10} {e2e.fmt_bytes(c.get('disk_bytes_written')):>10} "
+            f"{xs} {rewrite_s / secs:7.1f} {gbps / read_lim:6.2f} "
             f"{gbps / d2h:6.2f} {e2e.fmt_bytes(r['stale_bytes_after']):>9}"
         )
     return "\n".join(lines)
