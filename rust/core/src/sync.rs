@@ -229,6 +229,9 @@ enum Sink<'s, 'a> {
     /// Count only.
     Dry,
     /// To the writer threads, now.
+    /// To the writer threads, once the job that found them is compared (a
+    /// direct write evicts the cached folio around it, which the job may not
+    /// have read yet).
     Queue(&'s SyncSender<WriteReq<'a>>),
     /// Old bytes to the journal, new bytes held for after the barrier.
     Hold(&'s UndoLog, &'s Mutex<Held>),
@@ -236,7 +239,9 @@ enum Sink<'s, 'a> {
 
 impl<'a> Sink<'_, 'a> {
     /// `live_mem` is the run's bytes in live memory, when they are there (so a
-    /// queued write can borrow them instead of copying).
+    /// queued write can borrow them instead of copying). Runs for the writer
+    /// threads go to `found`, which the caller queues once its job is done.
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         &self,
         shard: usize,
@@ -245,12 +250,17 @@ impl<'a> Sink<'_, 'a> {
         old: &[u8],
         new: &[u8],
         live_mem: Option<&'a [u8]>,
+        found: &mut Vec<WriteReq<'a>>,
     ) -> Result<()> {
         match *self {
             Sink::Dry => Ok(()),
-            Sink::Queue(tx) => {
+            Sink::Queue(_) => {
                 let data = live_mem.map_or_else(|| Cow::Owned(new.to_vec()), Cow::Borrowed);
-                queue(tx, shard, offset, data);
+                found.push(WriteReq {
+                    shard,
+                    offset,
+                    data,
+                });
                 Ok(())
             }
             Sink::Hold(log, held) => {
@@ -451,9 +461,12 @@ impl Syncer {
             } else {
                 (e / b * b).max(head_end)
             };
+            // Jobs end on multiples of JOB_BYTES in the file, so a page-cache
+            // folio (at most 2 MiB, naturally aligned) lies in one job unless a
+            // segment boundary cuts it.
             let mut at = head_end;
             while at < body_end {
-                let end = body_end.min(at + JOB_BYTES as u64);
+                let end = body_end.min((at / JOB_BYTES as u64 + 1) * JOB_BYTES as u64);
                 jobs.push(Job {
                     shard: seg.shard,
                     offset: at,
@@ -636,7 +649,15 @@ impl Syncer {
             return Ok(());
         }
         match &self.log {
-            Some(log) => Sink::Hold(log, &self.held).emit(shard, s, p.start, &p.orig, &p.new, None),
+            Some(log) => Sink::Hold(log, &self.held).emit(
+                shard,
+                s,
+                p.start,
+                &p.orig,
+                &p.new,
+                None,
+                &mut Vec::new(),
+            ),
             None => write_run(s, p.start, &p.new, &mut self.staging),
         }
     }
@@ -797,6 +818,7 @@ fn diff_job<'a>(
     let Scratch { read, live, runs } = scratch;
     let step = read.len() / block * block;
     let (mut changed, mut blocks) = (0u64, 0u64);
+    let mut found: Vec<WriteReq<'a>> = Vec::new();
     let mut rel = 0usize;
     while rel < job.data.len() {
         let n = step.min(job.data.len() - rel);
@@ -824,12 +846,18 @@ fn diff_job<'a>(
                 &disk[r.clone()],
                 &chunk[r.clone()],
                 borrowed,
+                &mut found,
             )?;
         }
         rel += n;
     }
     shard.changed.fetch_add(changed, Ordering::Relaxed);
     shard.changed_blocks.fetch_add(blocks, Ordering::Relaxed);
+    if let Sink::Queue(tx) = sink {
+        for req in found {
+            queue(tx, req.shard, req.offset, req.data);
+        }
+    }
     Ok(())
 }
 
