@@ -33,6 +33,7 @@ from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
+from apollo_sync.watch import WatchSummary, watch
 
 __all__ = [
     "EXPERT_RULES",
@@ -63,6 +64,7 @@ __all__ = [
     "TornSyncError",
     "UnsafeHandlesError",
     "UnsafeShardError",
+    "WatchSummary",
     "__version__",
     "checkpoint_sync",
     "default_handles_path",
@@ -77,4 +79,5 @@ __all__ = [
     "recover",
     "rollback",
     "sync",
+    "watch",
 ]

@@ -89,6 +89,44 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from apollo_sync.watch import watch
+
+    def report(r: SyncResult) -> None:
+        if args.json:
+            print(json.dumps(r.to_dict()), flush=True)
+            return
+        for w in r.warnings:
+            print(f"apollo-sync: warning: {w}", file=sys.stderr)
+        stamp = time.strftime("%H:%M:%S")
+        if r.generation is None:
+            print(f"{stamp}  no change ({r.seconds:.2f} s)", flush=True)
+        else:
+            retried = f", redone {r.retries}x" if r.retries else ""
+            print(
+                f"{stamp}  generation {r.generation}: {_mb(r.total_changed)} changed in "
+                f"{len(r.files_changed)} file(s), {r.seconds:.2f} s{retried}",
+                flush=True,
+            )
+
+    summary = watch(
+        args.model_dir,
+        handles=args.handles,
+        interval=args.interval,
+        count=args.count,
+        on_sync=report,
+        block_size=args.block_size,
+        journal=not args.no_journal,
+        keep=args.keep,
+        undo_budget=args.undo_budget,
+        lock_timeout=args.lock_timeout,
+    )
+    if not args.json:
+        gen = "" if summary.generation is None else f"; at generation {summary.generation}"
+        print(f"stopped ({summary.reason}) after {summary.syncs} sync(s){gen}")
+    return 0
+
+
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from apollo_sync.diagnose import diagnose
 
@@ -270,6 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
     retention(s)
     lock(s)
     s.set_defaults(func=_cmd_sync)
+
+    w = sub.add_parser(
+        "watch",
+        help="stay running: sync after each producer step (or every --interval seconds), "
+        "handles opened once",
+    )
+    source(w)
+    w.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between syncs when the producer has no step counter (default 1)",
+    )
+    w.add_argument("--count", type=int, default=None, help="stop after this many syncs")
+    w.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"diff/write granularity in bytes, a power of two (default {DEFAULT_BLOCK_SIZE})",
+    )
+    w.add_argument("--json", action="store_true", help="print each result as a JSON line")
+    w.add_argument("--no-journal", action="store_true", help="skip the undo journal")
+    retention(w)
+    lock(w)
+    w.set_defaults(func=_cmd_watch)
 
     r = sub.add_parser("recover", help="undo an interrupted sync or rollback")
     r.add_argument("--model-dir", type=Path, required=True)

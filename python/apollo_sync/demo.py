@@ -11,6 +11,7 @@ summary. No GPU is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from apollo_sync import journal as gens
 from apollo_sync.handles import export_handles, load_handles
 from apollo_sync.model_dir import ModelDir
+from apollo_sync.steps import StepCounter
 from apollo_sync.sync import SyncResult, sync
 from apollo_sync.verify import mismatches
 
@@ -159,18 +161,31 @@ def producer_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where the live weights live (cpu, cuda)")
+    ap.add_argument(
+        "--step-counter", action="store_true", help="mark each step on an exported step counter"
+    )
     args = ap.parse_args(argv)
     live = load_live(args.model_dir, args.device)
-    export_handles(live, args.handles, metadata={"model_path": str(args.model_dir)})
+    counter = StepCounter.create() if args.step_counter else None
+    export_handles(
+        live, args.handles, metadata={"model_path": str(args.model_dir)}, step_counter=counter
+    )
     gen = torch.Generator().manual_seed(args.seed)
     print(json.dumps({"ready": len(live)}), flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            break
-        if cmd[0] == "step":
-            fraction = float(cmd[1]) if len(cmd) > 1 else args.fraction
-            print(json.dumps({"blocks": training_step(live, fraction, gen)}), flush=True)
+    try:
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                break
+            if cmd[0] == "step":
+                fraction = float(cmd[1]) if len(cmd) > 1 else args.fraction
+                with counter.step() if counter is not None else contextlib.nullcontext():
+                    blocks = training_step(live, fraction, gen)
+                print(json.dumps({"blocks": blocks}), flush=True)
+    finally:
+        if counter is not None:
+            counter.unlink()
+            counter.close()
     return 0
 
 
@@ -185,6 +200,7 @@ class Producer:
         fraction: float = 0.005,
         seed: int = 1,
         device: str = "cpu",
+        step_counter: bool = False,
     ) -> None:
         self.proc = subprocess.Popen(
             [
@@ -201,6 +217,7 @@ class Producer:
                 str(seed),
                 "--device",
                 device,
+                *(["--step-counter"] if step_counter else []),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -429,6 +429,12 @@ def _check_producer(src: Path, meta: Mapping[str, Any], mtime: float | None = No
         )
 
 
+def check_producer_alive(handles: Handles) -> None:
+    """Raises :class:`ProducerGoneError` once the process that exported ``handles``
+    has exited (or its pid was reused): its memory must not be read any more."""
+    _check_producer(handles.path, handles.metadata)
+
+
 #: /proc gives the boot time in whole seconds: a file is older than its producer
 #: only when its mtime precedes the producer's start by more than this.
 _START_SLACK_S = 1.0
