@@ -41,6 +41,7 @@ import os
 import random
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -493,6 +494,87 @@ def child_consumer(spec: dict[str, Any]) -> None:
     )
 
 
+def child_watcher(spec: dict[str, Any]) -> None:
+    """A long-lived consumer (``apollo_sync.watch``): handles opened once, a sync after
+    each producer step; appends each sync's figures to the log as a JSON line."""
+    import apollo_sync
+
+    mod = sys.modules["apollo_sync.watch"]
+    inner = mod.sync
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        r = inner(*a, **k)
+        with open(spec["log"], "a") as f:
+            row = {
+                "call_s": time.perf_counter() - t0,
+                "internal_s": r.seconds,
+                "total_compared": r.total_compared,
+                "total_changed": r.total_changed,
+                "bytes_written": r.bytes_written,
+                "disk_bytes_written": r.disk_bytes_written,
+                "generation": r.generation,
+            }
+            f.write(json.dumps(row) + "\n")
+        return r
+
+    mod.sync = timed
+    apollo_sync.watch(handles=spec["handles"], count=spec["count"])
+
+
+def watched(
+    args: argparse.Namespace, work: Path, model_dir: Path, pristine: Path, info: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Two changed syncs made by a long-lived consumer, each into freshly cached files,
+    as for the other rows. This process is the producer: it marks its changes with a
+    step counter, which the consumer waits for."""
+    from apollo_sync import StepCounter, export_handles
+
+    counter = StepCounter.create()
+    handles = work / "handles" / "watch_handles.pt"
+    export_handles(
+        info["live"], handles, metadata={"model_path": str(model_dir)}, step_counter=counter
+    )
+    log = work / "watch.jsonl"
+    log.unlink(missing_ok=True)
+    spec = work / "spec_watch.json"
+    spec.write_text(json.dumps({"handles": str(handles), "log": str(log), "count": 3}))
+    restore(model_dir, pristine, info["shards"], [])  # the files equal the live tensors here
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--_spec", str(spec), "--_child", "watcher"]
+    )
+
+    def lines(n: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            got = log.read_text().splitlines() if log.exists() else []
+            if len(got) >= n:
+                return [json.loads(x) for x in got]
+            if proc.poll() is not None:
+                raise RuntimeError(f"the watcher exited ({proc.returncode}) after {len(got)}")
+            time.sleep(0.01)
+        raise RuntimeError(f"the watcher made fewer than {n} syncs in 180 s")
+
+    rows = []
+    try:
+        lines(1)  # its first sync: nothing changed yet
+        for k in range(2):
+            with counter.step():
+                perturb(model_dir, info, args.fraction, seed=200 + k)
+            row = lines(2 + k)[-1]
+            row["stale_bytes_after"] = stale_bytes(model_dir, info["live"])
+            rows.append(row)
+            restore(model_dir, pristine, info["shards"], [])  # re-cache, as between rows
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        counter.unlink()
+        counter.close()
+    return rows
+
+
 def child_seed(spec: dict[str, Any]) -> None:
     """The seed's ``checkpoint_sync`` on the same handles file, timed in its process."""
     import logging
@@ -777,6 +859,9 @@ def run_dtype(
         r["stale_bytes_after"] = stale_bytes(model_dir, info["live"])
         runs[f"next sync, {label}"] = r
         print(f"[{dtype_name}] next sync, {label}: {json.dumps(r)}", flush=True)
+    for k, row in enumerate(watched(args, work, model_dir, pristine, info)):
+        runs[f"watch, sync {k + 2}"] = row
+        print(f"[{dtype_name}] watch, sync {k + 2}: {json.dumps(row)}", flush=True)
     out["runs"] = runs
     info.clear()
     if torch.cuda.is_available():
@@ -838,12 +923,14 @@ def main() -> int:
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
     ap.add_argument("--workdir", type=Path, help="where the shards go (default: a temp dir)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the flow (no GPU rows)")
-    ap.add_argument("--_child", choices=["consumer", "seed"], help=argparse.SUPPRESS)
+    ap.add_argument("--_child", choices=["consumer", "seed", "watcher"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         spec = json.loads(args._spec.read_text())
-        {"consumer": child_consumer, "seed": child_seed}[args._child](spec)
+        {"consumer": child_consumer, "seed": child_seed, "watcher": child_watcher}[args._child](
+            spec
+        )
         return 0
     import torch
 
