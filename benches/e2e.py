@@ -6,12 +6,16 @@ What it measures (all on the same data, files page-cached and already flushed):
 * the machine's limits: page-cache read of the shards, ``memcmp`` of the live bytes
   against file bytes already in memory, and the combined single pass "read each
   file chunk into a buffer and ``memcmp`` it with the live chunk" (1 thread and one
-  thread per core; the GIL is released by ``preadv`` and by ``memcmp`` via ctypes);
-* ``apollo_sync.sync`` over read-only mmaps of the live tensors (zero copy), in a
-  child process: wall time of the call, bytes changed / written, device bytes
-  (``ru_oublock``), peak anonymous memory (``RssAnon`` sampled by the parent); with
-  the undo journal (the default) and without it (``journal=False``), to measure
-  what crash safety costs;
+  thread per core; the GIL is released by ``preadv`` and by ``memcmp`` via ctypes),
+  and the same pass comparing against a read-only mapping of the file instead;
+* ``apollo_sync.sync`` in a child process, the live bytes another process's shared
+  memory read with ``pread`` (a fresh consumer) or already mapped and faulted in
+  (``prefault``: a training loop's own tensors, or ``apollo-sync watch``): wall time
+  of the call, bytes changed / written, device bytes (``ru_oublock``) and the block
+  device's own counter ("disk"), peak anonymous memory (``RssAnon`` sampled by the
+  parent); with the undo journal (the default) and without it (``journal=False``),
+  to measure what crash safety costs, and with page-cache writes instead of
+  ``O_DIRECT`` (``direct_io=False``);
 * the seed script (``/work/shared/seeds/checkpoint_sync.py``), given a handles file
   whose handles map the same live files with ``torch.from_file``: the call timed
   in a child that imports it, and the CLI's wall time as a subprocess;
@@ -21,10 +25,11 @@ The model: HF-named tensors of a small Llama-like stack, ``--size-gb`` in all, i
 shards with an index. The live tensors: one file per tensor under ``/dev/shm``, equal
 to the file bytes except one perturbed element in ``--fraction`` of the 4 KiB blocks
 of the files' tensor data. Before each contender the shards are restored from
-pristine copies, read once (page cache) and ``os.sync()``-ed.
+pristine copies, ``os.sync()``-ed, dropped from the page cache and read back (as a
+process that loaded the model leaves them cached), and flushed again.
 
 Usage: ``python3 benches/e2e.py [--size-gb 1.0] [--dtype fp16|bf16|fp32]
-[--fraction 0.005] [--out FILE.json]``
+[--fraction 0.005] [--out FILE.json] [--only 'apollo (prefault);seed (call)']``
 """
 
 from __future__ import annotations

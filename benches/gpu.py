@@ -17,11 +17,14 @@ In one run, per dtype (fp16, then bf16):
   ctypes), and the disk's rate of random 4 KiB ``O_DIRECT`` writes;
 * sweeps the staging parameters of ``stream_into`` on dry runs (nothing written);
 * times, each after restoring the shards to their pre-change bytes and page-caching
-  them: apollo_sync in a fresh consumer process through the handles file; apollo_sync
+  them as reading them from disk does (dropped, then read): apollo_sync in a fresh
+  consumer process through the handles file; apollo_sync
   on this process's own tensors (twice); the seed script's ``checkpoint_sync`` in a
   fresh process on the same handles file; ``save_file`` of every shard + ``fsync``;
   then apollo_sync as a dry run and with buffered writes, and a changed sync right
-  after another changed sync (O_DIRECT and buffered: the page-cache eviction);
+  after another changed sync (O_DIRECT and buffered: the page-cache eviction); then
+  two changed syncs by a long-lived consumer (``apollo_sync.watch`` in its own
+  process) that this process triggers with a step counter;
 * checks the files against the live tensors after each contender and prints a table
   with ratios to the seed and to the limits.
 
