@@ -397,12 +397,16 @@ def _check_parent(parent: Path, me: int) -> None:
 
 
 def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None where unknown)."""
+    """The process's start time in clock ticks since boot (None where unknown, or
+    where the process has exited and only its zombie is left to be reaped)."""
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat_line.rsplit(")", 1)[1].split()[19])
+    fields = stat_line.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X", "x"):
+        return None
+    return int(fields[19])
 
 
 def _check_producer(src: Path, meta: Mapping[str, Any], mtime: float | None = None) -> None:
