@@ -90,7 +90,18 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from apollo_sync.errors import TornSyncError
     from apollo_sync.watch import watch
+
+    stop = threading.Event()
+    # SIGTERM (a service manager stopping it): finish the sync in progress, then stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def torn(e: TornSyncError) -> None:
+        print(f"apollo-sync: warning: {e}; syncing again after the next step", file=sys.stderr)
 
     def report(r: SyncResult) -> None:
         if args.json:
@@ -114,14 +125,23 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         handles=args.handles,
         interval=args.interval,
         count=args.count,
+        stop=stop,
         on_sync=report,
+        on_torn=torn,
         block_size=args.block_size,
+        direct_io=not args.no_direct_io,
+        threads=args.threads,
+        allow_unmatched=args.allow_unmatched,
         journal=not args.no_journal,
         keep=args.keep,
         undo_budget=args.undo_budget,
         lock_timeout=args.lock_timeout,
     )
-    if not args.json:
+    for w in summary.warnings:
+        print(f"apollo-sync: warning: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"stopped": summary.reason, **vars(summary)}), flush=True)
+    else:
         gen = "" if summary.generation is None else f"; at generation {summary.generation}"
         print(f"stopped ({summary.reason}) after {summary.syncs} sync(s){gen}")
     return 0
@@ -321,14 +341,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds between syncs when the producer has no step counter (default 1)",
     )
-    w.add_argument("--count", type=int, default=None, help="stop after this many syncs")
+    w.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="stop after this many syncs (the first, made at once, counts)",
+    )
     w.add_argument(
         "--block-size",
         type=int,
         default=DEFAULT_BLOCK_SIZE,
         help=f"diff/write granularity in bytes, a power of two (default {DEFAULT_BLOCK_SIZE})",
     )
-    w.add_argument("--json", action="store_true", help="print each result as a JSON line")
+    w.add_argument(
+        "--json",
+        action="store_true",
+        help="print each result as a JSON line, and a last line saying why it stopped",
+    )
+    w.add_argument("--threads", type=int, default=0, help="worker threads (default: all cores)")
+    w.add_argument(
+        "--no-direct-io",
+        action="store_true",
+        help="write through the page cache instead of O_DIRECT",
+    )
+    w.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="sync what matches instead of refusing unmatched live tensors",
+    )
     w.add_argument("--no-journal", action="store_true", help="skip the undo journal")
     retention(w)
     lock(w)

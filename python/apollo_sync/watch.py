@@ -6,12 +6,17 @@ another process's shared memory read with a ``pread`` copy because faulting
 its pages in costs more than the compare). :func:`watch` opens the handles
 once and keeps them: shared-memory tensors are compared in place, their pages
 mapped on the first sync and resident afterwards, and CUDA tensors stay open.
-From the second sync on it runs at the speed of a sync inside the producer.
 
-When the producer exported a step counter (``export_handles(step_counter=...)``)
-a sync starts as soon as the counter shows a finished step it has not synced
-yet; otherwise one runs every ``interval`` seconds. It stops when the producer
-exits, after ``count`` syncs, or when ``stop`` is set.
+The first sync runs at once. After it, when the producer exported a step
+counter (``export_handles(step_counter=...)``), a sync starts as soon as the
+counter shows a finished step it has not synced; otherwise one runs every
+``interval`` seconds. When the producer re-exports its handles (the file is
+replaced), they are opened again. The watch ends when the producer exits
+(after one last sync of its shared memory, where it finished a step the watch
+had not synced; CUDA memory is not read once its owner is gone), after
+``count`` syncs, or when ``stop`` is set (between syncs). Handles without a
+producer pid (the seeds' format) give no way to see the producer exit: pass
+``count`` or ``stop`` for those.
 """
 
 from __future__ import annotations
@@ -20,27 +25,38 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from apollo_sync.errors import ProducerGoneError
+from apollo_sync.errors import ProducerGoneError, TornSyncError
 from apollo_sync.handles import Handles, check_producer_alive, load_handles
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import SyncResult, sync
 
 #: Seconds between looks at the producer's step counter.
 POLL_S = 0.01
+#: Seconds between looks at whether the producer is alive and its handles file unchanged.
+CHECK_S = 0.25
 
 
 @dataclass(frozen=True)
 class WatchSummary:
     """How a :func:`watch` ended."""
 
+    #: Syncs made (the first one included, whether or not it changed anything).
     syncs: int
-    #: Why it stopped: ``"count"``, ``"stopped"`` or ``"producer exited"``.
+    #: Why it stopped: ``"count"``, ``"stopped"``, ``"producer exited"`` or
+    #: ``"producer exited mid-step"`` (its last, unfinished step was not synced).
     reason: str
-    #: The generation the directory was at after the last sync (None if none committed).
+    #: The last generation this watch committed (None if it committed none).
     generation: int | None
+    #: Syncs abandoned because the producer stepped during them (nothing committed
+    #: by a journaled one; see :func:`watch`).
+    torn: int = 0
+    #: Times the handles were opened again after the producer re-exported them.
+    reopened: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def watch(
@@ -51,74 +67,168 @@ def watch(
     count: int | None = None,
     stop: threading.Event | None = None,
     on_sync: Callable[[SyncResult], None] | None = None,
+    on_torn: Callable[[TornSyncError], None] | None = None,
     **options: Any,
 ) -> WatchSummary:
     """Syncs ``model_dir`` from the producer behind ``handles`` after each of its steps.
 
     ``options`` are passed to :func:`apollo_sync.sync` (``journal``, ``keep``,
-    ``block_size``, ...). ``on_sync`` is called with each sync's result. A sync
-    that fails raises, as :func:`apollo_sync.sync` does (nothing half-written is
-    left behind); the producer exiting ends the watch normally.
+    ``block_size``, ...). ``on_sync`` is called with each sync's result; an
+    exception it raises ends the watch. A sync during which the producer kept
+    stepping (:class:`TornSyncError`) does not end it: ``on_torn`` is told, and
+    the next step (or interval) brings another sync. With a journal such a sync
+    committed nothing; without one (``journal=False``) the files may mix two
+    steps until that next sync. Any other failure raises, as
+    :func:`apollo_sync.sync` does (a journaled sync is undone first).
     """
     if interval <= 0:
         raise ValueError(f"interval must be positive, not {interval}")
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
-    stop = stop or threading.Event()
-    opened = load_handles(handles)
-    counter: StepCounter | None = None
-    try:
+    state = _State(count=count, stop=stop or threading.Event())
+    while True:
+        opened = load_handles(handles)
+        try:
+            reason = _Session(model_dir, opened, interval, on_sync, on_torn, options, state).run()
+        finally:
+            opened.close()
+        if reason != "reopen":
+            return WatchSummary(
+                state.made, reason, state.generation, state.torn, state.reopened, state.warnings
+            )
+        state.reopened += 1
+
+
+@dataclass
+class _State:
+    """What carries over when the handles are opened again."""
+
+    count: int | None
+    stop: threading.Event
+    made: int = 0
+    generation: int | None = None
+    torn: int = 0
+    reopened: int = 0
+    synced_step: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Session:
+    """One opening of the handles."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None,
+        opened: Handles,
+        interval: float,
+        on_sync: Callable[[SyncResult], None] | None,
+        on_torn: Callable[[TornSyncError], None] | None,
+        options: dict[str, Any],
+        state: _State,
+    ) -> None:
+        self.model_dir, self.opened, self.interval = model_dir, opened, interval
+        self.on_sync, self.on_torn, self.options, self.s = on_sync, on_torn, options, state
+        self.identity = _identity(opened.path)
+        self.cuda = any(t.is_cuda for t in opened.tensors.values())
         # compared in place from now on: mapped once, resident for every later sync
         for name, t in opened.tensors.items():
             if t.file is not None:
                 opened.tensors[name] = replace(t, file=None)
         path = opened.metadata.get("step_counter")
-        if isinstance(path, str):
-            counter = StepCounter.open(path)
-        return _loop(model_dir, opened, counter, interval, count, stop, on_sync, options)
-    finally:
-        if counter is not None:
-            counter.close()
-        opened.close()
+        self.counter = StepCounter.open(path) if isinstance(path, str) else None
+        # a fresh opening syncs once at once: re-exported handles may show new memory
+        self.fresh = True
 
-
-def _loop(
-    model_dir: str | os.PathLike[str] | None,
-    opened: Handles,
-    counter: StepCounter | None,
-    interval: float,
-    count: int | None,
-    stop: threading.Event,
-    on_sync: Callable[[SyncResult], None] | None,
-    options: dict[str, Any],
-) -> WatchSummary:
-    made, synced_step, generation = 0, None, None
-    next_at = time.monotonic()
-    while True:
-        if count is not None and made >= count:
-            return WatchSummary(made, "count", generation)
-        if stop.is_set():
-            return WatchSummary(made, "stopped", generation)
+    def run(self) -> str:
         try:
-            check_producer_alive(opened)
-        except ProducerGoneError:
-            return WatchSummary(made, "producer exited", generation)
-        if counter is not None:
-            step = counter.value()
-            if step % 2 or step == synced_step:  # mid-step, or nothing new since the last sync
-                stop.wait(POLL_S)
-                continue
-        else:
-            wait = next_at - time.monotonic()
-            if wait > 0:
-                stop.wait(min(wait, 0.25))  # short waits: notice the producer exiting
-                continue
-            next_at = time.monotonic() + interval
-            step = None
-        result = sync(model_dir, handles=opened, step_counter=counter, **options)
-        made += 1
-        synced_step = step
+            return self._loop()
+        finally:
+            if self.counter is not None:
+                self.counter.close()
+
+    def _loop(self) -> str:
+        s, counter = self.s, self.counter
+        next_at = time.monotonic()  # timer mode: the first sync at once
+        next_check = 0.0
+        while True:
+            if s.count is not None and s.made >= s.count:
+                return "count"
+            if s.stop.is_set():
+                return "stopped"
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CHECK_S
+                gone = self._gone()
+                if gone:
+                    return gone
+                if _identity(self.opened.path) != self.identity:
+                    return "reopen"  # re-exported: these mappings may be stale
+            if counter is not None:
+                step = counter.value()
+                if step % 2 or (step == s.synced_step and not self.fresh):
+                    s.stop.wait(POLL_S)  # mid-step, or nothing new since the last sync
+                    continue
+            else:
+                if now < next_at:
+                    s.stop.wait(min(next_at - now, CHECK_S))
+                    continue
+                next_at = now + self.interval
+                step = None
+            try:
+                self._sync(step)
+            except TornSyncError:
+                continue  # reported; the next step (or interval) syncs again
+            except Exception:
+                gone = self._gone()
+                if gone:  # it died mid-sync: that is how the watch ends, not an error
+                    return gone
+                raise
+
+    def _sync(self, step: int | None) -> None:
+        s = self.s
+        self.fresh = False
+        try:
+            result = sync(
+                self.model_dir, handles=self.opened, step_counter=self.counter, **self.options
+            )
+        except TornSyncError as e:
+            s.torn += 1
+            if self.on_torn is not None:
+                self.on_torn(e)
+            raise
+        s.made += 1
+        s.synced_step = step
         if result.generation is not None:
-            generation = result.generation
-        if on_sync is not None:
-            on_sync(result)
+            s.generation = result.generation
+        if self.on_sync is not None:
+            self.on_sync(result)
+
+    def _gone(self) -> str | None:
+        """Why to stop if the producer has exited (after a last sync where one is
+        due and safe), else None."""
+        try:
+            check_producer_alive(self.opened)
+            return None
+        except ProducerGoneError:
+            pass
+        counter, s = self.counter, self.s
+        if counter is not None and counter.value() % 2:
+            return "producer exited mid-step"
+        due = counter is None or counter.value() != s.synced_step
+        if due and self.cuda:
+            s.warnings.append(
+                "the producer exited before its last changes were synced; its CUDA "
+                "memory cannot be read once its owner is gone"
+            )
+        elif due and (s.count is None or s.made < s.count):
+            # its shared memory outlives it while mapped: sync what it left
+            self._sync(None if counter is None else counter.value())
+        return "producer exited"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
