@@ -228,7 +228,6 @@ struct Held {
 enum Sink<'s, 'a> {
     /// Count only.
     Dry,
-    /// To the writer threads, now.
     /// To the writer threads, once the job that found them is compared (a
     /// direct write evicts the cached folio around it, which the job may not
     /// have read yet).
@@ -1145,14 +1144,29 @@ mod tests {
         for i in (777..len).step_by(300_007) {
             live[i] ^= 0xff;
         }
+        let dir = tempfile::tempdir().unwrap();
         for block in [4096usize, 1 << 16, MAX_BLOCK] {
-            for from_file in [false, true] {
+            for (from_file, journaled) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let journal = journaled.then(|| JournalSpec {
+                    path: dir.path().join(format!("{block}-{from_file}.undo")),
+                    generation: 1,
+                });
                 let opts = Options {
                     block_size: block,
+                    journal,
                     ..Options::default()
                 };
-                let (after, rep, _) = run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
-                assert_eq!(after, live, "block {block} from_file {from_file}");
+                let (after, rep, undone) =
+                    run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
+                assert_eq!(
+                    after, live,
+                    "block {block} from_file {from_file} journal {journaled}"
+                );
+                if let Some(undone) = undone {
+                    assert_eq!(undone, orig, "undo, block {block} from_file {from_file}");
+                }
                 assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &live, block));
                 assert_eq!(
                     rep.blocks_changed,
