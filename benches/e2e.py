@@ -249,14 +249,20 @@ def restore(model_dir: Path, pristine: Path, shards: list[str]) -> None:
     # the files were replaced behind apollo_sync's back: its generations no longer apply
     shutil.rmtree(model_dir / ".apollo_sync", ignore_errors=True)
     os.sync()
-    for f in shards:
-        fd = os.open(model_dir / f, os.O_RDONLY)
+    drop_cache([model_dir / f for f in shards])
+    read_all([model_dir / f for f in shards])
+    os.sync()
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Drops the (clean, flushed) files from the page cache, so reading them next
+    caches them as reading from disk does: readahead's large folios."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    read_all([model_dir / f for f in shards])
-    os.sync()
 
 
 # ---------------------------------------------------------------------------

@@ -265,12 +265,7 @@ def restore(model_dir: Path, pristine: Path, shards: list[str], blocks: list[tup
     os.sync()
     # page-cached as reading them from disk leaves them (a server loading the model),
     # whatever the restore's own writes left in the cache
-    for f in shards:
-        fd = os.open(model_dir / f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    e2e.drop_cache([model_dir / f for f in shards])
     read_parallel([model_dir / f for f in shards], os.cpu_count() or 1)
 
 

@@ -31,8 +31,10 @@ import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 BLOCK = 4096
 
@@ -89,7 +91,7 @@ def _warm(paths: list[Path]) -> float:
 def _targets(paths: list[Path], size: int, blocks: int, seed: int) -> list[tuple[int, int]]:
     rng = random.Random(seed)
     per = size // BLOCK
-    picked = set()
+    picked: set[tuple[int, int]] = set()
     while len(picked) < blocks:
         picked.add((rng.randrange(len(paths)), rng.randrange(per) * BLOCK))
     return sorted(picked)
@@ -101,9 +103,8 @@ def _aligned(n: int) -> mmap.mmap:
     return buf
 
 
-def _pwrite_all(
-    fds: list[int], targets: list[tuple[int, int]], data: memoryview, threads: int
-) -> None:
+def _each(targets: list[tuple[int, int]], threads: int, fn: Callable[[int, int], object]) -> None:
+    """Calls ``fn(file_index, offset)`` for every target from ``threads`` threads."""
     it = iter(targets)
     lock = threading.Lock()
 
@@ -113,8 +114,7 @@ def _pwrite_all(
                 nxt = next(it, None)
             if nxt is None:
                 return
-            i, off = nxt
-            os.pwrite(fds[i], data, off)
+            fn(*nxt)
 
     ts = [threading.Thread(target=worker) for _ in range(threads)]
     for t in ts:
@@ -123,20 +123,26 @@ def _pwrite_all(
         t.join()
 
 
+def _pwrite_all(
+    fds: list[int], targets: list[tuple[int, int]], data: memoryview, threads: int
+) -> None:
+    _each(targets, threads, lambda i, off: os.pwrite(fds[i], data, off))
+
+
 def _fdatasync_all(fds: list[int]) -> None:
     with ThreadPoolExecutor(len(fds)) as ex:
         list(ex.map(os.fdatasync, fds))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     root: Path = args.dir
     size = int(args.size_gb * 1e9 / args.files) // BLOCK * BLOCK
     paths = _make_files(root, size, args.files)
     block = _aligned(BLOCK)
     data = memoryview(block)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict[str, Any]] = {}
 
-    def measure(name: str, body, files: list[Path] = paths) -> None:
+    def measure(name: str, body: Callable[[], dict[str, Any] | None]) -> None:
         _warm(paths)
         os.sync()
         time.sleep(0.2)
@@ -162,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
     targets = _targets(paths, size, args.blocks, 1)
     for threads in args.threads:
 
-        def direct(threads: int = threads) -> dict:
+        def direct(threads: int = threads) -> dict[str, Any]:
             fds = [os.open(p, os.O_WRONLY | os.O_DIRECT) for p in paths]
             try:
                 t = time.perf_counter()
@@ -178,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
 
     for threads in (1, 4):
 
-        def buffered(threads: int = threads, sync: bool = True) -> dict:
+        def buffered(threads: int = threads, sync: bool = True) -> dict[str, Any]:
             fds = [os.open(p, os.O_WRONLY) for p in paths]
             try:
                 t = time.perf_counter()
@@ -192,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
                     os.close(fd)
 
         measure(f"buffered, {threads} threads", buffered)
-    measure("buffered, no sync", lambda: buffered(1, False))  # type: ignore[misc]
+    measure("buffered, no sync", lambda: buffered(1, False))
 
     import ctypes
 
@@ -202,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
 
     for threads in args.threads:
 
-        def ranged(threads: int = threads) -> dict:
+        def ranged(threads: int = threads) -> dict[str, Any]:
             # buffered writes, then each block's writeback started and waited for
             # from T threads (the queue depth a direct writer would have), then
             # fdatasync (the device cache flush and the metadata)
@@ -211,23 +217,11 @@ def run(args: argparse.Namespace) -> dict:
                 t = time.perf_counter()
                 _pwrite_all(fds, targets, data, 1)
                 w = time.perf_counter() - t
-                it = iter(targets)
-                lock = threading.Lock()
-
-                def worker() -> None:
-                    while True:
-                        with lock:
-                            nxt = next(it, None)
-                        if nxt is None:
-                            return
-                        i, off = nxt
-                        libc.sync_file_range(fds[i], off, BLOCK, write_wait)
-
-                ts = [threading.Thread(target=worker) for _ in range(threads)]
-                for th in ts:
-                    th.start()
-                for th in ts:
-                    th.join()
+                _each(
+                    targets,
+                    threads,
+                    lambda i, off: libc.sync_file_range(fds[i], off, BLOCK, write_wait),
+                )
                 r = time.perf_counter() - t - w
                 _fdatasync_all(fds)
                 return {"write_s": w, "range_s": r}
@@ -239,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
 
     log = root / "log.bin"
 
-    def sequential() -> dict:
+    def sequential() -> dict[str, Any]:
         payload = bytes(data) * 256  # 1 MiB appends
         n = len(targets) * BLOCK
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
