@@ -440,6 +440,20 @@ def _write_result(obj: dict[str, Any]) -> None:
         json.dump(obj, f)
 
 
+def sync_figures(r: Any, call_s: float) -> dict[str, Any]:
+    """What every apollo_sync row records of a ``SyncResult`` timed at ``call_s``."""
+    return {
+        "call_s": call_s,
+        "internal_s": r.seconds,
+        "total_compared": r.total_compared,
+        "total_changed": r.total_changed,
+        "bytes_written": r.bytes_written,
+        "bytes_written_device": r.bytes_written_device,
+        "disk_bytes_written": r.disk_bytes_written,
+        "fallbacks": [f.direct_io_fallback for f in r.files if f.direct_io_fallback],
+    }
+
+
 def child_apollo(spec: dict[str, Any]) -> None:
     import apollo_sync
     from apollo_sync.live import LiveTensor, OpenFile
@@ -475,14 +489,7 @@ def child_apollo(spec: dict[str, Any]) -> None:
     secs = time.perf_counter() - t0
     _write_result(
         {
-            "call_s": secs,
-            "internal_s": r.seconds,
-            "total_compared": r.total_compared,
-            "total_changed": r.total_changed,
-            "bytes_written": r.bytes_written,
-            "bytes_written_device": r.bytes_written_device,
-            "disk_bytes_written": r.disk_bytes_written,
-            "fallbacks": [f.direct_io_fallback for f in r.files if f.direct_io_fallback],
+            **sync_figures(r, secs),
             "rss_anon_kb_before": anon_before,
             "rss_anon_kb_after": rss_anon_kb(os.getpid()),
         }

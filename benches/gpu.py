@@ -474,20 +474,13 @@ def child_consumer(spec: dict[str, Any]) -> None:
         {
             "import_s": t_import,
             "load_s": t_load,
-            "call_s": t_sync,
-            "internal_s": r.seconds,
-            "total_compared": r.total_compared,
-            "total_changed": r.total_changed,
-            "bytes_written": r.bytes_written,
-            "bytes_written_device": r.bytes_written_device,
-            "disk_bytes_written": r.disk_bytes_written,
+            **e2e.sync_figures(r, t_sync),
             "gpu_alloc_added": (torch.cuda.max_memory_allocated() - base) if cuda else 0,
             "gpu_free_drop": free0 - free1,
             "rss_after_import_kb": rss_imported,
             "rss_before_sync_kb": rss.base,
             "rss_peak_sync_kb": rss.peak,
             "vm_hwm_kb": _status_kb("VmHWM"),
-            "fallbacks": [f.direct_io_fallback for f in r.files if f.direct_io_fallback],
         }
     )
 
@@ -504,15 +497,7 @@ def child_watcher(spec: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         r = inner(*a, **k)
         with open(spec["log"], "a") as f:
-            row = {
-                "call_s": time.perf_counter() - t0,
-                "internal_s": r.seconds,
-                "total_compared": r.total_compared,
-                "total_changed": r.total_changed,
-                "bytes_written": r.bytes_written,
-                "disk_bytes_written": r.disk_bytes_written,
-                "generation": r.generation,
-            }
+            row = {**e2e.sync_figures(r, time.perf_counter() - t0), "generation": r.generation}
             f.write(json.dumps(row) + "\n")
         return r
 
@@ -633,13 +618,8 @@ def in_process(model_dir: Path, live: dict[str, Any], **kw: Any) -> dict[str, An
         r = apollo_sync.sync(model_dir, live, **kw)
         secs = time.perf_counter() - t0
     return {
-        "call_s": secs,
-        "internal_s": r.seconds,
-        "total_compared": r.total_compared,
-        "total_changed": r.total_changed,
-        "bytes_written": r.bytes_written,
+        **e2e.sync_figures(r, secs),
         "device_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_oublock - before) * 512,
-        "disk_bytes_written": r.disk_bytes_written,
         "gpu_alloc_added": (torch.cuda.max_memory_allocated() - base) if cuda else 0,
         "gpu_free_drop": (free0 - torch.cuda.mem_get_info()[0]) if cuda else 0,
         "rss_added_kb": rss.peak - rss.base,
