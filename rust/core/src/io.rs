@@ -157,6 +157,12 @@ impl ShardIo {
         self.fallback_reason.lock().expect("poisoned").clone()
     }
 
+    /// Whether aligned blocks are written with `O_DIRECT` (asked for, and not
+    /// refused so far).
+    pub fn writes_direct(&self) -> bool {
+        self.allow_direct && !self.direct_refused.load(Ordering::Relaxed)
+    }
+
     /// Whether any byte was written.
     pub fn written(&self) -> bool {
         self.counters.writes.load(Ordering::Relaxed) > 0
@@ -248,7 +254,7 @@ impl ShardIo {
     }
 
     fn direct_file(&self) -> Option<&File> {
-        if !self.allow_direct || self.direct_refused.load(Ordering::Relaxed) {
+        if !self.writes_direct() {
             return None;
         }
         self.direct

@@ -48,6 +48,10 @@ const READ_BYTES: usize = 256 << 10;
 /// thread for a device round trip (~100 µs on a virtual disk), so the diff
 /// workers hand changed runs to these instead of waiting themselves.
 const IO_THREADS: usize = 16;
+/// Threads that write through the page cache: such a write is a copy into the
+/// cache that never waits for the device, and writes to one file serialize on
+/// its inode lock, so more threads only spin on it.
+const CACHED_IO_THREADS: usize = 1;
 /// Changed runs queued for the writers before the diff waits for them.
 const WRITE_QUEUE: usize = 4096;
 /// New bytes held back, with a journal, before a barrier lets them be
@@ -520,7 +524,7 @@ impl Syncer {
         let rx = Mutex::new(rx);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|scope| {
-            for _ in 0..IO_THREADS {
+            for _ in 0..io_threads(shards) {
                 scope.spawn(|| write_loop(shards, &rx, &failed, &abort, &self.stop));
             }
             let diffed = diff_all(Sink::Queue(&tx));
@@ -764,7 +768,7 @@ impl Drop for Committer {
 }
 
 /// A journal barrier, then the batch's in-place writes in file order from
-/// [`IO_THREADS`] threads.
+/// [`io_threads`] threads.
 fn commit_batch(
     shards: &[Shard],
     log: &UndoLog,
@@ -777,7 +781,7 @@ fn commit_batch(
     let abort = AtomicBool::new(false);
     let failed: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..IO_THREADS.min(runs.len()) {
+        for _ in 0..io_threads(shards).min(runs.len()) {
             scope.spawn(|| {
                 let mut staging = Staging::default();
                 while !abort.load(Ordering::Relaxed) {
@@ -796,6 +800,16 @@ fn commit_batch(
     match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Writer threads for these shards: many for direct writes, which each wait
+/// for the device, one for writes through the page cache.
+fn io_threads(shards: &[Shard]) -> usize {
+    if shards.iter().any(|s| s.io.writes_direct()) {
+        IO_THREADS
+    } else {
+        CACHED_IO_THREADS
     }
 }
 
