@@ -3,6 +3,8 @@ bad input refused before any write."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -189,6 +191,61 @@ def test_write_modes_write_the_same_bytes(model_factory: Factory, direct: bool) 
         assert f.bytes_written_buffered == r.bytes_written
     elif f.direct_io_fallback is None:  # only the file's short last block is buffered
         assert f.bytes_written_buffered < 4096
+    assert_files_equal_live(root, live)
+
+
+def _uncached_pages(path: Path) -> int:
+    """Pages of ``path`` not in the page cache (a read with RWF_NOWAIT would block)."""
+    buf = bytearray(4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        missing = 0
+        for off in range(0, os.fstat(fd).st_size, 4096):
+            try:
+                os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                missing += 1
+        return missing
+    finally:
+        os.close(fd)
+
+
+def test_a_default_sync_leaves_the_file_cached(model_factory: Factory) -> None:
+    # The next sync reads the whole file again: a sync must not evict what it
+    # compared (an O_DIRECT write evicts the cached folio around its block).
+    orig = {"w": randn(2048, 2048, dtype=torch.float16)}  # 8 MiB
+    root = model_factory(orig)
+    path = root / "model.safetensors"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then cached as a reader leaves it
+    finally:
+        os.close(fd)
+    path.read_bytes()
+    if _uncached_pages(path):
+        pytest.skip("this filesystem does not keep the file cached")
+    live = {"w": orig["w"].clone()}
+    flat = live["w"].view(-1)
+    for i in range(0, flat.numel(), 100_003):  # scattered over the whole file
+        flat[i] += 1
+    r = sync(root, live)
+    assert r.total_changed > 0
+    assert _uncached_pages(path) == 0
+    assert_files_equal_live(root, live)
+
+
+def test_disk_bytes_far_above_the_written_ones_warn(
+    model_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orig = base_tensors(torch.float16)
+    root = model_factory(orig)
+    live = {k: v * 2 for k, v in orig.items()}
+    sectors = iter([0, 1 << 20])  # the disk's counter, before and after: 512 MiB
+    sync_module = sys.modules["apollo_sync.sync"]  # apollo_sync.sync is the function
+    monkeypatch.setattr(sync_module, "_disk_sectors_written", lambda _: next(sectors))
+    r = sync(root, live)
+    assert r.disk_bytes_written == 512 << 20
+    assert any("whole folios" in w and "--direct-io" in w for w in r.warnings), r.warnings
     assert_files_equal_live(root, live)
 
 

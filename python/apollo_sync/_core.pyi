@@ -96,7 +96,7 @@ class Syncer:
         *,
         block_size: int = 4096,
         dry_run: bool = False,
-        direct_io: bool = True,
+        direct_io: bool = False,
         threads: int = 0,
         journal: tuple[str | os.PathLike[str], int] | None = None,
         hold_bytes: int = ...,

@@ -46,6 +46,11 @@ from apollo_sync.stream import Placement, stream_into
 from apollo_sync.upcast import resolve
 
 DEFAULT_BLOCK_SIZE = 4096
+#: A sync whose disk wrote more than AMPLIFIED × what it asked (plus the slack,
+#: for the filesystem's own metadata and other writers) warns: page-cache
+#: writes that the filesystem writes back as whole folios.
+AMPLIFIED = 4
+AMPLIFIED_SLACK = 32 << 20
 
 LiveInput = Mapping[str, "torch.Tensor | LiveTensor"]
 
@@ -172,7 +177,7 @@ def sync(
     handles: str | os.PathLike[str] | Handles | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     dry_run: bool = False,
-    direct_io: bool = True,
+    direct_io: bool = False,
     threads: int = 0,
     allow_unmatched: bool = False,
     progress: bool = False,
@@ -204,12 +209,14 @@ def sync(
     to ``step_retries`` times (without a journal it cannot be undone: it raises
     :class:`TornSyncError` at once).
 
-    Changed blocks are written with ``O_DIRECT`` and every written shard is
-    ``fdatasync``-ed before the sync returns. ``direct_io=False`` writes them
-    through the page cache instead: the same bytes reach the disk and the cache
-    stays warm (a direct write evicts the cached folio around it, so the next
-    sync reads those back from disk), but each write into a large folio costs
-    more CPU; BENCHMARKS.md has both measured.
+    Changed blocks are written through the page cache and every written shard is
+    ``fdatasync``-ed before the sync returns: the disk receives exactly the
+    changed blocks (the filesystem writes back only the dirty blocks of a
+    folio) and the cache stays warm for the next sync. ``direct_io=True``
+    writes them with ``O_DIRECT`` instead: the same disk bytes, but each write
+    evicts the whole cached folio around it (up to 2 MiB), so the next sync
+    reads most of a scattered change's neighbourhood back from disk
+    (BENCHMARKS.md has both measured, sync after sync).
     """
     if tensors is not None and handles is not None:
         raise TypeError("pass either tensors or handles, not both")
@@ -434,6 +441,16 @@ def _run(
                 f"page cache ({f.direct_io_fallback}); device writes may exceed the changed bytes",
                 file=sys.stderr,
             )
+    warnings = list(mapping.warnings)
+    buffered = sum(f.bytes_written_buffered for f in files)
+    expected = sum(f.bytes_written + f.bytes_journaled for f in files)
+    if buffered and disk is not None and disk > AMPLIFIED * expected + AMPLIFIED_SLACK:
+        warnings.append(
+            f"the disk wrote {disk / 1e6:.1f} MB during a sync that wrote "
+            f"{expected / 1e6:.1f} MB through the page cache: this filesystem may write "
+            "back whole folios (or another process wrote meanwhile); --direct-io writes "
+            "exactly the changed blocks"
+        )
     missing = sorted(p.live_name for p in mapping.problems)
     return SyncResult(
         total_compared=sum(f.bytes_compared for f in files),
@@ -449,7 +466,7 @@ def _run(
         block_size=block_size,
         model_dir=str(md.path),
         tensors_on_disk_only=len(mapping.disk_only),
-        warnings=list(mapping.warnings),
+        warnings=warnings,
         files=files,
         missing=missing,
         bytes_journaled=sum(f.bytes_journaled for f in files),

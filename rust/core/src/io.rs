@@ -1,14 +1,16 @@
-//! Positional I/O on one shard: reads through the page cache, writes of whole
-//! aligned blocks with `O_DIRECT`, buffered writes only where direct I/O is
-//! impossible (a short last block, a filesystem that refuses it).
+//! Positional I/O on one shard: reads through the page cache; writes of the
+//! changed blocks through the page cache, or aligned with `O_DIRECT`.
 //!
-//! Why `O_DIRECT` by default: a direct write of an aligned block costs the
-//! device exactly that block, and little CPU. A buffered write costs the disk
-//! the same blocks (the block device's own counter; `getrusage` charges the
-//! writer the whole folio it dirties, up to 2 MiB) and keeps the page cache
-//! warm, where a direct write evicts the cached folio around it; but dirtying
-//! a large folio costs more CPU: on the 2-core machine a 0.5% change to 4 GB
-//! took 0.39–0.53 s buffered against 0.29–0.45 s direct (BENCHMARKS.md).
+//! Why the page cache by default: the filesystem writes back only the dirty
+//! blocks of a folio (ext4's buffer heads, iomap's per-block dirty state), so
+//! the disk receives exactly the changed blocks either way (the block
+//! device's own counter; `getrusage` charges a buffered writer the whole folio
+//! it dirties, up to 2 MiB). But a direct write evicts the cached folio around
+//! its block, and with large folios a scattered change evicts most of a
+//! shard: on the 2-core machine the next sync of a 4 GB model took 1.0–1.5 s
+//! after direct writes against 0.47–0.51 s after buffered ones, though a
+//! first sync is ~10% faster direct (BENCHMARKS.md). Direct writes remain an
+//! option for filesystems that would write back whole folios.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};

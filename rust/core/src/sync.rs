@@ -80,7 +80,9 @@ pub struct Options {
     /// Compare and count, write nothing.
     pub dry_run: bool,
     /// Write aligned blocks with `O_DIRECT` (falls back to buffered writes,
-    /// reported per shard, where the filesystem refuses).
+    /// reported per shard, where the filesystem refuses). Off by default: a
+    /// direct write evicts the cached folio around it, which the next sync
+    /// then reads back from disk (see `io`).
     pub direct_io: bool,
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
@@ -103,7 +105,7 @@ impl Default for Options {
         Options {
             block_size: 4096,
             dry_run: false,
-            direct_io: true,
+            direct_io: false,
             threads: 0,
             journal: None,
             hold_bytes: HOLD_BYTES,

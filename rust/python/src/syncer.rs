@@ -111,7 +111,7 @@ pub struct Syncer {
 impl Syncer {
     #[new]
     #[pyo3(signature = (
-        shards, *, block_size = 4096, dry_run = false, direct_io = true, threads = 0,
+        shards, *, block_size = 4096, dry_run = false, direct_io = false, threads = 0,
         journal = None, hold_bytes = core::sync::HOLD_BYTES,
     ))]
     #[allow(clippy::too_many_arguments)]
