@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rayon::prelude::*;
@@ -300,6 +300,11 @@ pub struct Syncer {
     /// With a journal: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
     committer: Option<Committer>,
+    /// Flushes shards in the background once their writes are done (not in
+    /// a dry run).
+    flusher: Option<Flusher>,
+    /// Shards handed to the flusher by an unjournaled feed.
+    flushed: Vec<bool>,
     stop: AbortHandle,
 }
 
@@ -362,15 +367,25 @@ impl Syncer {
                 })
             })
             .collect();
+        let n_shards = shards.len();
         let shards = Arc::new(shards);
         let log = match (&opts.journal, opts.dry_run) {
             (Some(j), false) => Some(Arc::new(UndoLog::new(j.path.clone(), j.generation, names))),
             _ => None,
         };
         let stop = AbortHandle::default();
-        let committer = match &log {
-            Some(log) => Some(Committer::spawn(shards.clone(), log.clone(), stop.clone())?),
-            None => None,
+        let flusher = match opts.dry_run {
+            false => Some(Flusher::spawn(shards.clone(), stop.clone())?),
+            true => None,
+        };
+        let committer = match (&log, &flusher) {
+            (Some(log), Some(f)) => Some(Committer::spawn(
+                shards.clone(),
+                log.clone(),
+                f.sender(),
+                stop.clone(),
+            )?),
+            _ => None,
         };
         Ok(Syncer {
             shards,
@@ -383,6 +398,8 @@ impl Syncer {
             log,
             held: Mutex::new(Held::default()),
             committer,
+            flusher,
+            flushed: vec![false; n_shards],
             stop,
         })
     }
@@ -421,6 +438,7 @@ impl Syncer {
         self.broken = true;
         self.stop.abort();
         drop(self.committer.take());
+        drop(self.flusher.take());
     }
 
     /// A handle that aborts this sync's writes from another thread, even while
@@ -533,10 +551,22 @@ impl Syncer {
             drop(tx); // writers finish the queue, then stop
             diffed
         })?;
-        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
         }
+        // The feed has moved past the shards before the last one it touched:
+        // their writes are done (but for a pending block, which `finish`
+        // writes and flushes), so they can reach the disk now.
+        if let (Some(f), Some(last)) = (&self.flusher, segments.iter().map(|s| s.shard).max()) {
+            for i in 0..last {
+                let s = &self.shards[i];
+                if !self.flushed[i] && s.io.counters.buffered_bytes.load(Ordering::Relaxed) > 0 {
+                    self.flushed[i] = true;
+                    f.flush(i);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the last pending blocks, makes every written shard durable
@@ -549,6 +579,9 @@ impl Syncer {
         self.release()?;
         if let Some(c) = self.committer.take() {
             c.finish()?;
+        }
+        if let Some(f) = self.flusher.take() {
+            f.finish()?;
         }
         // fsync the shards in parallel: each waits on its own device flush.
         self.pool.install(|| {
@@ -689,8 +722,85 @@ impl Syncer {
 /// A batch of changed runs whose old bytes are journaled.
 type Batch = Vec<WriteReq<'static>>;
 
+/// Makes shards durable (`fdatasync`) on a background thread. Page-cache
+/// writes reach the disk only at writeback: flushing a shard once its writes
+/// are done lets the device work while the next shard is diffed and written,
+/// so `finish` waits for little more than the last one. An error is kept
+/// for [`finish`](Self::finish) (a failed `fdatasync` is reported once).
+struct Flusher {
+    tx: Option<Sender<usize>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<Error>>>,
+}
+
+impl Flusher {
+    fn spawn(shards: Arc<Vec<Shard>>, stop: AbortHandle) -> Result<Self> {
+        let (tx, rx) = channel::<usize>();
+        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
+        let slot = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("apollo-sync-flush".into())
+            .spawn(move || {
+                for i in rx {
+                    if stop.is_aborted() {
+                        continue;
+                    }
+                    let s = &shards[i];
+                    if let Err(e) = faults::reached("fsync")
+                        .map_err(|e| Error::io(s.io.path(), "fsync", e))
+                        .and_then(|()| s.io.sync())
+                    {
+                        stop.abort();
+                        slot.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            })
+            .map_err(|e| Error::Plan(format!("cannot start the flush thread: {e}")))?;
+        Ok(Flusher {
+            tx: Some(tx),
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    fn sender(&self) -> Sender<usize> {
+        self.tx.clone().expect("open until finish")
+    }
+
+    /// Flushes shard `i` when the thread gets to it.
+    fn flush(&self, i: usize) {
+        let tx = self.tx.as_ref().expect("open until finish");
+        let _ = tx.send(i); // the thread lives until `finish`: the send cannot fail
+    }
+
+    /// Waits for every requested flush (once every sender is gone).
+    fn finish(mut self) -> Result<()> {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| Error::Plan("the flush thread panicked".into()))?;
+        }
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The background thread of a journaled sync: for each batch, a journal
-/// barrier, then the in-place writes.
+/// barrier, then the in-place writes; shards written through the page cache
+/// go on to the [`Flusher`].
 struct Committer {
     tx: Option<SyncSender<Batch>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -700,7 +810,12 @@ struct Committer {
 }
 
 impl Committer {
-    fn spawn(shards: Arc<Vec<Shard>>, log: Arc<UndoLog>, stop: AbortHandle) -> Result<Self> {
+    fn spawn(
+        shards: Arc<Vec<Shard>>,
+        log: Arc<UndoLog>,
+        flush: Sender<usize>,
+        stop: AbortHandle,
+    ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let failed: Arc<Mutex<Option<Error>>> = Arc::default();
         let (slot, halt) = (failed.clone(), stop.clone());
@@ -711,11 +826,19 @@ impl Committer {
                     if halt.is_aborted() {
                         continue; // drain without writing: the sync is being abandoned
                     }
-                    if let Err(e) = commit_batch(&shards, &log, batch, &halt) {
-                        halt.abort();
-                        slot.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
+                    match commit_batch(&shards, &log, batch, &halt) {
+                        Ok(cached) => {
+                            for i in cached {
+                                // the flusher outlives this thread: the send cannot fail
+                                let _ = flush.send(i);
+                            }
+                        }
+                        Err(e) => {
+                            halt.abort();
+                            slot.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                        }
                     }
                 }
             })
@@ -770,13 +893,13 @@ impl Drop for Committer {
 }
 
 /// A journal barrier, then the batch's in-place writes in file order from
-/// [`io_threads`] threads.
+/// [`io_threads`] threads. Returns the shards it wrote through the page cache.
 fn commit_batch(
     shards: &[Shard],
     log: &UndoLog,
     mut runs: Batch,
     stop: &AbortHandle,
-) -> Result<()> {
+) -> Result<Vec<usize>> {
     log.barrier()?;
     runs.sort_unstable_by_key(|r| (r.shard, r.offset));
     let next = AtomicUsize::new(0);
@@ -799,10 +922,13 @@ fn commit_batch(
             });
         }
     });
-    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
     }
+    let mut cached: Vec<usize> = runs.iter().map(|r| r.shard).collect();
+    cached.dedup(); // sorted by shard above
+    cached.retain(|&i| shards[i].io.counters.buffered_bytes.load(Ordering::Relaxed) > 0);
+    Ok(cached)
 }
 
 /// Writer threads for these shards: many for direct writes, which each wait
