@@ -21,10 +21,11 @@ In one run, per dtype (fp16, then bf16):
   consumer process through the handles file; apollo_sync
   on this process's own tensors (twice); the seed script's ``checkpoint_sync`` in a
   fresh process on the same handles file; ``save_file`` of every shard + ``fsync``;
-  then apollo_sync as a dry run and with buffered writes, and a changed sync right
-  after another changed sync (O_DIRECT and buffered: the page-cache eviction); then
+  then apollo_sync as a dry run and with ``O_DIRECT`` writes, and a changed sync right
+  after another changed sync (``O_DIRECT`` and page-cache writes: the eviction); then
   two changed syncs by a long-lived consumer (``apollo_sync.watch`` in its own
-  process) that this process triggers with a step counter;
+  process) that this process triggers with a step counter, each into the files and
+  cache the previous sync left (a loop of training steps);
 * checks the files against the live tensors after each contender and prints a table
   with ratios to the seed and to the limits.
 
@@ -508,9 +509,9 @@ def child_watcher(spec: dict[str, Any]) -> None:
 def watched(
     args: argparse.Namespace, work: Path, model_dir: Path, pristine: Path, info: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Two changed syncs made by a long-lived consumer, each into freshly cached files,
-    as for the other rows. This process is the producer: it marks its changes with a
-    step counter, which the consumer waits for."""
+    """Two changed syncs made by a long-lived consumer, each into the files and page
+    cache the previous sync left, as in a loop of training steps. This process is the
+    producer: it marks its changes with a step counter, which the consumer waits for."""
     from apollo_sync import StepCounter, export_handles
 
     counter = StepCounter.create()
@@ -547,7 +548,6 @@ def watched(
             row = lines(2 + k)[-1]
             row["stale_bytes_after"] = stale_bytes(model_dir, info["live"])
             rows.append(row)
-            restore(model_dir, pristine, info["shards"], [])  # re-cache, as between rows
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -821,15 +821,15 @@ def run_dtype(
     left = differing_pieces(model_dir, pristine, info["shards"])
     if left:
         raise RuntimeError(f"restore left {left} pieces different from the pristine shards")
-    # What bounds a sync: the same sync writing nothing, and the writes done through
-    # the page cache instead of O_DIRECT.
+    # What bounds a sync: the same sync writing nothing, and the writes done with
+    # O_DIRECT instead of through the page cache.
     record("apollo dry run", in_process(model_dir, info["live"], dry_run=True), [])
-    record("apollo buffered writes", in_process(model_dir, info["live"], direct_io=False), blocks)
+    record("apollo O_DIRECT writes", in_process(model_dir, info["live"], direct_io=True), blocks)
     # A changed sync right after another one, with no re-caching in between: O_DIRECT
-    # writes evict the folios they touch, buffered writes do not. Each sync below
+    # writes evict the folios they touch, page-cache writes do not. Each sync below
     # syncs a fresh 0.5% of blocks (the live tensors change again), so nothing is
     # restored after them.
-    for n, (label, direct) in enumerate((("O_DIRECT", True), ("buffered", False))):
+    for n, (label, direct) in enumerate((("O_DIRECT", True), ("page cache", False))):
         perturb(model_dir, info, args.fraction, seed=100 + 2 * n)
         in_process(model_dir, info["live"], direct_io=direct)
         perturb(model_dir, info, args.fraction, seed=101 + 2 * n)
