@@ -7,9 +7,9 @@
 //! device's own counter; `getrusage` charges a buffered writer the whole folio
 //! it dirties, up to 2 MiB). But a direct write evicts the cached folio around
 //! its block, and with large folios a scattered change evicts most of a
-//! shard: on the 2-core machine the next sync of a 4 GB model took 1.0–1.5 s
-//! after direct writes against 0.47–0.51 s after buffered ones, though a
-//! first sync is ~10% faster direct (BENCHMARKS.md). Direct writes remain an
+//! shard: on the 2-core machine the next sync of a 4 GB model took 1.17–1.31 s
+//! after direct writes against 0.32–0.42 s after page-cache ones, though a
+//! first sync is ~0.1 s faster direct (BENCHMARKS.md). Direct writes remain an
 //! option for filesystems that would write back whole folios.
 
 use std::alloc::{self, Layout};
