@@ -500,7 +500,7 @@ def child_apollo(spec: dict[str, Any]) -> None:
         tensors=tensors,
         block_size=BLOCK,
         journal=spec.get("journal", True),
-        direct_io=spec.get("direct_io", True),
+        direct_io=spec.get("direct_io", False),
     )
     secs = time.perf_counter() - t0
     _write_result(

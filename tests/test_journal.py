@@ -375,6 +375,7 @@ KILL_POINTS = [
     "write:1",
     "write:4",
     "write:12",
+    "flush:1",
     "fsync:1",
     "fsync:2",
     "commit:1",
@@ -453,6 +454,7 @@ def test_a_kill_during_rollback_recovers_to_the_generation_before_it(
         ("barrier:1", 5),
         ("write:2", 28),
         ("write:7", 5),
+        ("flush:1", 5),  # the background fdatasync: its error is not lost
         ("fsync:1", 5),
         ("commit:1", 28),  # writing state.json: the written blocks are put back
     ],

@@ -445,11 +445,15 @@ def _run(
     buffered = sum(f.bytes_written_buffered for f in files)
     expected = sum(f.bytes_written + f.bytes_journaled for f in files)
     if buffered and disk is not None and disk > AMPLIFIED * expected + AMPLIFIED_SLACK:
+        advice = (
+            "direct I/O was refused here (see the warning above)"
+            if options.direct_io
+            else "--direct-io writes exactly the changed blocks"
+        )
         warnings.append(
             f"the disk wrote {disk / 1e6:.1f} MB during a sync that wrote "
             f"{expected / 1e6:.1f} MB through the page cache: this filesystem may write "
-            "back whole folios (or another process wrote meanwhile); --direct-io writes "
-            "exactly the changed blocks"
+            f"back whole folios (or another process wrote meanwhile); {advice}"
         )
     missing = sorted(p.live_name for p in mapping.problems)
     return SyncResult(

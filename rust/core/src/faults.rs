@@ -8,9 +8,10 @@
 //!   the OS error `<errno>` (e.g. 28 for `ENOSPC`, 5 for `EIO`) instead.
 //!
 //! Points: `journal` (appending an undo record), `barrier` (making the undo
-//! journal durable), `write` (an in-place write of changed blocks), `fsync`
-//! (making a shard durable), `undo` (restoring one record, in recovery or a
-//! rollback). The Python package adds its own (`commit`, `prune`). Unset, each
+//! journal durable), `write` (an in-place write of changed blocks), `flush`
+//! (making a shard durable in the background while the sync goes on), `fsync`
+//! (making a written shard durable at the end of the sync), `undo` (restoring
+//! one record, in recovery or a rollback). The Python package adds its own (`commit`, `prune`). Unset, each
 //! point costs one relaxed atomic load.
 
 use std::collections::HashMap;

@@ -177,9 +177,10 @@ impl ShardIo {
             .map_err(|e| Error::io(&self.path, "read", e))
     }
 
-    /// Writes `data` at `offset`, through `staging` for alignment. Aligned whole
-    /// blocks go through `O_DIRECT`; an unaligned tail (the file's last, short
-    /// block) goes through the page cache.
+    /// Writes `data` at `offset`. With direct I/O, aligned whole blocks go
+    /// through `O_DIRECT` (via `staging`, for alignment) and an unaligned tail
+    /// (the file's last, short block) through the page cache; without it,
+    /// everything goes through the page cache.
     pub fn write_at(&self, data: &[u8], offset: u64, staging: &mut Staging) -> Result<()> {
         if offset + data.len() as u64 > self.len {
             return Err(Error::Plan(format!(

@@ -4,7 +4,7 @@
 //! No Python here: the binding crate converts types and releases the GIL.
 //! - [`header`]: read and validate a safetensors header.
 //! - [`diff`]: the block-diff kernel.
-//! - [`io`]: positional reads, `O_DIRECT` block writes, durability.
+//! - [`io`]: positional reads, block writes (page cache or `O_DIRECT`), durability.
 //! - [`live`]: where live bytes come from (memory, or a file read with `pread`).
 //! - [`sync`]: the engine that ties them together across shards.
 //! - [`journal`]: the undo journal that makes a sync atomic and undoable.

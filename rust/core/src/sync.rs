@@ -719,6 +719,15 @@ impl Syncer {
     }
 }
 
+impl Drop for Syncer {
+    /// The committer first: the flusher's thread ends only once the
+    /// committer's sender to it is gone.
+    fn drop(&mut self) {
+        drop(self.committer.take());
+        drop(self.flusher.take());
+    }
+}
+
 /// A batch of changed runs whose old bytes are journaled.
 type Batch = Vec<WriteReq<'static>>;
 
@@ -746,7 +755,7 @@ impl Flusher {
                         continue;
                     }
                     let s = &shards[i];
-                    if let Err(e) = faults::reached("fsync")
+                    if let Err(e) = faults::reached("flush")
                         .map_err(|e| Error::io(s.io.path(), "fsync", e))
                         .and_then(|()| s.io.sync())
                     {
@@ -880,10 +889,13 @@ impl Committer {
 }
 
 impl Drop for Committer {
-    /// Stops without writing what is still queued, and waits for the thread:
-    /// once a sync is abandoned, nothing may write behind the back of whoever
-    /// undoes it.
+    /// Unless [`finish`](Self::finish) ran, stops without writing what is
+    /// still queued, and waits for the thread: once a sync is abandoned,
+    /// nothing may write behind the back of whoever undoes it.
     fn drop(&mut self) {
+        if self.thread.is_none() {
+            return; // finished: nothing to stop (and the flusher must go on)
+        }
         self.stop.abort();
         drop(self.tx.take());
         if let Some(t) = self.thread.take() {
