@@ -731,6 +731,66 @@ impl Drop for Syncer {
 /// A batch of changed runs whose old bytes are journaled.
 type Batch = Vec<WriteReq<'static>>;
 
+/// A thread that works through a queue in the background and keeps its first
+/// error for whoever waits for it. Reporting an error also aborts the sync's
+/// writes.
+struct Worker {
+    name: &'static str,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<Error>>>,
+}
+
+impl Worker {
+    /// Runs `body` on a thread named after `name`; `body` reports errors
+    /// through the function it is given.
+    fn spawn(
+        name: &'static str,
+        stop: AbortHandle,
+        body: impl FnOnce(&dyn Fn(Error)) + Send + 'static,
+    ) -> Result<Self> {
+        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
+        let slot = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("apollo-sync-{name}"))
+            .spawn(move || {
+                body(&|e| {
+                    stop.abort();
+                    slot.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
+                })
+            })
+            .map_err(|e| Error::Plan(format!("cannot start the {name} thread: {e}")))?;
+        Ok(Worker {
+            name,
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    /// The first error so far, if any.
+    fn check(&self) -> Result<()> {
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the thread (whose queue the caller has closed), then
+    /// returns its first error.
+    fn join(&mut self) -> Result<()> {
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| Error::Plan(format!("the {} thread panicked", self.name)))?;
+        }
+        self.check()
+    }
+
+    fn joined(&self) -> bool {
+        self.thread.is_none()
+    }
+}
+
 /// Makes shards durable (`fdatasync`) on a background thread. Page-cache
 /// writes reach the disk only at writeback: flushing a shard once its writes
 /// are done lets the device work while the next shard is diffed and written,
@@ -738,39 +798,30 @@ type Batch = Vec<WriteReq<'static>>;
 /// for [`finish`](Self::finish) (a failed `fdatasync` is reported once).
 struct Flusher {
     tx: Option<Sender<usize>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    failed: Arc<Mutex<Option<Error>>>,
+    worker: Worker,
 }
 
 impl Flusher {
     fn spawn(shards: Arc<Vec<Shard>>, stop: AbortHandle) -> Result<Self> {
         let (tx, rx) = channel::<usize>();
-        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
-        let slot = failed.clone();
-        let thread = std::thread::Builder::new()
-            .name("apollo-sync-flush".into())
-            .spawn(move || {
-                for i in rx {
-                    if stop.is_aborted() {
-                        continue;
-                    }
-                    let s = &shards[i];
-                    if let Err(e) = faults::reached("flush")
-                        .map_err(|e| Error::io(s.io.path(), "fsync", e))
-                        .and_then(|()| s.io.sync())
-                    {
-                        stop.abort();
-                        slot.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
-                    }
+        let halt = stop.clone();
+        let worker = Worker::spawn("flush", stop, move |fail| {
+            for i in rx {
+                if halt.is_aborted() {
+                    continue;
                 }
-            })
-            .map_err(|e| Error::Plan(format!("cannot start the flush thread: {e}")))?;
+                let s = &shards[i];
+                if let Err(e) = faults::reached("flush")
+                    .map_err(|e| Error::io(s.io.path(), "fsync", e))
+                    .and_then(|()| s.io.sync())
+                {
+                    fail(e);
+                }
+            }
+        })?;
         Ok(Flusher {
             tx: Some(tx),
-            thread: Some(thread),
-            failed,
+            worker,
         })
     }
 
@@ -787,23 +838,14 @@ impl Flusher {
     /// Waits for every requested flush (once every sender is gone).
     fn finish(mut self) -> Result<()> {
         drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            t.join()
-                .map_err(|_| Error::Plan("the flush thread panicked".into()))?;
-        }
-        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.worker.join()
     }
 }
 
 impl Drop for Flusher {
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.worker.join();
     }
 }
 
@@ -812,8 +854,7 @@ impl Drop for Flusher {
 /// go on to the [`Flusher`].
 struct Committer {
     tx: Option<SyncSender<Batch>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    failed: Arc<Mutex<Option<Error>>>,
+    worker: Worker,
     /// Set to stop: batches not yet started are dropped, writers stop between runs.
     stop: AbortHandle,
 }
@@ -826,46 +867,33 @@ impl Committer {
         stop: AbortHandle,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
-        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
-        let (slot, halt) = (failed.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("apollo-sync-commit".into())
-            .spawn(move || {
-                for batch in rx {
-                    if halt.is_aborted() {
-                        continue; // drain without writing: the sync is being abandoned
-                    }
-                    match commit_batch(&shards, &log, batch, &halt) {
-                        Ok(cached) => {
-                            for i in cached {
-                                // the flusher outlives this thread: the send cannot fail
-                                let _ = flush.send(i);
-                            }
-                        }
-                        Err(e) => {
-                            halt.abort();
-                            slot.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
-                        }
-                    }
+        let halt = stop.clone();
+        let worker = Worker::spawn("commit", stop.clone(), move |fail| {
+            for batch in rx {
+                if halt.is_aborted() {
+                    continue; // drain without writing: the sync is being abandoned
                 }
-            })
-            .map_err(|e| Error::Plan(format!("cannot start the commit thread: {e}")))?;
+                match commit_batch(&shards, &log, batch, &halt) {
+                    Ok(cached) => {
+                        for i in cached {
+                            // the flusher outlives this thread: the send cannot fail
+                            let _ = flush.send(i);
+                        }
+                    }
+                    Err(e) => fail(e),
+                }
+            }
+        })?;
         Ok(Committer {
             tx: Some(tx),
-            thread: Some(thread),
-            failed,
+            worker,
             stop,
         })
     }
 
     /// The first error of an earlier batch, if any.
     fn check(&self) -> Result<()> {
-        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.worker.check()
     }
 
     fn submit(&self, batch: Batch) -> Result<()> {
@@ -880,11 +908,7 @@ impl Committer {
     /// Waits for every batch to be durable and written.
     fn finish(mut self) -> Result<()> {
         drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            t.join()
-                .map_err(|_| Error::Plan("the commit thread panicked".into()))?;
-        }
-        self.check()
+        self.worker.join()
     }
 }
 
@@ -893,14 +917,12 @@ impl Drop for Committer {
     /// still queued, and waits for the thread: once a sync is abandoned,
     /// nothing may write behind the back of whoever undoes it.
     fn drop(&mut self) {
-        if self.thread.is_none() {
+        if self.worker.joined() {
             return; // finished: nothing to stop (and the flusher must go on)
         }
         self.stop.abort();
         drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.worker.join();
     }
 }
 
