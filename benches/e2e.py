@@ -561,6 +561,18 @@ def write_handles(info: dict[str, Any], path: Path, model_dir: Path) -> None:
     torch.save(handles, path)
 
 
+def write_pieces(model_dir: Path, info: dict[str, Any], out: Path) -> None:
+    """One line per tensor: shard path, offset of its bytes, live shm path, length."""
+    shm = {t["name"]: t["shm"] for t in info["tensors"]}
+    with open(out, "w") as f:
+        for fname in info["shards"]:
+            data_start, header = header_of(model_dir / fname)
+            for name, v in header.items():
+                if name != "__metadata__":
+                    s, e = v["data_offsets"]
+                    f.write(f"{model_dir / fname} {data_start + s} {shm[name]} {e - s}\n")
+
+
 def verify(model_dir: Path, info: dict[str, Any]) -> int:
     """Number of tensors whose file bytes differ from the live bytes."""
     import torch
@@ -601,6 +613,12 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.005, help="fraction of 4 KiB blocks")
     ap.add_argument("--out", type=Path, help="write every number as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the temp and shm dirs")
+    ap.add_argument(
+        "--pieces",
+        type=Path,
+        help="write each tensor's shard path, offset, live shm path and length here, "
+        "for benches/probes/live_read.c (use with --keep)",
+    )
     ap.add_argument("--_child", choices=["apollo", "seed", "rewrite"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_populate", action="store_true", help=argparse.SUPPRESS)
@@ -660,6 +678,8 @@ def main() -> int:
             "handles": str(handles_path),
         }
         spec_path.write_text(json.dumps(spec))
+        if args.pieces:
+            write_pieces(model_dir, info, args.pieces)
         me = [sys.executable, os.path.abspath(__file__), "--_spec", str(spec_path), "--_child"]
 
         runs: dict[str, dict[str, Any]] = {}
