@@ -487,7 +487,12 @@ impl Shards {
                     let len = std::fs::metadata(&path)
                         .map_err(|e| Error::io(&path, "stat", e))?
                         .len();
-                    open.insert(name.clone(), ShardIo::open(&path, len, true, DIRECT_ALIGN)?);
+                    // Through the page cache, as a sync writes: the same disk
+                    // bytes, and the next sync finds the model still cached.
+                    open.insert(
+                        name.clone(),
+                        ShardIo::open(&path, len, false, DIRECT_ALIGN)?,
+                    );
                 }
                 let io = &open[name];
                 if r.offset + r.len as u64 > io.len() {
