@@ -212,16 +212,23 @@ def _uncached_pages(path: Path) -> int:
         os.close(fd)
 
 
-def _cached_then_synced(root: Path, live: dict[str, torch.Tensor], **kw: object) -> int:
-    """Caches the model as a reader leaves it, syncs, and counts the pages the
-    sync left uncached."""
-    path = root / "model.safetensors"
+def _cache_as_a_reader_would(path: Path) -> None:
+    """Flushes ``path``, drops it from the page cache and reads it back, as a
+    process loading the model leaves it cached (readahead's large folios)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     path.read_bytes()
+
+
+def _cached_then_synced(root: Path, live: dict[str, torch.Tensor], **kw: object) -> int:
+    """Caches the model as a reader leaves it, syncs, and counts the pages the
+    sync left uncached."""
+    path = root / "model.safetensors"
+    _cache_as_a_reader_would(path)
     if _uncached_pages(path):
         pytest.skip("this filesystem does not keep the file cached")
     r = sync(root, live, **kw)
@@ -250,14 +257,7 @@ def test_page_cache_writes_reach_the_disk_as_the_changed_blocks(model_factory: F
     # whole folio, so the block device's own counter is what is checked).
     orig = {"w": randn(4096, 8192, dtype=torch.float16)}  # 64 MiB
     root = model_factory(orig)
-    path = root / "model.safetensors"
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then cached in large folios
-    finally:
-        os.close(fd)
-    path.read_bytes()
+    _cache_as_a_reader_would(root / "model.safetensors")
     live = {"w": orig["w"].clone()}
     flat = live["w"].view(-1)
     for i in range(0, flat.numel(), flat.numel() // 200):  # 200 blocks, 160 KiB apart

@@ -11,8 +11,8 @@
 //! journal durable), `write` (an in-place write of changed blocks), `flush`
 //! (making a shard durable in the background while the sync goes on), `fsync`
 //! (making a written shard durable at the end of the sync), `undo` (restoring
-//! one record, in recovery or a rollback). The Python package adds its own (`commit`, `prune`). Unset, each
-//! point costs one relaxed atomic load.
+//! one record, in recovery or a rollback). The Python package adds its own
+//! (`commit`, `prune`). Unset, each point costs one relaxed atomic load.
 
 use std::collections::HashMap;
 use std::io;

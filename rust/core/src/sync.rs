@@ -437,6 +437,12 @@ impl Syncer {
     pub fn abort(&mut self) {
         self.broken = true;
         self.stop.abort();
+        self.join_threads();
+    }
+
+    /// Ends the commit thread, then the flush thread: the flusher's thread
+    /// ends only once the committer's sender to it is gone.
+    fn join_threads(&mut self) {
         drop(self.committer.take());
         drop(self.flusher.take());
     }
@@ -720,11 +726,8 @@ impl Syncer {
 }
 
 impl Drop for Syncer {
-    /// The committer first: the flusher's thread ends only once the
-    /// committer's sender to it is gone.
     fn drop(&mut self) {
-        drop(self.committer.take());
-        drop(self.flusher.take());
+        self.join_threads();
     }
 }
 
