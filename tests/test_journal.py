@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import apollo_sync
 from apollo_sync import journal as gens
+from apollo_sync.cli import render_history
 from apollo_sync.errors import (
     JournalError,
     LayoutError,
@@ -155,6 +156,30 @@ def test_pruning_keeps_the_newest_and_refuses_rollback_past_them(model_factory: 
     # A byte budget smaller than one generation keeps only the newest.
     assert gens.prune(root, keep=100, max_bytes=1) == [4, 5]
     assert sorted(layout.journals()) == [6]
+
+
+def test_the_state_file_stays_bounded_over_many_syncs(
+    model_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """state.json is rewritten at every commit: pruned generations lose their
+    tensor names and the oldest leave the history, while every rollback point
+    stays listed in full."""
+    monkeypatch.setattr(gens, "HISTORY_LIMIT", 6)
+    live = base()
+    root = model_factory(live)
+    sizes = []
+    for n in range(1, 15):
+        step(live, seed=n)
+        apollo_sync.sync(root, live, keep=3, undo_budget=1 << 30)
+        sizes.append(gens.Layout(root).state_path.stat().st_size)
+    state = gens.history(root)
+    assert [g.number for g in state.history] == list(range(9, 15))
+    assert [g.undo for g in state.history] == [False] * 3 + [True] * 3
+    assert all(g.tensors == [] and g.tensor_count == 7 for g in state.history[:3])
+    assert all(len(g.tensors) == g.touched == 7 for g in state.history[3:])
+    assert sizes[-1] < sizes[5] * 1.1  # no longer grows once the history is full
+    gens.rollback(root, 11)  # the kept rollback points still work
+    assert "      7" in render_history(gens.history(root))
 
 
 def test_without_a_journal_the_generation_cannot_be_rolled_back(model_factory: Factory) -> None:

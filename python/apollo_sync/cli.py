@@ -190,7 +190,7 @@ def render_history(state: gens.State) -> str:
         mark = "  <- current" if g.number == state.generation else ""
         lines.append(
             f"{g.number:>5}  {when:<19}  {kind:<14}  {_mb(g.bytes_changed):>12}  {undo:>12}  "
-            f"{len(g.files):>5}  {len(g.tensors):>7}{mark}"
+            f"{len(g.files):>5}  {g.touched:>7}{mark}"
         )
     lines.append(f"{0:>5}  {'(before the first sync)':<19}")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ DEFAULT_KEEP = 20
 DEFAULT_BUDGET_FRACTION = 0.10
 #: Seconds a writer waits for another one to finish, by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
+#: Generations listed in ``state.json`` at most, besides those whose undo data is
+#: kept (never dropped). The file is rewritten at every commit, so it must not
+#: grow with the number of syncs a training run makes.
+HISTORY_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,17 @@ class Generation:
     #: Whether its undo journal is kept, so a rollback can go back past it.
     undo: bool
     files: list[str] = field(default_factory=list)
+    #: Names of the tensors it touched, while its undo data is kept (a rollback
+    #: reports them); dropped with that data, leaving only their number.
     tensors: list[str] = field(default_factory=list)
     rollback_to: int | None = None
+    #: How many tensors it touched, once ``tensors`` was dropped (None before).
+    tensor_count: int | None = None
+
+    @property
+    def touched(self) -> int:
+        """The number of tensors it touched."""
+        return len(self.tensors) if self.tensor_count is None else self.tensor_count
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -339,8 +352,15 @@ def touched_tensors(info: JournalInfo, tensors: Sequence[tuple[str, str, int, in
 
 
 def commit(layout: Layout, state: State, generation: Generation) -> State:
-    """Makes ``generation`` the committed one."""
-    new = State(generation=generation.number, history=[*state.history, generation])
+    """Makes ``generation`` the committed one. The oldest generations without
+    undo data are dropped from the history beyond :data:`HISTORY_LIMIT`."""
+    history = [*state.history, generation]
+    excess = len(history) - HISTORY_LIMIT
+    if excess > 0:
+        old = {g.number for g in history[:-1] if not g.undo}
+        drop = set(sorted(old)[:excess])
+        history = [g for g in history if g.number not in drop]
+    new = State(generation=generation.number, history=history)
     save_state(layout, new)
     return new
 
@@ -361,7 +381,9 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
     if not drop:
         return []
     history = [
-        Generation(**{**g.to_dict(), "undo": False, "undo_bytes": 0}) if g.number in drop else g
+        replace(g, undo=False, undo_bytes=0, tensors=[], tensor_count=g.touched)
+        if g.number in drop
+        else g
         for g in state.history
     ]
     save_state(layout, State(generation=state.generation, history=history))
