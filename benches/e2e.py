@@ -7,7 +7,9 @@ What it measures (all on the same data, files page-cached and already flushed):
   against file bytes already in memory, and the combined single pass "read each
   file chunk into a buffer and ``memcmp`` it with the live chunk" (1 thread and one
   thread per core; the GIL is released by ``preadv`` and by ``memcmp`` via ctypes),
-  and the same pass comparing against a read-only mapping of the file instead;
+  and the same pass comparing against a read-only mapping of the file instead, or
+  first reading the live chunk too (from its ``/dev/shm`` file: what a consumer
+  that does not hold the live bytes, a fresh process or the seed, must also do);
 * ``apollo_sync.sync`` in a child process, the live bytes another process's shared
   memory read with ``pread`` (a fresh consumer) or already mapped and faulted in
   (``prefault``: a training loop's own tensors, or ``apollo-sync watch``): wall time
@@ -282,8 +284,8 @@ def _live_map(info: dict[str, Any]) -> dict[str, tuple[Any, np.ndarray]]:
     return out
 
 
-def _pieces(model_dir: Path, info: dict[str, Any], live: dict[str, Any]) -> list[tuple]:
-    """(path, file offset, live array slice) chunks of at most CHUNK bytes, all shards."""
+def _tensor_spans(model_dir: Path, info: dict[str, Any]) -> list[tuple[Path, int, str, int]]:
+    """(shard path, absolute file offset, tensor name, bytes) of every tensor."""
     out = []
     for fname in info["shards"]:
         data_start, header = header_of(model_dir / fname)
@@ -291,10 +293,17 @@ def _pieces(model_dir: Path, info: dict[str, Any], live: dict[str, Any]) -> list
             if name == "__metadata__":
                 continue
             s, e = v["data_offsets"]
-            arr = live[name][1]
-            for o in range(0, e - s, CHUNK):
-                out.append((model_dir / fname, data_start + s + o, arr[o : min(o + CHUNK, e - s)]))
+            out.append((model_dir / fname, data_start + s, name, e - s))
     return out
+
+
+def _pieces(model_dir: Path, info: dict[str, Any], live: dict[str, Any]) -> list[tuple]:
+    """(path, file offset, live array slice) chunks of at most CHUNK bytes, all shards."""
+    return [
+        (path, off + o, live[name][1][o : min(o + CHUNK, n)])
+        for path, off, name, n in _tensor_spans(model_dir, info)
+        for o in range(0, n, CHUNK)
+    ]
 
 
 def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, float]:
@@ -357,6 +366,40 @@ def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, flo
 
     # Single pass without the copy: compare the live chunk with a fresh read-only
     # mapping of the page-cached file (its page-table setup inside the timing).
+    # A consumer that does not hold the live bytes (a fresh process, the seed) must
+    # also read them: the same pass with each live chunk read (pread) from its
+    # /dev/shm file into a second buffer first.
+    shm = {t["name"]: t["shm"] for t in info["tensors"]}
+    live_fds = {name: os.open(path, os.O_RDONLY) for name, path in shm.items()}
+    fresh = [
+        (fds[path], off, live_fds[name], o, min(CHUNK, n - o))
+        for path, off0, name, n in _tensor_spans(model_dir, info)
+        for o in range(0, n, CHUNK)
+        for off in [off0 + o]
+    ]
+
+    def read_read_cmp(piece: tuple) -> bool:
+        fd, off, live_fd, live_off, n = piece
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = (np.empty(CHUNK, dtype=np.uint8), np.empty(CHUNK, dtype=np.uint8))
+        disk, live = bufs[0][:n], bufs[1][:n]
+        os.preadv(fd, [disk], off)
+        os.preadv(live_fd, [live], live_off)
+        return memcmp(disk, live)
+
+    for k in sorted({1, threads}):
+        with ThreadPoolExecutor(k) as pool:  # warm-up pass (threads, buffers)
+            list(pool.map(read_read_cmp, fresh[: 4 * k]))
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(k) as pool:
+            same = sum(pool.map(read_read_cmp, fresh))
+        out[f"fresh_read_cmp_gbps_{k}t"] = total / (time.perf_counter() - t0) / 1e9
+        if same != len(fresh):
+            raise RuntimeError(f"limits: {len(fresh) - same} chunks differ (expected none)")
+    for fd in live_fds.values():
+        os.close(fd)
+
     for k in sorted({1, threads}):
         maps = {p: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for p, fd in fds.items()}
         views = {p: np.frombuffer(m, dtype=np.uint8) for p, m in maps.items()}
@@ -793,6 +836,22 @@ def main() -> int:
             }
         )
 
+        fresh_limit = max(lim[f"fresh_read_cmp_gbps_{k}t"] for k in {1, threads})
+        rows.append(
+            {
+                "contender": "(fresh: +read live)",
+                "seconds": total / fresh_limit / 1e9,
+                "gbps": fresh_limit,
+                "bytes_changed": None,
+                "bytes_written": None,
+                "device_bytes": None,
+                "disk_bytes": None,
+                "stale_tensors_after": None,
+                "x_vs_seed": seed_s / (total / fresh_limit / 1e9),
+                "frac_of_limit": fresh_limit / limit,
+            }
+        )
+
         hdr = (
             f"{'contender':<20} {'seconds':>8} {'GB/s':>6} {'changed':>10} {'written':>10} "
             f"{'device':>10} {'disk':>10} {'x seed':>7} {'/limit':>7} {'stale':>6}"
@@ -813,6 +872,19 @@ def main() -> int:
                 f"{row['x_vs_seed']:>7.2f} "
                 f"{row['frac_of_limit']:>7.2f} {stale:>6}"
             )
+        fresh_rows = [
+            r
+            for r in rows
+            if r["contender"].startswith(("apollo", "seed")) and "prefault" not in r["contender"]
+        ]
+        print(
+            "\nconsumers that do not hold the live bytes, against the fresh limit "
+            f"({total / fresh_limit / 1e9:.3f} s): "
+            + ", ".join(
+                f"{r['contender']} {total / r['seconds'] / 1e9 / fresh_limit:.2f}"
+                for r in fresh_rows
+            )
+        )
         ar = runs["apollo_sync"]
         print(
             f"\napollo_sync: internal seconds {a['internal_s']:.3f} (call {a['call_s']:.3f}, "
