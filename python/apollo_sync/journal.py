@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,8 @@ class Generation:
         return len(self.tensors) if self.tensor_count is None else self.tensor_count
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # fields are plain values and lists of them: no need for asdict's deep copy
+        return {k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()}
 
 
 @dataclass

@@ -130,16 +130,22 @@ class SyncResult:
 
 
 def plan(
-    model_dir: ModelDir, live: Mapping[str, LiveTensor], *, allow_unmatched: bool = False
+    model_dir: ModelDir,
+    live: Mapping[str, LiveTensor],
+    *,
+    allow_unmatched: bool = False,
+    mapping: LayoutMap | None = None,
 ) -> tuple[LayoutMap, list[Placement]]:
     """Maps live tensors onto the files and orders them as they lie on disk.
 
     Raises :class:`LayoutError` listing every problem (:class:`RefusedError` when
     one is a refusal), unless ``allow_unmatched`` and the only problems are names
     that match nothing on disk. Upcast matches (float32 on disk) are placed as the
-    float32 bytes to write (:func:`apollo_sync.upcast.resolve`).
+    float32 bytes to write (:func:`apollo_sync.upcast.resolve`). A ``mapping``
+    already checked against these files is used as it is.
     """
-    mapping = check_mapping(model_dir, live, allow_unmatched=allow_unmatched)
+    if mapping is None:
+        mapping = check_mapping(model_dir, live, allow_unmatched=allow_unmatched)
     placements = sorted(
         (
             Placement(m.disk.shard, m.disk.start, resolve(m, model_dir).live)
@@ -307,15 +313,17 @@ def _sync_locked(
 ) -> SyncResult:
     # Bad input is refused before the lock file (or anything else) is created;
     # under the lock the directory is read again, after any recovery.
-    md = ModelDir.open(root)
-    check_mapping(md, live, allow_unmatched=options.allow_unmatched)
+    first = ModelDir.open(root)
+    mapping: LayoutMap | None = check_mapping(first, live, allow_unmatched=options.allow_unmatched)
     if not private_copy:
-        check_shards(md, private_copy=False)
+        check_shards(first, private_copy=False)
     layout = gens.Layout(root)
     with gens.ModelLock(root, lock_timeout):
         recovered = [r.generation for r in gens.recover_locked(layout)]
         md = ModelDir.open(root)
         md = check_shards(md, private_copy)
+        if md.tensors != first.tensors:
+            mapping = None  # another writer changed the headers meanwhile: map again
         state = gens.load_state(layout)
         number = state.generation + 1
         spec = (layout.undo_path(number), number) if journal else None
@@ -323,7 +331,7 @@ def _sync_locked(
         while True:
             before = counter.wait_even(lock_timeout) if counter is not None else None
             try:
-                result = _run(md, live, options, spec)
+                result = _run(md, live, options, spec, mapping)
             except BaseException as e:
                 note = gens.undo_uncommitted(layout, number)
                 if note:
@@ -388,9 +396,10 @@ def _run(
     live: Mapping[str, LiveTensor],
     options: _Options,
     journal: tuple[Path, int] | None,
+    mapping: LayoutMap | None = None,
 ) -> SyncResult:
     block_size, dry_run = options.block_size, options.dry_run
-    mapping, placements = plan(md, live, allow_unmatched=options.allow_unmatched)
+    mapping, placements = plan(md, live, allow_unmatched=options.allow_unmatched, mapping=mapping)
     used = sorted({p.shard for p in placements})
     local = {shard: i for i, shard in enumerate(used)}
     syncer = Syncer(
