@@ -70,6 +70,8 @@ SEED_SCRIPT = Path(
 BLOCK = 4096
 N_SHARDS = 4
 CHUNK = 8 << 20
+#: The reads of the fresh-consumer limit pass: the core's (``READ_BYTES``).
+FRESH_READ = 256 << 10
 DTYPES = {"fp16": ("F16", 2), "bf16": ("BF16", 2), "fp32": ("F32", 4)}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -306,6 +308,20 @@ def _pieces(model_dir: Path, info: dict[str, Any], live: dict[str, Any]) -> list
     ]
 
 
+def _timed_pass(fn: Any, pieces: list[tuple], threads: int, total: int) -> float:
+    """GB/s of one pass of ``fn`` (True: the piece compared equal) over ``pieces`` on
+    ``threads`` threads, after a short warm-up pass (threads, buffers)."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fn, pieces[: 4 * threads]))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        same = sum(pool.map(fn, pieces))
+    gbps = total / (time.perf_counter() - t0) / 1e9
+    if same != len(pieces):
+        raise RuntimeError(f"limits: {len(pieces) - same} chunks differ (expected none)")
+    return gbps
+
+
 def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, float]:
     """GB/s of page-cache reads, memcmp, and the combined read + compare pass."""
     paths = [model_dir / f for f in info["shards"]]
@@ -355,17 +371,8 @@ def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, flo
         return memcmp(view, arr)
 
     for k in sorted({1, threads}):
-        with ThreadPoolExecutor(k) as pool:  # warm-up pass (threads, buffers)
-            list(pool.map(read_cmp, pieces[: 4 * k]))
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(k) as pool:
-            same = sum(pool.map(read_cmp, pieces))
-        out[f"read_cmp_gbps_{k}t"] = total / (time.perf_counter() - t0) / 1e9
-        if same != len(pieces):
-            raise RuntimeError(f"limits: {len(pieces) - same} chunks differ (expected none)")
+        out[f"read_cmp_gbps_{k}t"] = _timed_pass(read_cmp, pieces, k, total)
 
-    # Single pass without the copy: compare the live chunk with a fresh read-only
-    # mapping of the page-cached file (its page-table setup inside the timing).
     # A consumer that does not hold the live bytes (a fresh process, the seed) must
     # also read them: the same pass with each live chunk read (pread) from its
     # /dev/shm file into a second buffer first.
@@ -379,27 +386,28 @@ def limits(model_dir: Path, info: dict[str, Any], threads: int) -> dict[str, flo
     ]
 
     def read_read_cmp(piece: tuple) -> bool:
+        # in the core's 256 KiB reads: two buffers the size of a whole piece would
+        # be compared from memory, not from the cache the reads just filled
         fd, off, live_fd, live_off, n = piece
         bufs = getattr(local, "bufs", None)
         if bufs is None:
-            bufs = local.bufs = (np.empty(CHUNK, dtype=np.uint8), np.empty(CHUNK, dtype=np.uint8))
-        disk, live = bufs[0][:n], bufs[1][:n]
-        os.preadv(fd, [disk], off)
-        os.preadv(live_fd, [live], live_off)
-        return memcmp(disk, live)
+            bufs = local.bufs = (np.empty(FRESH_READ, np.uint8), np.empty(FRESH_READ, np.uint8))
+        same = True
+        for at in range(0, n, FRESH_READ):
+            k = min(FRESH_READ, n - at)
+            disk, live = bufs[0][:k], bufs[1][:k]
+            os.preadv(fd, [disk], off + at)
+            os.preadv(live_fd, [live], live_off + at)
+            same &= memcmp(disk, live)
+        return same
 
     for k in sorted({1, threads}):
-        with ThreadPoolExecutor(k) as pool:  # warm-up pass (threads, buffers)
-            list(pool.map(read_read_cmp, fresh[: 4 * k]))
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(k) as pool:
-            same = sum(pool.map(read_read_cmp, fresh))
-        out[f"fresh_read_cmp_gbps_{k}t"] = total / (time.perf_counter() - t0) / 1e9
-        if same != len(fresh):
-            raise RuntimeError(f"limits: {len(fresh) - same} chunks differ (expected none)")
+        out[f"fresh_read_cmp_gbps_{k}t"] = _timed_pass(read_read_cmp, fresh, k, total)
     for fd in live_fds.values():
         os.close(fd)
 
+    # Single pass without the copy: compare the live chunk with a fresh read-only
+    # mapping of the page-cached file (its page-table setup inside the timing).
     for k in sorted({1, threads}):
         maps = {p: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for p, fd in fds.items()}
         views = {p: np.frombuffer(m, dtype=np.uint8) for p, m in maps.items()}
