@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -465,7 +466,7 @@ def child_consumer(spec: dict[str, Any]) -> None:
     cuda = torch.cuda.is_available()
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0
     base = torch.cuda.memory_allocated() if cuda else 0
-    with RssSampler() as rss:
+    with PeakSampler(_vmrss_kb) as rss:
         t2 = time.perf_counter()
         r = apollo_sync.sync(handles=h)
         t_sync = time.perf_counter() - t2
@@ -566,20 +567,22 @@ def child_seed(spec: dict[str, Any]) -> None:
     e2e.child_seed(spec)
 
 
-class RssSampler:
-    """Peak VmRSS of this process while active (sampled every 2 ms)."""
+class PeakSampler:
+    """Peak of ``read()`` while active, sampled every ``every`` seconds (``base``: its
+    value on entry)."""
 
-    def __init__(self) -> None:
-        self.peak = self.base = _vmrss_kb()
+    def __init__(self, read: Callable[[], int], every: float = 0.002) -> None:
+        self.read, self.every = read, every
+        self.peak = self.base = read()
         self._done = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, _vmrss_kb())
-            time.sleep(0.002)
+            self.peak = max(self.peak, self.read())
+            time.sleep(self.every)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> PeakSampler:
         self._t.start()
         return self
 
@@ -613,7 +616,7 @@ def in_process(model_dir: Path, live: dict[str, Any], **kw: Any) -> dict[str, An
     base = torch.cuda.memory_allocated() if cuda else 0
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0
     before = resource.getrusage(resource.RUSAGE_SELF).ru_oublock
-    with RssSampler() as rss:
+    with PeakSampler(_vmrss_kb) as rss:
         t0 = time.perf_counter()
         r = apollo_sync.sync(model_dir, live, **kw)
         secs = time.perf_counter() - t0

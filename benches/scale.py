@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,37 +58,17 @@ def vmstat(*keys: str) -> dict[str, int]:
     return out
 
 
-class DirtySampler:
-    """Peak ``Dirty`` and ``Writeback`` (kB) while the block runs."""
-
-    def __init__(self) -> None:
-        self.peak = {"Dirty": 0, "Writeback": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for k, v in meminfo_kb("Dirty", "Writeback").items():
-                self.peak[k] = max(self.peak[k], v)
-            time.sleep(0.001)
-
-    def __enter__(self) -> DirtySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def timed(model_dir: Path, live: dict[str, Any], **kw: Any) -> dict[str, Any]:
     before = vmstat("nr_dirtied", "nr_written")
-    with DirtySampler() as dirty:
+    with (
+        gpu.PeakSampler(lambda: meminfo_kb("Dirty")["Dirty"], 0.001) as dirty,
+        gpu.PeakSampler(lambda: meminfo_kb("Writeback")["Writeback"], 0.001) as wback,
+    ):
         r = gpu.in_process(model_dir, live, **kw)
     after = vmstat("nr_dirtied", "nr_written")
     return r | {
-        "peak_dirty_kb": dirty.peak["Dirty"],
-        "peak_writeback_kb": dirty.peak["Writeback"],
+        "peak_dirty_kb": dirty.peak,
+        "peak_writeback_kb": wback.peak,
         **{f"{k}_bytes": (after[k] - before[k]) * 4096 for k in before},
     }
 
