@@ -182,6 +182,28 @@ def test_the_state_file_stays_bounded_over_many_syncs(
     assert "      7" in render_history(gens.history(root))
 
 
+def test_a_shard_rewritten_before_the_lock_is_mapped_again(
+    model_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mapping made before the lock is reused under it only while the headers
+    are the same: here another writer moves every tensor (a longer header) in
+    between, and the sync must write at the new offsets."""
+    live = base()
+    root = model_factory(live, shards=1)
+    stale = load_file(str(root / "model.safetensors"))
+    step(live, seed=1)
+    recover = gens.recover_locked
+
+    def rewrite_then_recover(layout: gens.Layout) -> list[object]:
+        save_file(stale, str(root / "model.safetensors"), metadata={"pad": "x" * 3000})
+        return recover(layout)
+
+    monkeypatch.setattr(gens, "recover_locked", rewrite_then_recover)
+    apollo_sync.sync(root, live)
+    on_disk = load_file(str(root / "model.safetensors"))
+    assert all(torch.equal(on_disk[n], t) for n, t in live.items())
+
+
 def test_without_a_journal_the_generation_cannot_be_rolled_back(model_factory: Factory) -> None:
     live = base()
     root = model_factory(live)
