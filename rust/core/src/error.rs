@@ -27,11 +27,11 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// An undo journal that cannot be trusted: bad magic, a checksum that
-    /// does not hold, a record cut short inside its durable part. Nothing is
-    /// applied from it.
-    #[error("{path}: damaged undo journal: {reason}")]
-    Journal { path: PathBuf, reason: String },
+    /// A log that cannot be trusted: bad magic, a checksum that does not
+    /// hold, a damaged record with valid ones after it. Nothing is applied
+    /// from it.
+    #[error("{path}: damaged log: {reason}")]
+    Log { path: PathBuf, reason: String },
 
     /// The caller asked for something inconsistent (a segment outside its
     /// tensor region, out of order, a bad block size). Nothing is written.

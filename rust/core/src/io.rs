@@ -238,6 +238,17 @@ impl ShardIo {
             .map_err(|e| Error::io(&self.path, "fsync", e))
     }
 
+    /// `fdatasync` whether or not this handle wrote: what other processes
+    /// wrote through the page cache reaches the disk too.
+    pub fn sync_always(&self) -> Result<()> {
+        let file = match self.buffered.get() {
+            Some(f) => f,
+            None => &self.read,
+        };
+        file.sync_data()
+            .map_err(|e| Error::io(&self.path, "fsync", e))
+    }
+
     fn write_buffered(&self, data: &[u8], at: u64) -> Result<()> {
         let file = match self.buffered.get() {
             Some(f) => f,

@@ -7,20 +7,23 @@
 //! - [`io`]: positional reads, block writes (page cache or `O_DIRECT`), durability.
 //! - [`live`]: where live bytes come from (memory, or a file read with `pread`).
 //! - [`sync`]: the engine that ties them together across shards.
-//! - [`journal`]: the undo journal that makes a sync atomic and undoable.
+//! - [`delta`]: the element-level XOR codec of a log record.
+//! - [`log`]: the XOR-delta log that makes a sync atomic, crash-safe and
+//!   undoable: format, writer, reader, recovery and rollback.
 //! - [`faults`]: crash and error injection for the crash-safety tests.
 
+pub mod delta;
 pub mod diff;
 pub mod error;
 pub mod faults;
 pub mod header;
 pub mod io;
-pub mod journal;
 pub mod live;
+pub mod log;
 pub mod sync;
 
 pub use error::{Error, Result};
 pub use header::{Header, TensorEntry};
-pub use journal::{UndoJournal, UndoLog, UndoReport};
 pub use live::Live;
-pub use sync::{AbortHandle, JournalSpec, Options, Segment, ShardReport, ShardSpec, Syncer};
+pub use log::{DeltaLog, Kind, LogFile, LogSpec};
+pub use sync::{AbortHandle, Options, Segment, ShardReport, ShardSpec, Syncer};

@@ -13,11 +13,15 @@
 //! once when the feed moves past it. Every write therefore covers whole blocks
 //! and never clobbers a neighbour's new bytes with old ones.
 //!
-//! With a journal ([`Options::journal`]), the old bytes of every changed run
-//! go to the undo journal and the new bytes are held back; held runs are
-//! written only after a journal barrier has made their old bytes durable
-//! (when the held bytes pass [`HOLD_BYTES`], and in [`Syncer::finish`]).
-//! Without one, writer threads write changed runs while the diff goes on.
+//! With a log ([`Options::log`]), the XOR delta of every changed run is
+//! encoded (on the diff worker that found it) and appended to the
+//! generation's log, and the new bytes are held back; held runs are written
+//! only after a log barrier has made their records durable (when the held
+//! bytes pass [`HOLD_BYTES`], and in [`Syncer::finish`]). The shards are then
+//! current through the page cache; making them durable is the caller's
+//! (after the commit, in the background). Without a log, writer threads
+//! write changed runs while the diff goes on, and `finish` makes every
+//! written shard durable.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -32,8 +36,9 @@ use crate::diff::changed_runs_at;
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
-use crate::journal::UndoLog;
 use crate::live::Live;
+use crate::log::writer::bind;
+use crate::log::{DeltaLog, Encoder, LogSpec};
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -54,7 +59,7 @@ const IO_THREADS: usize = 16;
 const CACHED_IO_THREADS: usize = 1;
 /// Changed runs queued for the writers before the diff waits for them.
 const WRITE_QUEUE: usize = 4096;
-/// New bytes held back, with a journal, before a barrier lets them be
+/// New bytes held back, with a log, before a barrier lets them be
 /// written. Bounds memory whatever the size of the change; a sync that
 /// changes less than this makes exactly one barrier.
 pub const HOLD_BYTES: usize = 128 << 20;
@@ -86,19 +91,16 @@ pub struct Options {
     pub direct_io: bool,
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
-    /// Keep an undo journal of what is overwritten (crash safety, rollback).
-    pub journal: Option<JournalSpec>,
-    /// With a journal: new bytes held back before a barrier ([`HOLD_BYTES`]).
+    /// Log the XOR delta of what is overwritten (crash safety, rollback).
+    /// Needs blocks of at least [`LOG_MIN_BLOCK`] bytes: the log's hashes
+    /// cover whole 4 KiB units.
+    pub log: Option<LogSpec>,
+    /// With a log: new bytes held back before a barrier ([`HOLD_BYTES`]).
     pub hold_bytes: usize,
 }
 
-/// Where a sync's undo journal goes. Its records name shards by their file
-/// names, so it can be applied to the directory they live in.
-#[derive(Debug, Clone)]
-pub struct JournalSpec {
-    pub path: PathBuf,
-    pub generation: u64,
-}
+/// Smallest block size a logged sync accepts.
+pub const LOG_MIN_BLOCK: usize = crate::log::format::UNIT;
 
 impl Default for Options {
     fn default() -> Self {
@@ -107,7 +109,7 @@ impl Default for Options {
             dry_run: false,
             direct_io: false,
             threads: 0,
-            journal: None,
+            log: None,
             hold_bytes: HOLD_BYTES,
         }
     }
@@ -119,15 +121,19 @@ pub struct Segment<'a> {
     pub shard: usize,
     pub offset: u64,
     pub data: Live<'a>,
+    /// Bytes per element of the tensor these bytes belong to (1, 2, 4 or 8):
+    /// the log encodes deltas element by element.
+    pub width: u8,
 }
 
 impl<'a> Segment<'a> {
-    /// A segment of bytes in memory.
+    /// A segment of bytes in memory (elements of one byte).
     pub fn mem(shard: usize, offset: u64, data: &'a [u8]) -> Self {
         Segment {
             shard,
             offset,
             data: Live::Mem(data),
+            width: 1,
         }
     }
 }
@@ -146,8 +152,8 @@ pub struct ShardReport {
     pub bytes_written_buffered: u64,
     /// `pwrite` calls issued (adjacent changed blocks merge into one).
     pub writes: u64,
-    /// Old bytes saved to the undo journal.
-    pub bytes_journaled: u64,
+    /// Elements whose bytes changed (counted where a log encodes them).
+    pub elements_changed: u64,
     /// Why direct I/O was not used, where it was wanted.
     pub direct_io_fallback: Option<String>,
 }
@@ -156,6 +162,8 @@ struct Pending {
     start: u64,
     orig: Vec<u8>,
     new: Vec<u8>,
+    /// Element width of what was laid over it: one width, else bytes.
+    width: Option<u8>,
 }
 
 /// A shard as the diff workers and writers share it.
@@ -163,7 +171,7 @@ struct Shard {
     io: ShardIo,
     changed: AtomicU64,
     changed_blocks: AtomicU64,
-    journaled: AtomicU64,
+    elements: AtomicU64,
 }
 
 /// Where the feed stands in a shard (touched by the feeding thread only).
@@ -179,6 +187,7 @@ struct Job<'a> {
     shard: usize,
     offset: u64,
     data: Live<'a>,
+    width: u8,
 }
 
 /// Per-worker scratch space, allocated once per pool thread and reused.
@@ -188,6 +197,8 @@ struct Scratch {
     /// Live bytes being compared, when they come from a file.
     live: Vec<u8>,
     runs: Vec<Range<usize>>,
+    /// Encodes log records.
+    enc: Encoder,
 }
 
 /// Stops a sync's in-place writes from any thread. Once [`abort`](Self::abort)
@@ -222,7 +233,7 @@ struct WriteReq<'a> {
     data: Cow<'a, [u8]>,
 }
 
-/// Changed runs whose old bytes are journaled but not yet durable.
+/// Changed runs whose records are logged but not yet durable.
 #[derive(Default)]
 struct Held {
     runs: Vec<WriteReq<'static>>,
@@ -238,8 +249,8 @@ enum Sink<'s, 'a> {
     /// direct write evicts the cached folio around it, which the job may not
     /// have read yet).
     Queue(&'s SyncSender<WriteReq<'a>>),
-    /// Old bytes to the journal, new bytes held for after the barrier.
-    Hold(&'s UndoLog, &'s Mutex<Held>),
+    /// The delta to the log, new bytes held for after the barrier.
+    Hold(&'s DeltaLog, &'s Mutex<Held>),
 }
 
 impl<'a> Sink<'_, 'a> {
@@ -254,7 +265,9 @@ impl<'a> Sink<'_, 'a> {
         offset: u64,
         old: &[u8],
         new: &[u8],
+        width: u8,
         live_mem: Option<&'a [u8]>,
+        enc: &mut Encoder,
         found: &mut Vec<WriteReq<'a>>,
     ) -> Result<()> {
         match *self {
@@ -269,8 +282,8 @@ impl<'a> Sink<'_, 'a> {
                 Ok(())
             }
             Sink::Hold(log, held) => {
-                log.append(shard as u32, offset, old)?;
-                s.journaled.fetch_add(old.len() as u64, Ordering::Relaxed);
+                let n = log.append_delta(enc, shard as u32, offset, width as usize, old, new)?;
+                s.elements.fetch_add(n, Ordering::Relaxed);
                 let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
                 h.bytes += new.len();
                 h.runs.push(WriteReq {
@@ -295,15 +308,17 @@ pub struct Syncer {
     staging: Staging,
     /// Set when a batch failed after it started writing.
     broken: bool,
-    log: Option<Arc<UndoLog>>,
+    log: Option<Arc<DeltaLog>>,
+    /// Encodes the records of pending blocks (on the feeding thread).
+    enc: Encoder,
     held: Mutex<Held>,
-    /// With a journal: makes batches of held runs durable and writes them in
+    /// With a log: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
     committer: Option<Committer>,
-    /// Flushes shards in the background once their writes are done (not in
-    /// a dry run).
+    /// Flushes shards in the background once their writes are done (without
+    /// a log, and not in a dry run).
     flusher: Option<Flusher>,
-    /// Shards handed to the flusher by an unjournaled feed.
+    /// Shards handed to the flusher by a feed without a log.
     flushed: Vec<bool>,
     stop: AbortHandle,
 }
@@ -318,14 +333,17 @@ impl Syncer {
                 "block size {b} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
             )));
         }
-        let mut names = Vec::with_capacity(specs.len());
+        let logged = opts.log.is_some() && !opts.dry_run;
+        if logged && b < LOG_MIN_BLOCK {
+            return Err(Error::Plan(format!(
+                "block size {b}: a logged sync needs blocks of at least {LOG_MIN_BLOCK} bytes \
+                 (the log hashes whole 4 KiB units); use a larger block or no log"
+            )));
+        }
+        let mut bindings = Vec::with_capacity(specs.len());
         let mut shards = Vec::with_capacity(specs.len());
         let mut feeds = Vec::with_capacity(specs.len());
         for spec in specs {
-            let name = spec.path.file_name().and_then(|n| n.to_str());
-            names.push(name.map(str::to_owned).ok_or_else(|| {
-                Error::Plan(format!("{}: not a UTF-8 file name", spec.path.display()))
-            })?);
             if spec.data_start > spec.file_len {
                 return Err(Error::Plan(format!(
                     "{}: data start {} is past the file length {}",
@@ -344,8 +362,11 @@ impl Syncer {
                 io,
                 changed: AtomicU64::new(0),
                 changed_blocks: AtomicU64::new(0),
-                journaled: AtomicU64::new(0),
+                elements: AtomicU64::new(0),
             });
+            if logged {
+                bindings.push(bind(&spec.path, spec.data_start)?);
+            }
             feeds.push(FeedState {
                 data_start: spec.data_start,
                 cursor: spec.data_start,
@@ -364,28 +385,24 @@ impl Syncer {
                     read: vec![0u8; READ_BYTES.max(b)],
                     live: Vec::new(),
                     runs: Vec::new(),
+                    enc: Encoder::new(),
                 })
             })
             .collect();
         let n_shards = shards.len();
         let shards = Arc::new(shards);
-        let log = match (&opts.journal, opts.dry_run) {
-            (Some(j), false) => Some(Arc::new(UndoLog::new(j.path.clone(), j.generation, names))),
+        let log = match (&opts.log, logged) {
+            (Some(spec), true) => Some(Arc::new(DeltaLog::new(spec.clone(), bindings))),
             _ => None,
         };
         let stop = AbortHandle::default();
-        let flusher = match opts.dry_run {
+        let flusher = match opts.dry_run || logged {
             false => Some(Flusher::spawn(shards.clone(), stop.clone())?),
             true => None,
         };
-        let committer = match (&log, &flusher) {
-            (Some(log), Some(f)) => Some(Committer::spawn(
-                shards.clone(),
-                log.clone(),
-                f.sender(),
-                stop.clone(),
-            )?),
-            _ => None,
+        let committer = match &log {
+            Some(log) => Some(Committer::spawn(shards.clone(), log.clone(), stop.clone())?),
+            None => None,
         };
         Ok(Syncer {
             shards,
@@ -396,12 +413,18 @@ impl Syncer {
             staging: Staging::default(),
             broken: false,
             log,
+            enc: Encoder::new(),
             held: Mutex::new(Held::default()),
             committer,
             flusher,
             flushed: vec![false; n_shards],
             stop,
         })
+    }
+
+    /// The log this sync appends to (to commit it once the sync is done).
+    pub fn log(&self) -> Option<Arc<DeltaLog>> {
+        self.log.clone()
     }
 
     /// Number of shards.
@@ -433,7 +456,7 @@ impl Syncer {
     /// Abandons the sync: stops the commit thread (dropping batches not yet
     /// written) and waits for it, so that nothing this sync queued is written
     /// afterwards; further feeds are refused. What was written is in the
-    /// journal, for the caller to undo.
+    /// log, for the caller to undo.
     pub fn abort(&mut self) {
         self.broken = true;
         self.stop.abort();
@@ -481,7 +504,8 @@ impl Syncer {
                 e.min(s.next_multiple_of(b))
             };
             if head_end > s {
-                self.overlay(seg.shard, s, seg.data.slice(0, (head_end - s) as usize))?;
+                let head = seg.data.slice(0, (head_end - s) as usize);
+                self.overlay(seg.shard, s, head, seg.width)?;
             }
             // Body: blocks the segment covers alone (the file's short last
             // block counts when the segment runs to the end of the file).
@@ -500,13 +524,15 @@ impl Syncer {
                     shard: seg.shard,
                     offset: at,
                     data: seg.data.slice((at - s) as usize, (end - s) as usize),
+                    width: seg.width,
                 });
                 at = end;
             }
             // Tail: the start of a block the next segment (or the file) shares.
             if e > body_end {
                 let from = (body_end - s) as usize;
-                self.overlay(seg.shard, body_end, seg.data.slice(from, seg.data.len()))?;
+                let tail = seg.data.slice(from, seg.data.len());
+                self.overlay(seg.shard, body_end, tail, seg.width)?;
             }
         }
         let shards = &*self.shards;
@@ -589,15 +615,18 @@ impl Syncer {
         if let Some(f) = self.flusher.take() {
             f.finish()?;
         }
-        // fsync the shards in parallel: each waits on its own device flush.
-        self.pool.install(|| {
-            self.shards.par_iter().try_for_each(|s| {
-                if s.io.written() {
-                    faults::reached("fsync").map_err(|e| Error::io(s.io.path(), "fsync", e))?;
-                }
-                s.io.sync()
-            })
-        })?;
+        // Without a log, fsync the shards in parallel (each waits on its own
+        // device flush); with one, the caller commits and flushes.
+        if self.log.is_none() {
+            self.pool.install(|| {
+                self.shards.par_iter().try_for_each(|s| {
+                    if s.io.written() {
+                        faults::reached("fsync").map_err(|e| Error::io(s.io.path(), "fsync", e))?;
+                    }
+                    s.io.sync()
+                })
+            })?;
+        }
         Ok(self
             .shards
             .iter()
@@ -612,7 +641,7 @@ impl Syncer {
                     bytes_written_direct: c.direct_bytes.load(Ordering::Relaxed),
                     bytes_written_buffered: c.buffered_bytes.load(Ordering::Relaxed),
                     writes: c.writes.load(Ordering::Relaxed),
-                    bytes_journaled: s.journaled.load(Ordering::Relaxed),
+                    elements_changed: s.elements.load(Ordering::Relaxed),
                     direct_io_fallback: s.io.fallback_reason(),
                 }
             })
@@ -662,7 +691,7 @@ impl Syncer {
     }
 
     /// Copies `bytes` (all inside one block) over that block's pending image.
-    fn overlay(&mut self, shard: usize, at: u64, bytes: Live<'_>) -> Result<()> {
+    fn overlay(&mut self, shard: usize, at: u64, bytes: Live<'_>, width: u8) -> Result<()> {
         let b = self.opts.block_size as u64;
         let start = at / b * b;
         if self.feeds[shard].pending.as_ref().map(|p| p.start) != Some(start) {
@@ -672,9 +701,17 @@ impl Syncer {
             let mut orig = vec![0u8; len as usize];
             s.io.read_at(&mut orig, start)?;
             let new = orig.clone();
-            self.feeds[shard].pending = Some(Pending { start, orig, new });
+            self.feeds[shard].pending = Some(Pending {
+                start,
+                orig,
+                new,
+                width: Some(width),
+            });
         }
         let p = self.feeds[shard].pending.as_mut().expect("pending block");
+        if p.width != Some(width) {
+            p.width = None;
+        }
         let rel = (at - p.start) as usize;
         bytes.read_into(0, &mut p.new[rel..rel + bytes.len()])
     }
@@ -699,14 +736,16 @@ impl Syncer {
                 p.start,
                 &p.orig,
                 &p.new,
+                p.width.unwrap_or(1),
                 None,
+                &mut self.enc,
                 &mut Vec::new(),
             ),
             None => write_run(s, p.start, &p.new, &mut self.staging),
         }
     }
 
-    /// Hands the held runs to the committer (which makes the journal durable,
+    /// Hands the held runs to the committer (which makes the log durable,
     /// then writes them). Blocks while it is still busy with the previous batch,
     /// so at most two batches are held in memory.
     fn release(&mut self) -> Result<()> {
@@ -731,7 +770,7 @@ impl Drop for Syncer {
     }
 }
 
-/// A batch of changed runs whose old bytes are journaled.
+/// A batch of changed runs whose records are logged.
 type Batch = Vec<WriteReq<'static>>;
 
 /// A thread that works through a queue in the background and keeps its first
@@ -828,10 +867,6 @@ impl Flusher {
         })
     }
 
-    fn sender(&self) -> Sender<usize> {
-        self.tx.clone().expect("open until finish")
-    }
-
     /// Flushes shard `i` when the thread gets to it.
     fn flush(&self, i: usize) {
         let tx = self.tx.as_ref().expect("open until finish");
@@ -852,9 +887,9 @@ impl Drop for Flusher {
     }
 }
 
-/// The background thread of a journaled sync: for each batch, a journal
-/// barrier, then the in-place writes; shards written through the page cache
-/// go on to the [`Flusher`].
+/// The background thread of a logged sync: for each batch, a log barrier,
+/// then the in-place writes (through the page cache: the caller makes them
+/// durable after the commit).
 struct Committer {
     tx: Option<SyncSender<Batch>>,
     worker: Worker,
@@ -863,12 +898,7 @@ struct Committer {
 }
 
 impl Committer {
-    fn spawn(
-        shards: Arc<Vec<Shard>>,
-        log: Arc<UndoLog>,
-        flush: Sender<usize>,
-        stop: AbortHandle,
-    ) -> Result<Self> {
+    fn spawn(shards: Arc<Vec<Shard>>, log: Arc<DeltaLog>, stop: AbortHandle) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let halt = stop.clone();
         let worker = Worker::spawn("commit", stop.clone(), move |fail| {
@@ -876,14 +906,8 @@ impl Committer {
                 if halt.is_aborted() {
                     continue; // drain without writing: the sync is being abandoned
                 }
-                match commit_batch(&shards, &log, batch, &halt) {
-                    Ok(cached) => {
-                        for i in cached {
-                            // the flusher outlives this thread: the send cannot fail
-                            let _ = flush.send(i);
-                        }
-                    }
-                    Err(e) => fail(e),
+                if let Err(e) = commit_batch(&shards, &log, batch, &halt) {
+                    fail(e);
                 }
             }
         })?;
@@ -929,14 +953,14 @@ impl Drop for Committer {
     }
 }
 
-/// A journal barrier, then the batch's in-place writes in file order from
-/// [`io_threads`] threads. Returns the shards it wrote through the page cache.
+/// A log barrier, then the batch's in-place writes in file order from
+/// [`io_threads`] threads.
 fn commit_batch(
     shards: &[Shard],
-    log: &UndoLog,
+    log: &DeltaLog,
     mut runs: Batch,
     stop: &AbortHandle,
-) -> Result<Vec<usize>> {
+) -> Result<()> {
     log.barrier()?;
     runs.sort_unstable_by_key(|r| (r.shard, r.offset));
     let next = AtomicUsize::new(0);
@@ -959,13 +983,10 @@ fn commit_batch(
             });
         }
     });
-    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(e);
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    let mut cached: Vec<usize> = runs.iter().map(|r| r.shard).collect();
-    cached.dedup(); // sorted by shard above
-    cached.retain(|&i| shards[i].io.counters.buffered_bytes.load(Ordering::Relaxed) > 0);
-    Ok(cached)
 }
 
 /// Writer threads for these shards: many for direct writes, which each wait
@@ -993,7 +1014,12 @@ fn diff_job<'a>(
     scratch: &mut Scratch,
     sink: Sink<'_, 'a>,
 ) -> Result<()> {
-    let Scratch { read, live, runs } = scratch;
+    let Scratch {
+        read,
+        live,
+        runs,
+        enc,
+    } = scratch;
     let step = read.len() / block * block;
     let (mut changed, mut blocks) = (0u64, 0u64);
     let mut found: Vec<WriteReq<'a>> = Vec::new();
@@ -1023,7 +1049,9 @@ fn diff_job<'a>(
                 at,
                 &disk[r.clone()],
                 &chunk[r.clone()],
+                job.width,
                 borrowed,
+                enc,
                 &mut found,
             )?;
         }
@@ -1146,7 +1174,8 @@ mod tests {
     }
 
     /// As `run`, reading the live bytes from a file with `pread` when
-    /// `from_file`. With `opts.journal`, also undoes the sync afterwards and
+    /// `from_file`. With `opts.log`, also commits the log, then rolls the sync
+    /// back as recovery would an uncommitted generation, and
     /// returns the file's bytes after the undo.
     fn run_from(
         orig: &[u8],
@@ -1160,7 +1189,7 @@ mod tests {
         let live_file = file_with(live);
         let live_handle = std::fs::File::open(live_file.path()).unwrap();
         let f = file_with(orig);
-        let journal = opts.journal.clone();
+        let log_spec = opts.log.clone();
         let mut syncer = Syncer::new(vec![spec(&f, data_start as u64)], opts).unwrap();
         let mut bounds = vec![data_start];
         bounds.extend(
@@ -1187,6 +1216,7 @@ mod tests {
                 } else {
                     Live::Mem(&live[w[0]..w[1]])
                 },
+                width: 2,
             })
             .collect();
         // Feed in two batches to exercise state kept across calls.
@@ -1195,10 +1225,11 @@ mod tests {
         syncer.feed(&segs[half..]).unwrap();
         let report = syncer.finish().unwrap().pop().unwrap();
         let after = std::fs::read(f.path()).unwrap();
-        let undone = journal.map(|j| {
-            if j.path.exists() {
-                let journal = crate::journal::UndoJournal::open(&j.path).unwrap();
-                crate::journal::undo(&journal, f.path().parent().unwrap()).unwrap();
+        let undone = log_spec.map(|spec| {
+            if spec.path.exists() {
+                let log = crate::log::LogFile::open(&spec.path).unwrap();
+                assert!(!log.is_committed());
+                crate::log::recover(f.path().parent().unwrap(), &[&log], 0, false).unwrap();
             }
             std::fs::read(f.path()).unwrap()
         });
@@ -1264,11 +1295,13 @@ mod tests {
                 shard: 0,
                 offset: 5000,
                 data: Live::Mem(&new),
+                width: 1,
             },
             Segment {
                 shard: 0,
                 offset: 4000,
                 data: Live::Mem(&new),
+                width: 1,
             },
         ];
         assert!(matches!(s.feed(&bad_order), Err(Error::Plan(_))));
@@ -1276,18 +1309,21 @@ mod tests {
             shard: 0,
             offset: 0,
             data: Live::Mem(&new),
+            width: 1,
         }];
         assert!(matches!(s.feed(&in_header), Err(Error::Plan(_))));
         let past_end = [Segment {
             shard: 0,
             offset: 9950,
             data: Live::Mem(&new),
+            width: 1,
         }];
         assert!(matches!(s.feed(&past_end), Err(Error::Plan(_))));
         let no_shard = [Segment {
             shard: 3,
             offset: 100,
             data: Live::Mem(&new),
+            width: 1,
         }];
         assert!(matches!(s.feed(&no_shard), Err(Error::Plan(_))));
         s.finish().unwrap();
@@ -1328,13 +1364,14 @@ mod tests {
             for (from_file, journaled) in
                 [(false, false), (true, false), (false, true), (true, true)]
             {
-                let journal = journaled.then(|| JournalSpec {
-                    path: dir.path().join(format!("{block}-{from_file}.undo")),
+                let log = journaled.then(|| LogSpec {
+                    path: dir.path().join(format!("{block}-{from_file}.xlog")),
                     generation: 1,
+                    kind: crate::log::Kind::Sync,
                 });
                 let opts = Options {
                     block_size: block,
-                    journal,
+                    log,
                     ..Options::default()
                 };
                 let (after, rep, undone) =
@@ -1384,8 +1421,9 @@ mod tests {
             }
             let cuts: Vec<usize> = cut_fracs.iter().map(|f| (len as f64 * f) as usize).collect();
             let dir = tempfile::tempdir().unwrap();
-            let journal = journaled.then(|| JournalSpec { path: dir.path().join("1.undo"), generation: 1 });
-            let opts = Options { block_size: block, journal, hold_bytes, direct_io, ..Options::default() };
+            let journaled = journaled && block >= LOG_MIN_BLOCK;
+            let log = journaled.then(|| LogSpec { path: dir.path().join("1.xlog"), generation: 1, kind: crate::log::Kind::Sync });
+            let opts = Options { block_size: block, log, hold_bytes, direct_io, ..Options::default() };
             let (after, rep, undone) =
                 run_from(&orig, &live, data_start, &cuts, &skip, opts, from_file);
             // Expected: live bytes where fed, original bytes in skipped segments.
@@ -1404,8 +1442,7 @@ mod tests {
             prop_assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &expected, block));
             prop_assert_eq!(rep.bytes_written_direct + rep.bytes_written_buffered, rep.bytes_changed);
             if let Some(undone) = undone {
-                // The journal holds exactly the old bytes of what was written.
-                prop_assert_eq!(rep.bytes_journaled, rep.bytes_changed);
+                // Every changed byte was logged, and recovery undoes the sync.
                 prop_assert_eq!(&undone, &orig);
             }
         }

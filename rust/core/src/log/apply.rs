@@ -1,0 +1,633 @@
+//! Applying logs to the shards: recovery (bring every unit touched after the
+//! checkpoint to the last committed generation) and rollback (walk the
+//! deltas of committed generations back, as a new logged generation).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::chain::{identify, Found};
+use super::format::{self, DeltaHead, ShardBinding, UNIT};
+use super::reader::LogFile;
+use super::writer::{bind, DeltaLog, RecordParts};
+use crate::delta::Codec;
+use crate::error::{Error, Result};
+use crate::faults;
+use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
+
+/// Bytes a rollback holds in memory before a barrier lets them be written.
+const HOLD_BYTES: usize = 128 << 20;
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoverReport {
+    /// Units the logs touch (each checked).
+    pub units: u64,
+    /// Units rewritten.
+    pub units_written: u64,
+    /// Units that held a mix of states, sector by sector.
+    pub torn: u64,
+    pub bytes_written: u64,
+    /// Shards made durable.
+    pub files: Vec<String>,
+    /// `(shard, offset)` of units that matched no state of their chain: left
+    /// as they are.
+    pub undecided: Vec<(String, u64)>,
+}
+
+/// What a rollback wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub records: u64,
+    pub bytes: u64,
+    pub files: Vec<String>,
+}
+
+/// The shards of a model directory, opened by name, each checked against the
+/// binding the logs recorded (a shard replaced by another tool is refused).
+struct Shards {
+    dir: PathBuf,
+    open: BTreeMap<String, ShardIo>,
+}
+
+impl Shards {
+    fn open(dir: &Path, logs: &[&LogFile]) -> Result<Shards> {
+        let mut open = BTreeMap::new();
+        for log in logs {
+            let used: std::collections::BTreeSet<u32> =
+                log.records.iter().map(|r| r.head.shard).collect();
+            for i in used {
+                let b = &log.shards()[i as usize];
+                let path = dir.join(&b.name);
+                let now = bind(&path, b.data_start)?;
+                if now.file_len != b.file_len || now.header_hash != b.header_hash {
+                    return Err(Error::Changed {
+                        path,
+                        reason: format!(
+                            "it is not the file generation {}'s records were made for \
+                             (replaced or rewritten by another tool)",
+                            log.generation()
+                        ),
+                    });
+                }
+                if !open.contains_key(&b.name) {
+                    // Through the page cache, as a sync writes.
+                    let io = ShardIo::open(&path, now.file_len, false, DIRECT_ALIGN)?;
+                    open.insert(b.name.clone(), io);
+                }
+            }
+        }
+        Ok(Shards {
+            dir: dir.to_path_buf(),
+            open,
+        })
+    }
+
+    fn io(&self, name: &str) -> &ShardIo {
+        &self.open[name]
+    }
+
+    fn write(&self, name: &str, data: &[u8], at: u64, staging: &mut Staging) -> Result<()> {
+        faults::reached("apply").map_err(|e| Error::io(&self.dir, "apply", e))?;
+        self.open[name].write_at(data, at, staging)
+    }
+
+    /// `fdatasync` of the shards written (or of every shard, `all`).
+    fn sync(&self, all: bool) -> Result<Vec<String>> {
+        let mut files = Vec::new();
+        for (name, io) in &self.open {
+            if all || io.written() {
+                faults::reached("fsync").map_err(|e| Error::io(io.path(), "fsync", e))?;
+                io.sync_always()?;
+                files.push(name.clone());
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// One record of one log, decoded once while the sweep needs it.
+struct Decoded {
+    xor: Vec<u8>,
+    hashes: Vec<u64>,
+}
+
+/// Brings every unit the records of `logs` touch to the state after the
+/// last record of `logs[..committed]` (the last committed generation),
+/// rolling the records of `logs[committed..]` (uncommitted) back, whatever
+/// state of that chain each unit holds, sector by sector; then makes the
+/// shards durable. `logs` are in generation order; those from the checkpoint
+/// on. With `force`, every unit is rewritten even where it already holds its
+/// target (after a failed writeback, whose pages Linux may have marked
+/// clean). Running it again after a crash gives the same result.
+pub fn recover(
+    dir: &Path,
+    logs: &[&LogFile],
+    committed: usize,
+    force: bool,
+) -> Result<RecoverReport> {
+    let shards = Shards::open(dir, logs)?;
+    let mut report = RecoverReport::default();
+    let mut codec = Codec::new();
+    let mut scratch = Vec::new();
+    let mut staging = Staging::default();
+    // Per shard: (unit, log, record) for every unit of every record, in chain order.
+    let mut touches: BTreeMap<&str, Vec<(u64, u32, u32)>> = BTreeMap::new();
+    for (li, log) in logs.iter().enumerate() {
+        for (ri, r) in log.records.iter().enumerate() {
+            let name = log.shards()[r.head.shard as usize].name.as_str();
+            let t = touches.entry(name).or_default();
+            let first = r.head.offset / UNIT as u64;
+            t.extend((0..r.head.units as u64).map(|u| (first + u, li as u32, ri as u32)));
+        }
+    }
+    for (name, mut t) in touches {
+        t.sort_unstable();
+        let io = shards.io(name);
+        let mut cache: HashMap<(u32, u32), Decoded> = HashMap::new();
+        let mut unit = vec![0u8; UNIT];
+        let mut last = vec![0u8; UNIT];
+        let mut i = 0;
+        while i < t.len() {
+            let u = t[i].0;
+            let j = i + t[i..].iter().take_while(|x| x.0 == u).count();
+            let at = u * UNIT as u64;
+            cache.retain(|&(li, ri), _| logs[li as usize].records[ri as usize].end() > at);
+            let len = (io.len() - at).min(UNIT as u64) as usize;
+            for &(_, li, ri) in &t[i..j] {
+                if let std::collections::hash_map::Entry::Vacant(e) = cache.entry((li, ri)) {
+                    let log = logs[li as usize];
+                    let r = &log.records[ri as usize];
+                    let mut hashes = Vec::new();
+                    log.unit_hashes(r, &mut hashes)?;
+                    let xor = log.decode(r, &mut codec, &mut scratch)?;
+                    e.insert(Decoded { xor, hashes });
+                }
+            }
+            let slice = |li: u32, ri: u32| -> (&[u8], u64) {
+                let r = &logs[li as usize].records[ri as usize];
+                let d = &cache[&(li, ri)];
+                let k = (at - r.head.offset) as usize;
+                (&d.xor[k..k + len], d.hashes[k / UNIT])
+            };
+            let deltas: Vec<&[u8]> = t[i..j].iter().map(|&(_, li, ri)| slice(li, ri).0).collect();
+            let (_, last_hash) = slice(t[j - 1].1, t[j - 1].2);
+            let cur = &mut unit[..len];
+            io.read_at(cur, at)?;
+            report.units += 1;
+            match identify(cur, &deltas, last_hash, &mut last[..len]) {
+                Found::Undecided => {
+                    report.undecided.push((name.to_owned(), at));
+                }
+                found => {
+                    report.torn += (found == Found::Torn) as u64;
+                    // Roll the uncommitted records back off the last state.
+                    let target = &mut last[..len];
+                    for (&(_, li, _), d) in t[i..j].iter().zip(&deltas) {
+                        if li as usize >= committed {
+                            for (x, y) in target.iter_mut().zip(d.iter()) {
+                                *x ^= y;
+                            }
+                        }
+                    }
+                    if force || target != cur {
+                        shards.write(name, target, at, &mut staging)?;
+                        report.units_written += 1;
+                        report.bytes_written += len as u64;
+                    }
+                }
+            }
+            i = j;
+        }
+    }
+    report.files = shards.sync(true)?;
+    Ok(report)
+}
+
+/// Undoes the generations of `logs` (newest first, each committed, with no
+/// gap) on `dir`, as the new generation `out` logs: every record is checked
+/// and every unit they touch is checked to hold what the newest of them left
+/// before the first write; then the deltas are applied newest first, each
+/// logged (the same payload, with the hashes of what it leaves) and made
+/// durable before its in-place write. The shards are made durable at the end.
+pub fn rollback(dir: &Path, logs: &[&LogFile], out: &DeltaLog) -> Result<ApplyReport> {
+    let shards = Shards::open(dir, logs)?;
+    let index: HashMap<&str, u32> = out
+        .shards()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.name.as_str(), i as u32))
+        .collect();
+    let mut codec = Codec::new();
+    let mut scratch = Vec::new();
+    // Check: every record decodes; every unit holds what the newest record
+    // touching it left.
+    let mut seen: HashMap<&str, Vec<bool>> = HashMap::new();
+    let mut hashes = Vec::new();
+    let mut unit = vec![0u8; UNIT];
+    for log in logs {
+        if !log.is_committed() {
+            return Err(Error::Plan(format!(
+                "{}: generation {} is not committed",
+                log.path().display(),
+                log.generation()
+            )));
+        }
+        for r in log.records.iter().rev() {
+            let name = log.shards()[r.head.shard as usize].name.as_str();
+            if !index.contains_key(name) {
+                return Err(Error::Plan(format!(
+                    "the rollback's log does not list {name}"
+                )));
+            }
+            log.decode(r, &mut codec, &mut scratch)?;
+            log.unit_hashes(r, &mut hashes)?;
+            let io = shards.io(name);
+            let bits = seen
+                .entry(name)
+                .or_insert_with(|| vec![false; io.len().div_ceil(UNIT as u64) as usize]);
+            for (k, h) in hashes.iter().enumerate() {
+                let u = (r.head.offset / UNIT as u64) as usize + k;
+                if std::mem::replace(&mut bits[u], true) {
+                    continue;
+                }
+                let at = u as u64 * UNIT as u64;
+                let len = (io.len() - at).min(UNIT as u64) as usize;
+                io.read_at(&mut unit[..len], at)?;
+                if format::hash(&unit[..len]) != *h {
+                    return Err(Error::Changed {
+                        path: io.path().to_path_buf(),
+                        reason: format!(
+                            "bytes {at}..{} are not what generation {} left (changed outside \
+                             apollo-sync?); nothing was rolled back",
+                            at + len as u64,
+                            log.generation()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    drop(seen);
+    // Apply, newest first, each record logged before its bytes are written.
+    let mut held: Vec<(&str, u64, Vec<u8>)> = Vec::new();
+    let mut held_bytes = 0usize;
+    let mut staging = Staging::default();
+    let mut report = ApplyReport::default();
+    let mut payload = Vec::new();
+    let mut new_hashes = Vec::new();
+    for log in logs {
+        for r in log.records.iter().rev() {
+            let name = log.shards()[r.head.shard as usize].name.as_str();
+            let (start, end) = (r.head.offset, r.end());
+            let overlaps = held
+                .iter()
+                .any(|(n, at, d)| *n == name && *at < end && start < at + d.len() as u64);
+            if overlaps || held_bytes >= HOLD_BYTES {
+                write_held(&shards, out, &mut held, &mut staging)?;
+                held_bytes = 0;
+            }
+            let mut bytes = vec![0u8; r.head.len as usize];
+            shards.io(name).read_at(&mut bytes, start)?;
+            let old_hash = format::hash(&bytes);
+            log.payload(r, &mut payload)?;
+            codec
+                .apply(&payload, r.head.width as usize, &mut bytes)
+                .map_err(|e| Error::Log {
+                    path: log.path().to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            new_hashes.clear();
+            format::unit_hashes(&bytes, &mut new_hashes);
+            out.append(RecordParts {
+                head: DeltaHead {
+                    shard: index[name],
+                    old_hash,
+                    ..r.head
+                },
+                unit_hashes: &new_hashes,
+                payload: &payload,
+            })?;
+            report.records += 1;
+            report.bytes += r.head.len;
+            held_bytes += bytes.len();
+            held.push((name, start, bytes));
+        }
+    }
+    write_held(&shards, out, &mut held, &mut staging)?;
+    report.files = shards.sync(false)?;
+    Ok(report)
+}
+
+fn write_held(
+    shards: &Shards,
+    out: &DeltaLog,
+    held: &mut Vec<(&str, u64, Vec<u8>)>,
+    staging: &mut Staging,
+) -> Result<()> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    out.barrier()?;
+    for (name, at, bytes) in held.drain(..) {
+        shards.write(name, &bytes, at, staging)?;
+    }
+    Ok(())
+}
+
+/// The bindings of the shards `logs` name, as the files are now (for a
+/// rollback's own log).
+pub fn current_bindings(dir: &Path, logs: &[&LogFile]) -> Result<Vec<ShardBinding>> {
+    let mut used: BTreeMap<&str, u64> = BTreeMap::new();
+    for l in logs {
+        for r in &l.records {
+            let b = &l.shards()[r.head.shard as usize];
+            used.insert(b.name.as_str(), b.data_start);
+        }
+    }
+    used.iter()
+        .map(|(n, &start)| bind(&dir.join(n), start))
+        .collect()
+}
+
+/// `fdatasync` of each path (the background flush after a sync): returns the
+/// first error, after trying every path.
+pub fn flush_files(paths: &[PathBuf]) -> Result<()> {
+    let mut first = None;
+    for p in paths {
+        let r = faults::reached("flush")
+            .map_err(|e| Error::io(p, "fsync", e))
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| Error::io(p, "fsync", e))
+            });
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Kind, LogSpec};
+    use crate::sync::{Options, Segment, ShardSpec, Syncer};
+
+    const DATA_START: u64 = 64;
+
+    /// A shard of `n` bytes whose first 64 bytes stand for its header.
+    fn shard(dir: &Path, bytes: &[u8]) -> PathBuf {
+        let p = dir.join("m.safetensors");
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Like a training step: a few elements of every block move.
+    fn step(v: &[u8], seed: usize) -> Vec<u8> {
+        let mut out = v.to_vec();
+        for i in (DATA_START as usize + seed % 7..v.len()).step_by(1499) {
+            out[i] = out[i].wrapping_add(1 + (seed % 5) as u8);
+        }
+        out
+    }
+
+    /// Syncs `live` into the shard as logged generation `generation`;
+    /// commits it unless `commit` is false. Returns the log's path.
+    fn sync_gen(p: &Path, live: &[u8], generation: u64, commit: bool) -> PathBuf {
+        let path = p.with_file_name(format!("{generation}.xlog"));
+        let opts = Options {
+            log: Some(LogSpec {
+                path: path.clone(),
+                generation,
+                kind: Kind::Sync,
+            }),
+            hold_bytes: 20_000, // several barriers
+            ..Options::default()
+        };
+        let spec = ShardSpec {
+            path: p.to_path_buf(),
+            data_start: DATA_START,
+            file_len: live.len() as u64,
+        };
+        let mut s = Syncer::new(vec![spec], opts).unwrap();
+        let body = &live[DATA_START as usize..];
+        let seg = Segment {
+            shard: 0,
+            offset: DATA_START,
+            data: crate::live::Live::Mem(body),
+            width: 2,
+        };
+        s.feed(&[seg]).unwrap();
+        let log = s.log().unwrap();
+        s.finish().unwrap();
+        if commit {
+            log.commit(br#"{"test": true}"#).unwrap();
+        }
+        path
+    }
+
+    fn open(p: &Path) -> LogFile {
+        LogFile::open(p).unwrap()
+    }
+
+    #[test]
+    fn a_committed_log_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = bytes(300_000, 1);
+        let b = step(&a, 1);
+        let p = shard(dir.path(), &a);
+        let l = open(&sync_gen(&p, &b, 1, true));
+        assert_eq!(std::fs::read(&p).unwrap(), b);
+        assert!(l.is_committed());
+        assert_eq!(l.commit.as_ref().unwrap().meta, r#"{"test": true}"#);
+        assert_eq!(l.generation(), 1);
+        assert_eq!(l.torn_tail, 0);
+        let changed = a.chunks(2).zip(b.chunks(2)).filter(|(x, y)| x != y).count() as u64;
+        assert_eq!(l.elements(), changed);
+        // Records cover exactly the changed 4 KiB units.
+        let covered: u64 = l.records.iter().map(|r| r.head.len).sum();
+        let units = a.chunks(UNIT).zip(b.chunks(UNIT)).filter(|(x, y)| x != y);
+        assert_eq!(covered, units.map(|(x, _)| x.len() as u64).sum::<u64>());
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored_and_damage_inside_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = bytes(200_000, 2);
+        let p = shard(dir.path(), &a);
+        let path = sync_gen(&p, &step(&a, 2), 1, true);
+        let clean = std::fs::read(&path).unwrap();
+        let mut torn = clean.clone();
+        torn.extend_from_slice(&[7u8; 100]);
+        std::fs::write(&path, &torn).unwrap();
+        let l = open(&path);
+        assert!(l.is_committed());
+        assert_eq!(l.torn_tail, 100);
+        // A flipped byte anywhere (header, a record, the commit) is reported,
+        // or (in the commit) makes the generation uncommitted.
+        let commit_at = clean.len() - (FRAME_AND_COMMIT + 14);
+        for at in [
+            0,
+            20,
+            60,
+            clean.len() / 3,
+            clean.len() / 2,
+            commit_at,
+            clean.len() - 1,
+        ] {
+            let mut bad = clean.clone();
+            bad[at] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            match LogFile::open(&path) {
+                Err(Error::Log { .. }) => {}
+                Err(e) => panic!("byte {at}: unexpected error {e}"),
+                Ok(l) if at >= commit_at => assert!(!l.is_committed(), "byte {at}"),
+                Ok(_) => panic!("byte {at}: damage not detected"),
+            }
+        }
+        std::fs::write(&path, &clean[..clean.len() - 1]).unwrap();
+        assert!(!open(&path).is_committed());
+    }
+
+    const FRAME_AND_COMMIT: usize = super::format::FRAME + super::format::COMMIT_HEAD;
+
+    #[test]
+    fn recovery_rolls_a_committed_generation_forward_when_its_writes_were_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = bytes(150_000, 3);
+        let b = step(&a, 3);
+        let p = shard(dir.path(), &a);
+        let l = open(&sync_gen(&p, &b, 1, true));
+        std::fs::write(&p, &a).unwrap(); // the in-place writes never reached the disk
+        let r = recover(dir.path(), &[&l], 1, false).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b);
+        assert!(r.units_written > 0 && r.undecided.is_empty());
+        // Again: nothing left to write.
+        let r = recover(dir.path(), &[&l], 1, false).unwrap();
+        assert_eq!((r.units_written, std::fs::read(&p).unwrap()), (0, b));
+    }
+
+    #[test]
+    fn recovery_finds_torn_units_across_a_chain_and_rolls_uncommitted_work_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s0 = bytes(100_000, 4);
+        let s1 = step(&s0, 1);
+        let s2 = step(&s1, 2);
+        let s3 = step(&s2, 3);
+        let p = shard(dir.path(), &s0);
+        let l1 = open(&sync_gen(&p, &s1, 1, true));
+        let l2 = open(&sync_gen(&p, &s2, 2, true));
+        let l3 = open(&sync_gen(&p, &s3, 3, false));
+        assert!(!l3.is_committed());
+        // Each 512-byte sector holds any of the four states.
+        let states = [&s0, &s1, &s2, &s3];
+        let mut torn = s3.clone();
+        for (j, sector) in torn.chunks_mut(512).enumerate() {
+            let st = states[(j * 7 + j / 8) % 4];
+            sector.copy_from_slice(&st[j * 512..j * 512 + sector.len()]);
+        }
+        std::fs::write(&p, &torn).unwrap();
+        let r = recover(dir.path(), &[&l1, &l2, &l3], 2, false).unwrap();
+        assert!(r.undecided.is_empty(), "{:?}", r.undecided);
+        assert!(r.torn > 0);
+        assert_eq!(std::fs::read(&p).unwrap(), s2);
+    }
+
+    #[test]
+    fn a_unit_that_matches_no_state_is_reported_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = bytes(50_000, 5);
+        let b = step(&a, 5);
+        let p = shard(dir.path(), &a);
+        let l = open(&sync_gen(&p, &b, 1, true));
+        let mut odd = b.clone();
+        odd[10_000] ^= 0xff;
+        std::fs::write(&p, &odd).unwrap();
+        let r = recover(dir.path(), &[&l], 1, false).unwrap();
+        assert_eq!(r.undecided, vec![("m.safetensors".to_string(), 8192)]);
+        assert_eq!(std::fs::read(&p).unwrap(), odd);
+    }
+
+    #[test]
+    fn rollback_over_generations_is_logged_and_itself_undoable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s0 = bytes(120_000, 6);
+        let s1 = step(&s0, 1);
+        let s2 = step(&s1, 2);
+        let p = shard(dir.path(), &s0);
+        let l1 = open(&sync_gen(&p, &s1, 1, true));
+        let l2 = open(&sync_gen(&p, &s2, 2, true));
+        let logs = [&l2, &l1];
+        let out = DeltaLog::new(
+            LogSpec {
+                path: dir.path().join("3.xlog"),
+                generation: 3,
+                kind: Kind::Rollback,
+            },
+            current_bindings(dir.path(), &logs).unwrap(),
+        );
+        rollback(dir.path(), &logs, &out).unwrap();
+        out.commit(b"{}").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), s0);
+        // The rollback is a generation like any other: roll it back.
+        let l3 = open(&dir.path().join("3.xlog"));
+        let out = DeltaLog::new(
+            LogSpec {
+                path: dir.path().join("4.xlog"),
+                generation: 4,
+                kind: Kind::Rollback,
+            },
+            current_bindings(dir.path(), &[&l3]).unwrap(),
+        );
+        rollback(dir.path(), &[&l3], &out).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), s2);
+        // And recovery of an interrupted rollback (4, uncommitted) takes it back.
+        let l4 = open(&dir.path().join("4.xlog"));
+        recover(dir.path(), &[&l1, &l2, &l3, &l4], 3, false).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), s0);
+    }
+
+    #[test]
+    fn rollback_refuses_a_changed_unit_or_a_replaced_shard_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s0 = bytes(60_000, 7);
+        let s1 = step(&s0, 1);
+        let p = shard(dir.path(), &s0);
+        let l1 = open(&sync_gen(&p, &s1, 1, true));
+        let out = |n: u64| {
+            DeltaLog::new(
+                LogSpec {
+                    path: dir.path().join(format!("{n}.xlog")),
+                    generation: n,
+                    kind: Kind::Rollback,
+                },
+                current_bindings(dir.path(), &[&l1]).unwrap(),
+            )
+        };
+        let mut odd = s1.clone();
+        odd[40_000] ^= 1;
+        std::fs::write(&p, &odd).unwrap();
+        assert!(matches!(
+            rollback(dir.path(), &[&l1], &out(2)),
+            Err(Error::Changed { .. })
+        ));
+        assert_eq!(std::fs::read(&p).unwrap(), odd);
+        let mut replaced = s1.clone();
+        replaced[3] ^= 1; // inside the "header"
+        std::fs::write(&p, &replaced).unwrap();
+        assert!(matches!(
+            rollback(dir.path(), &[&l1], &out(3)),
+            Err(Error::Changed { .. })
+        ));
+        assert_eq!(std::fs::read(&p).unwrap(), replaced);
+    }
+}

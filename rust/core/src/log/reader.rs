@@ -1,0 +1,295 @@
+//! Reading a log back, trusting nothing: the header, every record's
+//! checksum and epoch, and the commit's count and hash are checked.
+//!
+//! Records are read in order until the first that does not check out. What
+//! follows it is a torn tail (written after the last barrier, so nothing
+//! acted on it) unless a valid record of this file lies further on: then the
+//! log is damaged inside, and it is refused whole.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::format::{
+    self, CommitHead, DeltaHead, FileHeader, Frame, Kind, ShardBinding, COMMIT_HEAD, DELTA_HEAD,
+    FRAME, TYPE_COMMIT, TYPE_DELTA,
+};
+use crate::delta::Codec;
+use crate::error::{Error, Result};
+
+/// Body bytes read per step while checking a record.
+const READ_BYTES: usize = 1 << 20;
+
+/// A delta record of a log, located in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordIndex {
+    pub head: DeltaHead,
+    /// The frame checksum (what the commit's records hash covers).
+    pub checksum: u64,
+    hashes_at: u64,
+    payload_at: u64,
+}
+
+impl RecordIndex {
+    pub fn end(&self) -> u64 {
+        self.head.offset + self.head.len
+    }
+}
+
+/// A log's commit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub records_hash: u64,
+    /// The committer's metadata (JSON text).
+    pub meta: String,
+}
+
+/// A log read back and checked.
+pub struct LogFile {
+    path: PathBuf,
+    file: File,
+    pub header: FileHeader,
+    pub records: Vec<RecordIndex>,
+    /// Present when the generation is committed (the commit record and the
+    /// records before it check out).
+    pub commit: Option<Commit>,
+    /// Bytes after the last valid record (a tail torn by a crash).
+    pub torn_tail: u64,
+    /// Length of the file.
+    pub len: u64,
+}
+
+fn damaged(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Log {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl LogFile {
+    /// Reads and checks the log at `path`. Damage anywhere but a torn tail
+    /// is an [`Error::Log`], and nothing is applied from such a log.
+    pub fn open(path: &Path) -> Result<LogFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, "open log", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat log", e))?
+            .len();
+        let mut fixed = [0u8; 16];
+        file.read_exact_at(&mut fixed, 0)
+            .map_err(|_| damaged(path, "shorter than a log header"))?;
+        let header_len = FileHeader::declared_len(&fixed).map_err(|r| damaged(path, r))? as u64;
+        if header_len > len {
+            return Err(damaged(path, "header cut short"));
+        }
+        let mut hb = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut hb, 0)
+            .map_err(|e| Error::io(path, "read log", e))?;
+        let header = FileHeader::decode(&hb).map_err(|r| damaged(path, r))?;
+        let mut log = LogFile {
+            path: path.to_path_buf(),
+            file,
+            header,
+            records: Vec::new(),
+            commit: None,
+            torn_tail: 0,
+            len,
+        };
+        let stop = log.scan(header_len)?;
+        log.torn_tail = len - stop;
+        if stop < len {
+            if let Some(at) = log.find_record_after(stop)? {
+                return Err(damaged(
+                    path,
+                    format!("damaged record at byte {stop}, yet a valid one follows at {at}"),
+                ));
+            }
+        }
+        Ok(log)
+    }
+
+    /// Reads records from `pos` on; returns where the valid ones end.
+    fn scan(&mut self, mut pos: u64) -> Result<u64> {
+        let mut body = Vec::new();
+        let mut sums = xxhash_rust::xxh3::Xxh3::new();
+        while let Some((frame, next)) = self.read_record(pos, &mut body)? {
+            match frame.kind {
+                TYPE_DELTA if self.commit.is_none() => {
+                    let head = DeltaHead::decode(&body, frame.body_len as u64)
+                        .map_err(|r| damaged(&self.path, format!("record at byte {pos}: {r}")))?;
+                    if head.shard as usize >= self.header.shards.len() {
+                        return Err(damaged(
+                            &self.path,
+                            format!("record at byte {pos} names shard {}", head.shard),
+                        ));
+                    }
+                    let shard_len = self.header.shards[head.shard as usize].file_len;
+                    if head.offset + head.len > shard_len
+                        || (head.len % format::UNIT as u64 != 0
+                            && head.offset + head.len != shard_len)
+                    {
+                        return Err(damaged(
+                            &self.path,
+                            format!("record at byte {pos} does not fit its shard"),
+                        ));
+                    }
+                    sums.update(&frame.checksum.to_le_bytes());
+                    let at = pos + FRAME as u64 + DELTA_HEAD as u64;
+                    self.records.push(RecordIndex {
+                        head,
+                        checksum: frame.checksum,
+                        hashes_at: at,
+                        payload_at: at + 8 * head.units as u64,
+                    });
+                }
+                TYPE_COMMIT if self.commit.is_none() => {
+                    let head = CommitHead::decode(&body)
+                        .map_err(|r| damaged(&self.path, format!("commit at byte {pos}: {r}")))?;
+                    // A commit that does not validate means "not committed".
+                    if head.generation == self.header.generation
+                        && head.records == self.records.len() as u64
+                        && head.records_hash == sums.digest()
+                    {
+                        let meta = String::from_utf8_lossy(&body[COMMIT_HEAD..]).into_owned();
+                        self.commit = Some(Commit {
+                            records_hash: head.records_hash,
+                            meta,
+                        });
+                    } else {
+                        return Ok(pos);
+                    }
+                }
+                _ => {
+                    return Err(damaged(
+                        &self.path,
+                        format!("record at byte {pos} follows the commit"),
+                    ))
+                }
+            }
+            pos = next;
+        }
+        Ok(pos)
+    }
+
+    /// The record at `pos` with its body in `body`, or None when none that
+    /// checks out starts there.
+    fn read_record(&self, pos: u64, body: &mut Vec<u8>) -> Result<Option<(Frame, u64)>> {
+        let mut raw = [0u8; FRAME];
+        if pos + FRAME as u64 > self.len {
+            return Ok(None);
+        }
+        self.read(&mut raw, pos)?;
+        let frame = Frame::parse(&raw);
+        let end = pos + FRAME as u64 + frame.body_len as u64;
+        if !frame.plausible(self.header.epoch, &raw) || end > self.len {
+            return Ok(None);
+        }
+        // The heads are kept; delta payloads are only hashed, a piece at a time.
+        let keep = match frame.kind {
+            TYPE_DELTA => (DELTA_HEAD as u64).min(frame.body_len as u64),
+            _ => frame.body_len as u64,
+        } as usize;
+        body.resize(keep, 0);
+        self.read(body, pos + FRAME as u64)?;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&raw[..16]);
+        h.update(body);
+        let mut piece = vec![0u8; READ_BYTES.min(frame.body_len as usize - keep)];
+        let mut at = pos + FRAME as u64 + keep as u64;
+        while at < end {
+            let n = (end - at).min(READ_BYTES as u64) as usize;
+            self.read(&mut piece[..n], at)?;
+            h.update(&piece[..n]);
+            at += n as u64;
+        }
+        Ok((h.digest() == frame.checksum).then_some((frame, end)))
+    }
+
+    /// Where a record of this file that checks out starts after `from`, if any.
+    fn find_record_after(&self, from: u64) -> Result<Option<u64>> {
+        let epoch = self.header.epoch.to_le_bytes();
+        let mut buf = vec![0u8; READ_BYTES + 8];
+        let mut body = Vec::new();
+        let mut at = from + 1;
+        while at + 16 <= self.len {
+            let n = ((self.len - at) as usize).min(buf.len());
+            self.read(&mut buf[..n], at)?;
+            for i in 0..n.saturating_sub(15) {
+                if buf[i + 8..i + 16] == epoch {
+                    let start = at + i as u64;
+                    if self.read_record(start, &mut body)?.is_some() {
+                        return Ok(Some(start));
+                    }
+                }
+            }
+            at += n.saturating_sub(15).max(1) as u64;
+        }
+        Ok(None)
+    }
+
+    fn read(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|e| Error::io(&self.path, "read log", e))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.header.generation
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.header.kind
+    }
+
+    pub fn shards(&self) -> &[ShardBinding] {
+        &self.header.shards
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    /// Elements changed, over every record.
+    pub fn elements(&self) -> u64 {
+        self.records.iter().map(|r| r.head.elements).sum()
+    }
+
+    /// The unit hashes of record `r`.
+    pub fn unit_hashes(&self, r: &RecordIndex, out: &mut Vec<u64>) -> Result<()> {
+        let mut b = vec![0u8; 8 * r.head.units as usize];
+        self.read(&mut b, r.hashes_at)?;
+        out.clear();
+        out.extend(b.chunks_exact(8).map(|c| format::u64_at(c, 0)));
+        Ok(())
+    }
+
+    /// The payload of record `r`.
+    pub fn payload(&self, r: &RecordIndex, out: &mut Vec<u8>) -> Result<()> {
+        out.resize(r.head.payload_len as usize, 0);
+        self.read(out, r.payload_at)
+    }
+
+    /// The XOR bytes of record `r` (its length), decoded.
+    pub fn decode(
+        &self,
+        r: &RecordIndex,
+        codec: &mut Codec,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        self.payload(r, scratch)?;
+        let mut xor = vec![0u8; r.head.len as usize];
+        codec
+            .decode(scratch, r.head.width as usize, &mut xor)
+            .map_err(|e| {
+                damaged(
+                    &self.path,
+                    format!("record at {} of shard {}: {e}", r.head.offset, r.head.shard),
+                )
+            })?;
+        Ok(xor)
+    }
+}
