@@ -4,12 +4,14 @@
 //! No Python here: the binding crate converts types and releases the GIL.
 //! - [`header`]: read and validate a safetensors header.
 //! - [`diff`]: the block-diff kernel.
+//! - [`delta`]: the element-level XOR-delta codec of one delta-log record.
 //! - [`io`]: positional reads, block writes (page cache or `O_DIRECT`), durability.
 //! - [`live`]: where live bytes come from (memory, or a file read with `pread`).
 //! - [`sync`]: the engine that ties them together across shards.
 //! - [`journal`]: the undo journal that makes a sync atomic and undoable.
 //! - [`faults`]: crash and error injection for the crash-safety tests.
 
+pub mod delta;
 pub mod diff;
 pub mod error;
 pub mod faults;
