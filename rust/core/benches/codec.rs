@@ -36,7 +36,7 @@ fn buffers(per_100k: u64) -> (Vec<u8>, Vec<u8>) {
     while old.len() < LEN {
         // Sign and exponent of |x| in [2^-10, 2^-5): bf16 high bytes 0x3a..0x3d.
         let r = rng.next();
-        let hi = 0x3a + (r % 4) as u8 | ((r >> 8) as u8 & 0x80);
+        let hi = (0x3a + (r % 4) as u8) | ((r >> 8) as u8 & 0x80);
         old.extend_from_slice(&[(r >> 16) as u8, hi]);
     }
     let mut new = old.clone();
