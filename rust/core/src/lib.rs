@@ -4,10 +4,10 @@
 //! No Python here: the binding crate converts types and releases the GIL.
 //! - [`header`]: read and validate a safetensors header.
 //! - [`diff`]: the block-diff kernel.
+//! - [`delta`]: the element-level XOR-delta codec of one delta-log record.
 //! - [`io`]: positional reads, block writes (page cache or `O_DIRECT`), durability.
 //! - [`live`]: where live bytes come from (memory, or a file read with `pread`).
 //! - [`sync`]: the engine that ties them together across shards.
-//! - [`delta`]: the element-level XOR codec of a log record.
 //! - [`log`]: the XOR-delta log that makes a sync atomic, crash-safe and
 //!   undoable: format, writer, reader, recovery and rollback.
 //! - [`faults`]: crash and error injection for the crash-safety tests.

@@ -1,19 +1,97 @@
-//! PLACEHOLDER codec: mode byte 0, element count (u64), then the XOR bytes.
+//! The codec of one record's payload: `old XOR new` as the positions of the
+//! nonzero elements and their XOR values, byte planes split, compressed with
+//! zstd when that helps. The byte layout, and why it is this one, is in the
+//! module doc of [`crate::delta`].
+//!
+//! Encoding scans the XOR in 32-byte strides of `u64` words and skips zero
+//! strides; only a nonzero word is looked at element by element. Decoding
+//! checks the whole payload (header, zstd frame, every position, every value)
+//! before it writes one byte of the target, and allocates nothing beyond
+//! about 1.125 × the target's length.
 
-/// A payload that cannot be decoded.
+use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
+use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, InBuffer, OutBuffer, ResetDirective};
+
+/// The payload format version this codec writes and reads (the first byte).
+pub const VERSION: u8 = 1;
+
+/// Mode bit: positions are a bitmap of nonzero elements (else split LEB128 gaps).
+const MODE_BITMAP: u8 = 0b01;
+/// Mode bit: the body is one zstd frame (else it is stored as is).
+const MODE_ZSTD: u8 = 0b10;
+/// zstd level: 1 compresses these bodies better than 3 (fewer useless matches
+/// on entropy-like data) and faster; see the measurements in the module doc.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Why a payload could not be made or read. `Display` is what users see.
 #[derive(Debug, thiserror::Error)]
-#[error("bad delta payload: {0}")]
-pub struct CodecError(pub String);
+pub enum CodecError {
+    /// An element width other than 1, 2, 4 or 8 bytes.
+    #[error("element width {0} is not 1, 2, 4 or 8 bytes")]
+    Width(usize),
+    /// `old` and `new` given to [`Codec::encode`] differ in length.
+    #[error("old and new bytes differ in length ({old} vs {new})")]
+    Length { old: usize, new: usize },
+    /// A payload that cannot be trusted: unknown version or mode, counts or
+    /// positions out of range, a bad zstd frame, trailing bytes. Nothing was
+    /// written to the target.
+    #[error("corrupt delta payload: {0}")]
+    Corrupt(String),
+    /// zstd failed while compressing (out of memory, in practice).
+    #[error("zstd compression failed: {0}")]
+    Compress(&'static str),
+}
 
-/// Reusable per-thread codec state.
+fn corrupt(reason: impl Into<String>) -> CodecError {
+    CodecError::Corrupt(reason.into())
+}
+
+/// Reusable per-thread state: the zstd contexts and the scratch buffers of one
+/// encode or decode. Keep one per worker thread; buffers grow to the largest
+/// record seen and are reused.
+pub struct Codec {
+    cctx: CCtx<'static>,
+    dctx: DCtx<'static>,
+    scratch: Scratch,
+    /// The decompressed body of the payload being decoded.
+    body: Vec<u8>,
+}
+
+/// What a scan of `old XOR new` collects.
 #[derive(Default)]
-pub struct Codec;
+struct Scratch {
+    /// First LEB128 byte of each gap.
+    first: Vec<u8>,
+    /// The remaining LEB128 bytes of the gaps, in order.
+    cont: Vec<u8>,
+    /// The positions as a bitmap, built only when it is smaller than the gaps.
+    bitmap: Vec<u8>,
+    /// `planes[j]`: byte `j` of each nonzero element's XOR value.
+    planes: [Vec<u8>; 8],
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Codec {
+    /// A codec with empty buffers.
     pub fn new() -> Self {
-        Codec
+        Self {
+            cctx: CCtx::create(),
+            dctx: DCtx::create(),
+            scratch: Scratch::default(),
+            body: Vec::new(),
+        }
     }
 
+    /// Appends to `out` the payload encoding `old XOR new` at element width
+    /// `width` (1, 2, 4 or 8 bytes; element `i` is bytes `[i*w, (i+1)*w)`, a
+    /// trailing `len % w` bytes form one short last element). Returns the
+    /// number of elements whose bytes differ. The payload is self-contained
+    /// given `(len, width)`, which the caller stores in its own record header.
     pub fn encode(
         &mut self,
         old: &[u8],
@@ -23,32 +101,63 @@ impl Codec {
     ) -> Result<u64, CodecError> {
         check_width(width)?;
         if old.len() != new.len() {
-            return Err(CodecError("lengths differ".into()));
+            return Err(CodecError::Length {
+                old: old.len(),
+                new: new.len(),
+            });
         }
-        let mut n = 0u64;
-        for (o, w) in old.chunks(width).zip(new.chunks(width)) {
-            n += (o != w) as u64;
+        let s = &mut self.scratch;
+        s.first.clear();
+        s.cont.clear();
+        for p in &mut s.planes[..width] {
+            p.clear();
         }
-        out.push(0);
-        out.extend_from_slice(&n.to_le_bytes());
-        out.extend(old.iter().zip(new).map(|(a, b)| a ^ b));
-        Ok(n)
+        let k = match width {
+            1 => s.scan::<1>(old, new),
+            2 => s.scan::<2>(old, new),
+            4 => s.scan::<4>(old, new),
+            _ => s.scan::<8>(old, new),
+        };
+
+        let header = out.len();
+        out.extend_from_slice(&[VERSION, 0]);
+        put_varint(out, k as u64);
+        if k == 0 {
+            put_varint(out, 0);
+            return Ok(0);
+        }
+        let n = old.len().div_ceil(width);
+        let bitmap_len = n.div_ceil(8);
+        let mut mode = 0;
+        let positions: [&[u8]; 2] = if s.first.len() + s.cont.len() > bitmap_len {
+            s.build_bitmap(n);
+            mode |= MODE_BITMAP;
+            [&s.bitmap, &[]]
+        } else {
+            [&s.first, &s.cont]
+        };
+        let body_len = positions[0].len() + positions[1].len() + k * width;
+        put_varint(out, body_len as u64);
+
+        let start = out.len();
+        let planes = &s.planes[..width];
+        if compress(&mut self.cctx, positions, planes, body_len, out)? < body_len {
+            mode |= MODE_ZSTD;
+        } else {
+            out.truncate(start);
+            out.reserve(body_len);
+            for section in positions.into_iter().chain(planes.iter().map(|p| &p[..])) {
+                out.extend_from_slice(section);
+            }
+        }
+        out[header + 1] = mode;
+        Ok(k as u64)
     }
 
-    pub fn decode(
-        &mut self,
-        payload: &[u8],
-        width: usize,
-        xor: &mut [u8],
-    ) -> Result<(), CodecError> {
-        check_width(width)?;
-        if payload.len() != 9 + xor.len() || payload[0] != 0 {
-            return Err(CodecError("length or mode".into()));
-        }
-        xor.copy_from_slice(&payload[9..]);
-        Ok(())
-    }
-
+    /// XORs the delta that `payload` encodes into `target` (`target.len()` is
+    /// the encoded length, same width). Applying it to the old bytes gives the
+    /// new ones and vice versa. A malformed payload is an error and leaves
+    /// `target` unchanged.
     pub fn apply(
         &mut self,
         payload: &[u8],
@@ -56,26 +165,742 @@ impl Codec {
         target: &mut [u8],
     ) -> Result<(), CodecError> {
         check_width(width)?;
-        if payload.len() != 9 + target.len() || payload[0] != 0 {
-            return Err(CodecError("length or mode".into()));
-        }
-        for (t, x) in target.iter_mut().zip(&payload[9..]) {
-            *t ^= x;
+        let checked = self.check(payload, width, target.len())?;
+        let body = checked.body(payload, &self.body);
+        match width {
+            1 => xor_into::<1>(&checked, body, target),
+            2 => xor_into::<2>(&checked, body, target),
+            4 => xor_into::<4>(&checked, body, target),
+            _ => xor_into::<8>(&checked, body, target),
         }
         Ok(())
     }
 
-    pub fn elements(payload: &[u8]) -> Result<u64, CodecError> {
-        let b = payload
-            .get(1..9)
-            .ok_or_else(|| CodecError("short".into()))?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    /// Decodes the XOR bytes themselves into `xor` (its length is the encoded
+    /// length), overwriting it. On error `xor` is unchanged.
+    pub fn decode(
+        &mut self,
+        payload: &[u8],
+        width: usize,
+        xor: &mut [u8],
+    ) -> Result<(), CodecError> {
+        check_width(width)?;
+        // Check before zeroing, so that a bad payload leaves `xor` as it was.
+        self.check(payload, width, xor.len())?;
+        xor.fill(0);
+        self.apply(payload, width, xor)
     }
+
+    /// Number of nonzero elements a payload encodes, read from its header.
+    pub fn elements(payload: &[u8]) -> Result<u64, CodecError> {
+        let mut at = 0;
+        read_tag(payload, &mut at)?;
+        get_varint(payload, &mut at)
+    }
+
+    /// Checks the whole payload against a target of `len` bytes and, for a
+    /// zstd body, decompresses it into `self.body`. Writes nothing else.
+    fn check(&mut self, payload: &[u8], width: usize, len: usize) -> Result<Checked, CodecError> {
+        let mut at = 0;
+        let mode = read_tag(payload, &mut at)?;
+        let k = get_varint(payload, &mut at)?;
+        let body_len = get_varint(payload, &mut at)?;
+        let n = len.div_ceil(width);
+        if k > n as u64 {
+            return Err(corrupt(format!(
+                "{k} changed elements in {n} elements of {width} bytes"
+            )));
+        }
+        let k = k as usize;
+        if k == 0 {
+            if mode != 0 || body_len != 0 || at != payload.len() {
+                return Err(corrupt("bytes after an empty delta"));
+            }
+            return Ok(Checked::default());
+        }
+        // Every section's size is bounded by the target's length: the values
+        // take k × width bytes and the positions never more than the bitmap.
+        let bitmap_len = n.div_ceil(8);
+        let values_len = k * width;
+        let positions_len = (body_len as usize).wrapping_sub(values_len);
+        let positions_ok = if mode & MODE_BITMAP != 0 {
+            positions_len == bitmap_len
+        } else {
+            (k..=bitmap_len).contains(&positions_len)
+        };
+        if body_len > (bitmap_len + values_len) as u64 || !positions_ok {
+            return Err(corrupt(format!(
+                "body of {body_len} bytes for {k} changed elements in {n}"
+            )));
+        }
+        let body_len = body_len as usize;
+        let rest = &payload[at..];
+        let stored = mode & MODE_ZSTD == 0;
+        if stored {
+            if rest.len() != body_len {
+                return Err(corrupt(format!(
+                    "stored body of {} bytes, header says {body_len}",
+                    rest.len()
+                )));
+            }
+        } else {
+            self.body.clear();
+            self.body.resize(body_len, 0);
+            let got = self
+                .dctx
+                .decompress(&mut self.body[..], rest)
+                .map_err(|code| corrupt(format!("zstd: {}", zstd_safe::get_error_name(code))))?;
+            if got != body_len {
+                return Err(corrupt(format!(
+                    "zstd body of {got} bytes, header says {body_len}"
+                )));
+            }
+        }
+        let checked = Checked {
+            k,
+            n,
+            mode,
+            positions_len,
+            body_start: if stored { at } else { usize::MAX },
+            body_len,
+        };
+        // Every position in range and every value nonzero, with the padding
+        // of a short last element zero.
+        let body = checked.body(payload, &self.body);
+        let (positions, values) = body.split_at(positions_len);
+        let tail = len % width;
+        let mut bad_value = false;
+        checked.positions(positions, |i, e| {
+            let mut any = 0;
+            for j in 0..width {
+                let b = values[j * k + i];
+                any |= b;
+                if tail != 0 && e == n - 1 && j >= tail && b != 0 {
+                    bad_value = true;
+                }
+            }
+            bad_value |= any == 0;
+        })?;
+        if bad_value {
+            return Err(corrupt("a listed element has a zero or out-of-range value"));
+        }
+        Ok(checked)
+    }
+}
+
+/// A payload that [`Codec::check`] found sound.
+#[derive(Default)]
+struct Checked {
+    k: usize,
+    n: usize,
+    mode: u8,
+    positions_len: usize,
+    /// Where a stored body starts in the payload; `usize::MAX` when the body
+    /// was decompressed into the codec.
+    body_start: usize,
+    body_len: usize,
+}
+
+impl Checked {
+    fn body<'a>(&self, payload: &'a [u8], decompressed: &'a [u8]) -> &'a [u8] {
+        if self.k == 0 {
+            &[]
+        } else if self.body_start == usize::MAX {
+            &decompressed[..self.body_len]
+        } else {
+            &payload[self.body_start..self.body_start + self.body_len]
+        }
+    }
+
+    /// Calls `f(i, e)` for the `i`-th nonzero element, at element index `e`,
+    /// in increasing order; an error if the positions section does not hold
+    /// exactly `k` positions below `n`.
+    fn positions(&self, section: &[u8], f: impl FnMut(usize, usize)) -> Result<(), CodecError> {
+        if self.mode & MODE_BITMAP != 0 {
+            walk_bitmap(section, self.k, self.n, f)
+        } else {
+            let (first, cont) = section.split_at(self.k);
+            walk_gaps(first, cont, self.n, f)
+        }
+    }
+}
+
+/// XORs the checked delta into `target`.
+fn xor_into<const W: usize>(checked: &Checked, body: &[u8], target: &mut [u8]) {
+    if checked.k == 0 {
+        return;
+    }
+    let (positions, values) = body.split_at(checked.positions_len);
+    let k = checked.k;
+    let len = target.len();
+    // The payload was checked: the walk cannot fail.
+    let _ = checked.positions(positions, |i, e| {
+        let at = e * W;
+        if at + W <= len {
+            let t = &mut target[at..at + W];
+            for (j, b) in t.iter_mut().enumerate() {
+                *b ^= values[j * k + i];
+            }
+        } else {
+            for (j, b) in target[at..].iter_mut().enumerate() {
+                *b ^= values[j * k + i];
+            }
+        }
+    });
+}
+
+impl Scratch {
+    /// Collects the gaps and the byte planes of the nonzero `W`-byte elements
+    /// of `old XOR new`; returns how many there are.
+    fn scan<const W: usize>(&mut self, old: &[u8], new: &[u8]) -> usize {
+        let mut next = 0; // element index after the last one found
+        let mut k = 0;
+        const STRIDE: usize = 32;
+        let whole = old.len() / STRIDE * STRIDE;
+        for (at, (o, n)) in old[..whole]
+            .chunks_exact(STRIDE)
+            .zip(new[..whole].chunks_exact(STRIDE))
+            .enumerate()
+        {
+            let x = [0, 8, 16, 24].map(|b| word(&o[b..b + 8]) ^ word(&n[b..b + 8]));
+            if x[0] | x[1] | x[2] | x[3] == 0 {
+                continue;
+            }
+            for (w, &x) in x.iter().enumerate() {
+                if x != 0 {
+                    k += self.word::<W>(x, (at * STRIDE + w * 8) / W, &mut next);
+                }
+            }
+        }
+        // The last < 32 bytes, in words padded with zeros: a short last
+        // element's missing bytes read as zero XOR.
+        for (i, (o, n)) in old[whole..]
+            .chunks(8)
+            .zip(new[whole..].chunks(8))
+            .enumerate()
+        {
+            let x = padded(o) ^ padded(n);
+            if x != 0 {
+                k += self.word::<W>(x, (whole + i * 8) / W, &mut next);
+            }
+        }
+        k
+    }
+
+    /// Records the nonzero elements of one XOR word whose first element is
+    /// element `base`; returns how many.
+    #[inline(always)]
+    fn word<const W: usize>(&mut self, mut x: u64, base: usize, next: &mut usize) -> usize {
+        let bits = 8 * W as u32;
+        let mask = if W == 8 { u64::MAX } else { (1u64 << bits) - 1 };
+        let mut found = 0;
+        while x != 0 {
+            let shift = x.trailing_zeros() / bits * bits;
+            let value = (x >> shift) & mask;
+            x &= !(mask << shift);
+            let e = base + (shift / bits) as usize;
+            put_split_varint(&mut self.first, &mut self.cont, (e - *next) as u64);
+            *next = e + 1;
+            for (j, plane) in self.planes[..W].iter_mut().enumerate() {
+                plane.push((value >> (8 * j)) as u8);
+            }
+            found += 1;
+        }
+        found
+    }
+
+    /// Turns the gaps into a bitmap of `n` elements.
+    fn build_bitmap(&mut self, n: usize) {
+        self.bitmap.clear();
+        self.bitmap.resize(n.div_ceil(8), 0);
+        let bitmap = &mut self.bitmap;
+        // The gaps were written by `scan`: the walk cannot fail.
+        let _ = walk_gaps(&self.first, &self.cont, n, |_, e| {
+            bitmap[e / 8] |= 1 << (e % 8)
+        });
+    }
+}
+
+fn word(b: &[u8]) -> u64 {
+    let mut w = [0; 8];
+    w.copy_from_slice(b);
+    u64::from_le_bytes(w)
+}
+
+fn padded(b: &[u8]) -> u64 {
+    let mut w = [0; 8];
+    w[..b.len()].copy_from_slice(b);
+    u64::from_le_bytes(w)
+}
+
+/// Compresses the sections as one zstd frame into `out`, ending a zstd block
+/// after the positions and after each plane, so that each gets its own
+/// Huffman table. Returns the compressed size.
+fn compress(
+    cctx: &mut CCtx<'static>,
+    positions: [&[u8]; 2],
+    planes: &[Vec<u8>],
+    body_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<usize, CodecError> {
+    let start = out.len();
+    let err = |code| CodecError::Compress(zstd_safe::get_error_name(code));
+    cctx.reset(ResetDirective::SessionOnly).map_err(err)?;
+    cctx.set_parameter(CParameter::CompressionLevel(ZSTD_LEVEL))
+        .map_err(err)?;
+    cctx.set_pledged_src_size(Some(body_len as u64))
+        .map_err(err)?;
+    out.reserve(zstd_safe::compress_bound(body_len) + 64);
+    use ZSTD_EndDirective::{
+        ZSTD_e_continue as CONTINUE, ZSTD_e_end as END, ZSTD_e_flush as FLUSH,
+    };
+    let last = planes.len() - 1;
+    let sections = [(positions[0], CONTINUE), (positions[1], FLUSH)]
+        .into_iter()
+        .chain(
+            planes
+                .iter()
+                .enumerate()
+                .map(|(j, p)| (&p[..], if j == last { END } else { FLUSH })),
+        );
+    for (data, op) in sections {
+        let mut input = InBuffer::around(data);
+        loop {
+            if out.capacity() == out.len() {
+                out.reserve(4096);
+            }
+            let pos = out.len();
+            let mut output = OutBuffer::around_pos(out, pos);
+            let pending = cctx
+                .compress_stream2(&mut output, &mut input, op)
+                .map_err(err)?;
+            let done = input.pos() == data.len() && (op == CONTINUE || pending == 0);
+            if done {
+                break;
+            }
+        }
+    }
+    Ok(out.len() - start)
 }
 
 fn check_width(width: usize) -> Result<(), CodecError> {
     match width {
         1 | 2 | 4 | 8 => Ok(()),
-        w => Err(CodecError(format!("element width {w}"))),
+        _ => Err(CodecError::Width(width)),
+    }
+}
+
+/// Reads the version and mode bytes.
+fn read_tag(payload: &[u8], at: &mut usize) -> Result<u8, CodecError> {
+    let [version, mode, ..] = payload else {
+        return Err(corrupt("shorter than its header"));
+    };
+    if *version != VERSION {
+        return Err(corrupt(format!("unknown version {version}")));
+    }
+    if mode & !(MODE_BITMAP | MODE_ZSTD) != 0 {
+        return Err(corrupt(format!("unknown mode {mode:#04x}")));
+    }
+    *at = 2;
+    Ok(*mode)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// LEB128 with the first byte in `first` and the rest in `cont`.
+#[inline(always)]
+fn put_split_varint(first: &mut Vec<u8>, cont: &mut Vec<u8>, v: u64) {
+    if v < 0x80 {
+        first.push(v as u8);
+    } else {
+        first.push(v as u8 | 0x80);
+        put_varint(cont, v >> 7);
+    }
+}
+
+fn get_varint(buf: &[u8], at: &mut usize) -> Result<u64, CodecError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let &b = buf.get(*at).ok_or_else(|| corrupt("header cut short"))?;
+        *at += 1;
+        let part = u64::from(b & 0x7f);
+        if part << shift >> shift != part {
+            break;
+        }
+        v |= part << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(corrupt("varint over 64 bits"))
+}
+
+/// Walks split-LEB128 gaps: one position per byte of `first`, continuation
+/// bytes taken from `cont`, which must be used up exactly.
+fn walk_gaps(
+    first: &[u8],
+    cont: &[u8],
+    n: usize,
+    mut f: impl FnMut(usize, usize),
+) -> Result<(), CodecError> {
+    let mut next = 0usize;
+    let mut c = 0;
+    for (i, &b) in first.iter().enumerate() {
+        let mut gap = u64::from(b & 0x7f);
+        if b & 0x80 != 0 {
+            let rest = get_varint(cont, &mut c).map_err(|_| corrupt("gap cut short"))?;
+            if rest > u64::MAX >> 7 {
+                return Err(corrupt("gap over 64 bits"));
+            }
+            gap |= rest << 7;
+        }
+        let e = u64::try_from(next)
+            .ok()
+            .and_then(|p| p.checked_add(gap))
+            .filter(|&e| e < n as u64)
+            .ok_or_else(|| corrupt(format!("position past {n} elements")))?;
+        f(i, e as usize);
+        next = e as usize + 1;
+    }
+    if c != cont.len() {
+        return Err(corrupt("trailing bytes after the gaps"));
+    }
+    Ok(())
+}
+
+/// Walks the set bits of a bitmap of `n` elements, which must number `k`.
+fn walk_bitmap(
+    bitmap: &[u8],
+    k: usize,
+    n: usize,
+    mut f: impl FnMut(usize, usize),
+) -> Result<(), CodecError> {
+    let mut i = 0;
+    for (byte, &b) in bitmap.iter().enumerate() {
+        let mut b = b;
+        while b != 0 {
+            let e = byte * 8 + b.trailing_zeros() as usize;
+            if e >= n || i == k {
+                return Err(corrupt("bitmap has bits past its count or length"));
+            }
+            f(i, e);
+            i += 1;
+            b &= b - 1;
+        }
+    }
+    if i != k {
+        return Err(corrupt(format!("bitmap has {i} bits, header says {k}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// xorshift64*: deterministic test data without storing it in the strategy.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// `old` and a `new` that differs from it in about `permille`/1000 of the
+    /// `width`-byte elements: by a small bf16-like step (low bits flipped) or
+    /// by random bytes.
+    fn pair(seed: u64, len: usize, width: usize, permille: u64, small: bool) -> (Vec<u8>, Vec<u8>) {
+        let mut rng = Rng(seed | 1);
+        let old = rng.bytes(len);
+        let mut new = old.clone();
+        for e in 0..len.div_ceil(width) {
+            if rng.next() % 1000 < permille {
+                let at = e * width;
+                if small {
+                    new[at] ^= (1u8 << (rng.next() % 8)).wrapping_sub(1) | 1;
+                } else {
+                    for b in &mut new[at..(at + width).min(len)] {
+                        *b = rng.next() as u8;
+                    }
+                }
+            }
+        }
+        (old, new)
+    }
+
+    fn changed(old: &[u8], new: &[u8], width: usize) -> u64 {
+        old.chunks(width)
+            .zip(new.chunks(width))
+            .filter(|(o, n)| o != n)
+            .count() as u64
+    }
+
+    /// Every promise of the API for one pair; returns the payload.
+    fn round_trip(codec: &mut Codec, old: &[u8], new: &[u8], width: usize) -> Vec<u8> {
+        let mut payload = vec![0xee; 3]; // encode appends
+        let k = codec.encode(old, new, width, &mut payload).unwrap();
+        let payload = payload.split_off(3);
+        assert_eq!(k, changed(old, new, width));
+        assert_eq!(Codec::elements(&payload).unwrap(), k);
+
+        let mut xor = vec![0x5a; old.len()];
+        codec.decode(&payload, width, &mut xor).unwrap();
+        let want: Vec<u8> = old.iter().zip(new).map(|(a, b)| a ^ b).collect();
+        assert_eq!(xor, want);
+
+        let mut t = old.to_vec();
+        codec.apply(&payload, width, &mut t).unwrap();
+        assert_eq!(t, new);
+        codec.apply(&payload, width, &mut t).unwrap();
+        assert_eq!(t, old, "applying twice is a no-op");
+        let mut t = new.to_vec();
+        codec.apply(&payload, width, &mut t).unwrap();
+        assert_eq!(t, old, "the same payload takes new back to old");
+        payload
+    }
+
+    #[test]
+    fn empty_input_gives_the_empty_payload() {
+        let mut codec = Codec::new();
+        for width in [1, 2, 4, 8] {
+            let payload = round_trip(&mut codec, &[], &[], width);
+            assert_eq!(payload, [VERSION, 0, 0, 0]);
+        }
+    }
+
+    #[test]
+    fn equal_bytes_give_the_empty_payload() {
+        let mut codec = Codec::new();
+        let old = Rng(7).bytes(10_000);
+        for width in [1, 2, 4, 8] {
+            assert_eq!(
+                round_trip(&mut codec, &old, &old, width),
+                [VERSION, 0, 0, 0]
+            );
+        }
+    }
+
+    #[test]
+    fn all_different_uses_the_bitmap() {
+        let mut codec = Codec::new();
+        let old = Rng(1).bytes(4099);
+        let new: Vec<u8> = old.iter().map(|b| !b).collect();
+        for width in [1, 2, 4, 8] {
+            let payload = round_trip(&mut codec, &old, &new, width);
+            assert_eq!(payload[1] & MODE_BITMAP, MODE_BITMAP, "width {width}");
+        }
+    }
+
+    #[test]
+    fn sparse_small_steps_use_gaps_and_zstd() {
+        let mut codec = Codec::new();
+        let (old, new) = pair(3, 1 << 20, 2, 10, true);
+        let payload = round_trip(&mut codec, &old, &new, 2);
+        assert_eq!(payload[1], MODE_ZSTD);
+        let k = changed(&old, &new, 2) as usize;
+        assert!(
+            payload.len() < 2 * k,
+            "{} bytes for {k} elements",
+            payload.len()
+        );
+    }
+
+    #[test]
+    fn random_values_are_stored_when_zstd_does_not_help() {
+        let mut codec = Codec::new();
+        let (old, new) = pair(4, 256, 8, 1000, false);
+        let payload = round_trip(&mut codec, &old, &new, 8);
+        assert_eq!(payload[1] & MODE_ZSTD, 0);
+    }
+
+    #[test]
+    fn every_width_with_a_short_last_element() {
+        let mut codec = Codec::new();
+        for width in [1, 2, 4, 8] {
+            for len in [1, 3, 7, 9, 31, 33, 63, 65, 100] {
+                for permille in [0, 100, 500, 1000] {
+                    let (old, new) = pair(len as u64 * 31 + permille, len, width, permille, false);
+                    round_trip(&mut codec, &old, &new, width);
+                }
+                // Only the short last element's bytes change.
+                let old = vec![0u8; len];
+                let mut new = old.clone();
+                *new.last_mut().unwrap() = 0x80;
+                round_trip(&mut codec, &old, &new, width);
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_last_element_counts_once() {
+        let mut codec = Codec::new();
+        let old = [0u8; 5];
+        let new = [0, 0, 0, 0, 9];
+        let mut payload = Vec::new();
+        assert_eq!(codec.encode(&old, &new, 4, &mut payload).unwrap(), 1);
+        assert_eq!(codec.encode(&old, &new, 8, &mut payload).unwrap(), 1);
+    }
+
+    #[test]
+    fn misaligned_start_changes_only_compression() {
+        let mut codec = Codec::new();
+        let (old, new) = pair(5, 70_001, 2, 20, true);
+        for phase in 0..9 {
+            round_trip(&mut codec, &old[phase..], &new[phase..], 2);
+            round_trip(&mut codec, &old[phase..], &new[phase..], 8);
+        }
+    }
+
+    #[test]
+    fn bad_width_and_length_are_errors() {
+        let mut codec = Codec::new();
+        let mut out = Vec::new();
+        for width in [0, 3, 5, 16] {
+            let err = codec.encode(&[0; 8], &[1; 8], width, &mut out).unwrap_err();
+            assert!(matches!(err, CodecError::Width(w) if w == width));
+            assert!(codec
+                .apply(&[VERSION, 0, 0, 0], width, &mut [0; 8])
+                .is_err());
+            assert!(codec
+                .decode(&[VERSION, 0, 0, 0], width, &mut [0; 8])
+                .is_err());
+        }
+        let err = codec.encode(&[0; 8], &[1; 9], 1, &mut out).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "old and new bytes differ in length (8 vs 9)"
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn headers_that_claim_too_much_are_errors() {
+        let mut codec = Codec::new();
+        let mut huge = vec![VERSION, MODE_ZSTD];
+        put_varint(&mut huge, u64::MAX);
+        put_varint(&mut huge, u64::MAX);
+        let mut t = [7u8; 64];
+        for payload in [
+            &huge[..],
+            &[VERSION, MODE_ZSTD, 65, 70][..],            // k > n
+            &[VERSION, 0, 1, 0xff, 0xff, 0xff, 0x7f][..], // body larger than the target
+            &[VERSION, 0, 0, 0, 0][..],                   // trailing byte
+            &[VERSION, MODE_BITMAP, 0, 0][..],            // empty with a mode
+            &[2, 0, 0, 0][..],                            // unknown version
+            &[VERSION, 4, 0, 0][..],                      // unknown mode bit
+            &[VERSION, 0, 1, 2, 64, 0][..],               // gap past the end
+            &[VERSION, 0, 1, 2, 0, 0][..],                // zero value
+            &[VERSION, 0, 0x80][..],                      // varint cut short
+        ] {
+            let err = codec.apply(payload, 1, &mut t).unwrap_err();
+            assert!(matches!(err, CodecError::Corrupt(_)), "{payload:?}: {err}");
+            assert_eq!(t, [7; 64]);
+        }
+        // A valid one for contrast: element 3 XOR 5.
+        codec.apply(&[VERSION, 0, 1, 2, 3, 5], 1, &mut t).unwrap();
+        assert_eq!(t[3], 2);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_and_changes_nothing() {
+        let mut codec = Codec::new();
+        for (seed, permille, width) in [(1, 10, 2), (2, 300, 2), (3, 1000, 4), (4, 5, 1)] {
+            let (old, new) = pair(seed, 3000, width, permille, seed % 2 == 1);
+            let mut payload = Vec::new();
+            codec.encode(&old, &new, width, &mut payload).unwrap();
+            for cut in 0..payload.len() {
+                let mut t = old.clone();
+                assert!(
+                    codec.apply(&payload[..cut], width, &mut t).is_err(),
+                    "cut {cut}"
+                );
+                assert_eq!(t, old);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn round_trips(
+            width in prop::sample::select(vec![1usize, 2, 4, 8]),
+            len in 0usize..20_000,
+            phase in 0usize..8,
+            permille in prop::sample::select(vec![0u64, 1, 10, 50, 120, 130, 500, 1000]),
+            small in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let (old, new) = pair(seed, len + phase, width, permille, small);
+            round_trip(&mut Codec::new(), &old[phase..], &new[phase..], width);
+        }
+
+        #[test]
+        fn damaged_payloads_never_panic_and_fail_cleanly(
+            width in prop::sample::select(vec![1usize, 2, 4, 8]),
+            len in 1usize..4000,
+            permille in prop::sample::select(vec![1u64, 20, 200, 1000]),
+            small in any::<bool>(),
+            seed in any::<u64>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let (old, new) = pair(seed, len, width, permille, small);
+            let mut codec = Codec::new();
+            let mut payload = Vec::new();
+            codec.encode(&old, &new, width, &mut payload).unwrap();
+            for (at, b) in flips {
+                let i = at.index(payload.len());
+                payload[i] ^= b.max(1);
+            }
+            if let Some(cut) = cut {
+                payload.truncate(cut.index(payload.len()));
+            }
+            let _ = Codec::elements(&payload);
+            let mut t = old.clone();
+            if codec.apply(&payload, width, &mut t).is_err() {
+                prop_assert_eq!(&t, &old);
+            }
+            let mut x = vec![0xa5; len];
+            if codec.decode(&payload, width, &mut x).is_err() {
+                prop_assert!(x.iter().all(|&b| b == 0xa5));
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            head in prop::sample::select(vec![0u8, 1, 3]),
+            len in 0usize..100,
+        ) {
+            // Mostly valid version and mode, so the garbage reaches the body.
+            let mut payload = payload;
+            if head != 0 && payload.len() >= 2 {
+                payload[0] = VERSION;
+                payload[1] = head;
+            }
+            let mut t = vec![3u8; len];
+            for width in [1, 2, 4, 8] {
+                if Codec::new().apply(&payload, width, &mut t).is_err() {
+                    prop_assert!(t.iter().all(|&b| b == 3));
+                }
+                t.fill(3);
+            }
+        }
     }
 }
