@@ -27,7 +27,16 @@ from apollo_sync.errors import (
 )
 from apollo_sync.handles import Handles, default_handles_path, export_handles, load_handles
 from apollo_sync.hf_views import HFViews, hf_views
-from apollo_sync.journal import Generation, history, prune, recover, rollback
+from apollo_sync.journal import (
+    Generation,
+    History,
+    Recovered,
+    history,
+    prune,
+    reading,
+    recover,
+    rollback,
+)
 from apollo_sync.layouts import EXPERT_RULES, MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
@@ -47,6 +56,7 @@ __all__ = [
     "Handles",
     "HandlesError",
     "HeaderError",
+    "History",
     "JournalError",
     "LayoutError",
     "LiveTensor",
@@ -55,6 +65,7 @@ __all__ = [
     "ModelDirError",
     "PlanError",
     "ProducerGoneError",
+    "Recovered",
     "RefusedError",
     "RollbackError",
     "ShardChangedError",
@@ -76,6 +87,7 @@ __all__ = [
     "map_tensors",
     "plan",
     "prune",
+    "reading",
     "recover",
     "rollback",
     "sync",

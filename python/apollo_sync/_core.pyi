@@ -2,35 +2,42 @@
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, final
 
 __all__ = [
     "HOLD_BYTES",
+    "LOG_MIN_BLOCK",
     "MAX_BLOCK",
     "MIN_BLOCK",
     "ApolloSyncError",
+    "ApplyReport",
     "Header",
     "HeaderError",
     "JournalError",
-    "JournalInfo",
+    "LogInfo",
+    "LogStats",
+    "LogWriter",
     "PlanError",
+    "RecoverReport",
     "ShardChangedError",
     "ShardReport",
     "SyncIOError",
     "Syncer",
     "TensorEntry",
-    "UndoReport",
     "__version__",
+    "flush_files",
     "read_header",
-    "read_journal",
-    "rollback_journals",
-    "undo_journal",
+    "read_log",
+    "recover_logs",
+    "rollback_logs",
 ]
 
 __version__: str
 MIN_BLOCK: int
 MAX_BLOCK: int
 HOLD_BYTES: int
+LOG_MIN_BLOCK: int
 
 class ApolloSyncError(Exception): ...
 class HeaderError(ApolloSyncError): ...
@@ -84,7 +91,7 @@ class ShardReport:
     @property
     def writes(self) -> int: ...
     @property
-    def bytes_journaled(self) -> int: ...
+    def elements_changed(self) -> int: ...
     @property
     def direct_io_fallback(self) -> str | None: ...
 
@@ -98,20 +105,28 @@ class Syncer:
         dry_run: bool = False,
         direct_io: bool = False,
         threads: int = 0,
-        journal: tuple[str | os.PathLike[str], int] | None = None,
+        log: tuple[str | os.PathLike[str], int] | None = None,
         hold_bytes: int = ...,
     ) -> Syncer: ...
-    # The third item is any C-contiguous byte buffer (bytes, memoryview, numpy uint8).
-    def feed(self, segments: Sequence[tuple[int, int, Any]]) -> None: ...
+    # (shard, offset, live, width): live is any C-contiguous byte buffer (bytes,
+    # memoryview, numpy uint8) or (fd, offset, length); width is 1, 2, 4 or 8.
+    def feed(self, segments: Sequence[tuple[int, int, Any, int]]) -> None: ...
     def abort(self) -> None: ...
     def finish(self) -> list[ShardReport]: ...
+    def log_writer(self) -> LogWriter | None: ...
 
 @final
-class JournalInfo:
+class LogInfo:
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def generation(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def committed(self) -> bool: ...
+    @property
+    def meta(self) -> str | None: ...
     @property
     def shards(self) -> list[str]: ...
     @property
@@ -119,14 +134,51 @@ class JournalInfo:
     @property
     def bytes(self) -> int: ...
     @property
+    def elements(self) -> int: ...
+    @property
+    def covered(self) -> int: ...
+    @property
     def torn_tail(self) -> int: ...
     @property
-    def barriers(self) -> int: ...
-    @property
-    def runs(self) -> list[tuple[int, int, int]]: ...
+    def runs(self) -> list[tuple[int, int, int, int]]: ...
 
 @final
-class UndoReport:
+class LogStats:
+    @property
+    def records(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def elements(self) -> int: ...
+    @property
+    def covered(self) -> int: ...
+
+@final
+class LogWriter:
+    @property
+    def path(self) -> Path: ...
+    @property
+    def shards(self) -> list[str]: ...
+    def runs(self) -> list[tuple[int, int, int, int]]: ...
+    def commit(self, meta: str) -> LogStats: ...
+
+@final
+class RecoverReport:
+    @property
+    def units(self) -> int: ...
+    @property
+    def units_written(self) -> int: ...
+    @property
+    def torn(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def files(self) -> list[str]: ...
+    @property
+    def undecided(self) -> list[tuple[str, int]]: ...
+
+@final
+class ApplyReport:
     @property
     def records(self) -> int: ...
     @property
@@ -134,11 +186,17 @@ class UndoReport:
     @property
     def files(self) -> list[str]: ...
 
-def read_journal(path: str | os.PathLike[str]) -> JournalInfo: ...
-def undo_journal(path: str | os.PathLike[str], model_dir: str | os.PathLike[str]) -> UndoReport: ...
-def rollback_journals(
-    paths: Sequence[str | os.PathLike[str]],
+def read_log(path: str | os.PathLike[str]) -> LogInfo: ...
+def recover_logs(
     model_dir: str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str]],
+    committed: int,
+    force: bool,
+) -> RecoverReport: ...
+def rollback_logs(
+    model_dir: str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str]],
     new_path: str | os.PathLike[str],
     generation: int,
-) -> UndoReport: ...
+) -> tuple[ApplyReport, LogWriter]: ...
+def flush_files(paths: Sequence[str | os.PathLike[str]]) -> None: ...

@@ -45,9 +45,14 @@ def print_result(r: SyncResult) -> None:
     if r.recovered:
         print(f"recovered      undid interrupted generation(s) {r.recovered} first")
     if r.generation is not None:
-        undo = f"undo data {_mb(r.bytes_journaled)}" if r.bytes_journaled else "no journal"
+        log = (
+            f"log {_mb(r.log_bytes)}, {r.elements_changed:,} elements changed"
+            if r.log_bytes
+            else "no log"
+        )
         retried = f", redone {r.retries}x (producer stepped)" if r.retries else ""
-        print(f"generation     {r.generation} committed ({undo}{retried})")
+        disk = "durable on disk" if r.durable else "current in the page cache, flushing"
+        print(f"generation     {r.generation} committed ({log}{retried}); {disk}")
     elif not r.dry_run:
         print("generation     unchanged (nothing to write)")
     if r.files_changed:
@@ -83,6 +88,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         undo_budget=args.undo_budget,
         lock_timeout=args.lock_timeout,
         private_copy=args.private_copy,
+        durable=args.durable,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -138,6 +144,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         keep=args.keep,
         undo_budget=args.undo_budget,
         lock_timeout=args.lock_timeout,
+        durable=args.durable,
     )
     for w in summary.warnings:
         print(f"apollo-sync: warning: {w}", file=sys.stderr)
@@ -164,33 +171,50 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     done = gens.recover(args.model_dir, lock_timeout=args.lock_timeout)
     state = gens.history(args.model_dir)
     if args.json:
-        print(json.dumps({"generation": state.generation, "recovered": [vars(r) for r in done]}))
-    elif not done:
-        print(f"{args.model_dir}: nothing to recover (generation {state.generation})")
-    for r in done:
         print(
-            f"undid interrupted generation {r.generation}: {r.records} run(s), "
-            f"{_mb(r.bytes)} restored in {', '.join(r.files) or 'no file'}"
+            json.dumps(
+                {
+                    "generation": state.generation,
+                    "checkpoint": state.checkpoint,
+                    "recovered": None if done is None else vars(done),
+                }
+            )
         )
-    if done and not args.json:
-        print(f"{args.model_dir} is at generation {state.generation}")
+        return 0
+    if done is None:
+        print(
+            f"{args.model_dir}: nothing to recover (generation {state.generation}, durable on disk)"
+        )
+        return 0
+    if done.rolled_back:
+        print(f"rolled back interrupted generation(s) {done.rolled_back}")
+    if done.rolled_forward:
+        print(f"checked generation(s) {done.rolled_forward}, whose writes were not yet durable")
+    print(
+        f"{done.units:,} unit(s) of 4 KiB checked, {done.units_written:,} rewritten "
+        f"({_mb(done.bytes_written)}), {done.torn:,} torn; made durable: "
+        f"{', '.join(done.files) or 'no file'}"
+    )
+    print(f"{args.model_dir} is at generation {state.generation}, durable on disk")
     return 0
 
 
-def render_history(state: gens.State) -> str:
+def render_history(state: gens.History) -> str:
     """The history as a table, newest first."""
     lines = [
-        f"{'gen':>5}  {'committed':<19}  {'kind':<14}  {'changed':>12}  {'undo kept':>12}  "
-        f"{'files':>5}  {'tensors':>7}"
+        f"{'gen':>5}  {'committed':<19}  {'kind':<14}  {'changed':>12}  {'elements':>13}  "
+        f"{'log kept':>12}  {'files':>5}  {'tensors':>7}"
     ]
     for g in reversed(state.history):
         kind = g.kind if g.rollback_to is None else f"rollback to {g.rollback_to}"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.time))
-        undo = _mb(g.undo_bytes) if g.undo else "-"
+        log = _mb(g.log_bytes) if g.log else "-"
         mark = "  <- current" if g.number == state.generation else ""
+        if g.number > state.checkpoint:
+            mark += " (flushing)" if mark else "  (flushing)"
         lines.append(
-            f"{g.number:>5}  {when:<19}  {kind:<14}  {_mb(g.bytes_changed):>12}  {undo:>12}  "
-            f"{len(g.files):>5}  {g.touched:>7}{mark}"
+            f"{g.number:>5}  {when:<19}  {kind:<14}  {_mb(g.bytes_changed):>12}  "
+            f"{g.elements_changed:>13,}  {log:>12}  {len(g.files):>5}  {g.touched:>7}{mark}"
         )
     lines.append(f"{0:>5}  {'(before the first sync)':<19}")
     return "\n".join(lines)
@@ -201,7 +225,12 @@ def _cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"generation": state.generation, "history": [g.to_dict() for g in state.history]},
+                {
+                    "generation": state.generation,
+                    "checkpoint": state.checkpoint,
+                    "rollback_points": state.rollback_points(),
+                    "history": [g.to_dict() for g in state],
+                },
                 indent=2,
             )
         )
@@ -225,7 +254,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         args.model_dir, keep=args.keep, max_bytes=args.undo_budget, lock_timeout=args.lock_timeout
     )
     print(
-        f"{args.model_dir}: dropped the undo data of generation(s) {dropped}"
+        f"{args.model_dir}: dropped the logs of generation(s) {dropped}"
         if dropped
         else f"{args.model_dir}: nothing to prune"
     )
@@ -267,14 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
             "--keep",
             type=int,
             default=gens.DEFAULT_KEEP,
-            help=f"generations whose undo data is kept (default {gens.DEFAULT_KEEP})",
+            help=f"generations whose logs are kept as rollback points "
+            f"(default {gens.DEFAULT_KEEP})",
         )
         sp.add_argument(
             "--undo-budget",
             type=int,
             default=None,
-            help="bytes of undo data kept at most (default: a tenth of the model's size; "
-            "the newest generation's is always kept)",
+            help="bytes of logs kept at most (default: half the model's size; the newest "
+            "generation's is always kept, and none not yet durable in the shards is dropped)",
+        )
+
+    def durability(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--durable",
+            action="store_true",
+            help="return only once the shards are durable on disk. Without it a sync "
+            "returns once its log is durable and the files are current through the page "
+            "cache; the shards are flushed in the background, and after a power cut the "
+            "files are whole only once `apollo-sync recover` has run (every sync runs it "
+            "first; a loader that starts at boot should too)",
         )
 
     def source(sp: argparse.ArgumentParser) -> None:
@@ -320,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-journal",
         action="store_true",
-        help="skip the undo journal: faster, but a crash mid-sync can leave a mix of two "
-        "generations and there is no rollback past this sync",
+        help="skip the log: a crash mid-sync can leave a mix of two generations and there "
+        "is no rollback past this sync (the shards are durable when it returns)",
     )
     s.add_argument(
         "--private-copy",
@@ -330,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "private copies (reflinks where possible) instead of refusing",
     )
     retention(s)
+    durability(s)
     lock(s)
     s.set_defaults(func=_cmd_sync)
 
@@ -374,12 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sync what matches instead of refusing unmatched live tensors",
     )
-    w.add_argument("--no-journal", action="store_true", help="skip the undo journal")
+    w.add_argument("--no-journal", action="store_true", help="skip the log")
     retention(w)
+    durability(w)
     lock(w)
     w.set_defaults(func=_cmd_watch)
 
-    r = sub.add_parser("recover", help="undo an interrupted sync or rollback")
+    r = sub.add_parser(
+        "recover",
+        help="make the files one whole generation, durable on disk: after an interrupted "
+        "sync or rollback, or a power cut (run it before loading the model at boot)",
+    )
     r.add_argument("--model-dir", type=Path, required=True)
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     lock(r)
@@ -396,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     lock(b)
     b.set_defaults(func=_cmd_rollback)
 
-    q = sub.add_parser("prune", help="drop the undo data of old generations")
+    q = sub.add_parser("prune", help="drop the logs of old generations")
     q.add_argument("--model-dir", type=Path, required=True)
     retention(q)
     lock(q)

@@ -1,57 +1,83 @@
-"""Generations of a model directory: the lock, the undo journals, recovery,
-history, rollback and pruning.
+"""Generations of a model directory: the lock, the XOR-delta logs, the
+checkpoint, recovery, history, rollback and pruning.
 
-Every journaled sync that changes something makes a new *generation*. Its undo
-journal holds the old bytes of every block it overwrote, made durable before
-the first in-place write (by the Rust core); the generation is committed by
-one atomic rename of ``state.json``. So at any instant the directory is either
-the last committed generation, or that generation plus some in-place writes
-that the uncommitted journal undoes. Recovery (at the start of every sync,
-``apollo-sync recover``, :func:`recover`) applies such a journal and deletes it.
+Every logged sync that changes something makes a new *generation* N. Its log
+(``log/<N>.xlog``, written by the Rust core) holds, for every run of blocks it
+changed, the XOR of the old and new bytes (encoded element by element) and the
+hash of every 4 KiB unit after; no byte is written in place before the record
+covering it is durable. The generation is committed by a commit record at the
+end of its log (the record count and a hash over the records). The in-place
+writes go through the page cache; the shards are made durable in the background
+after the commit, and only then does the *checkpoint* K (the last generation the
+files hold on disk by themselves) advance: ``log/<N>.flushed`` marks it.
 
-A committed generation keeps its journal as a rollback point until pruning
-drops it (``keep`` generations and an undo byte budget). Rolling back to
-generation M undoes the journals of M+1..N, itself as a new journaled
-generation, so a rollback can be interrupted and rolled back too.
+What a reader can rely on:
+
+- when a sync returns, the files are current through the page cache of this host;
+- after a power cut they are whole only once recovery has run (cheap when K is
+  the last commit): recovery walks every unit touched after K, finds which state
+  of its chain it holds (sector by sector if torn), and brings it to the last
+  committed generation, rolling uncommitted work back. Every writer recovers
+  first; a loader runs ``apollo-sync recover`` or reads inside
+  :func:`reading`, which also holds syncs off while it reads;
+- ``durable=True`` syncs return only once K has reached their generation.
+
+A committed generation keeps its log as a rollback point until pruning drops it
+(``keep`` generations and a byte budget; never past K). Rolling back to M walks
+the deltas of M+1..N back, itself as a new logged generation.
 
 Layout, under ``<model-dir>/.apollo_sync/``::
 
-    lock            flock()ed by whoever writes: sync, recover, rollback, prune
-    state.json      the committed generation and the history (replaced atomically)
-    undo/<N>.undo   the old bytes generation N overwrote (undoes N back to N-1)
+    lock            flock()ed: exclusively by writers, shared by readers
+    state.json      the history, the generation and the checkpoint (a cache of what
+                    the logs say, replaced atomically after each commit)
+    log/<N>.xlog    generation N's deltas and commit record (docs/FORMAT.md)
+    log/<N>.flushed the shards were durable with generation N (the checkpoint)
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from apollo_sync._core import JournalInfo, read_journal, rollback_journals, undo_journal
+from apollo_sync._core import (
+    LogInfo,
+    LogWriter,
+    flush_files,
+    read_log,
+    recover_logs,
+    rollback_logs,
+)
 from apollo_sync.errors import ApolloSyncError, JournalError, LockedError, RollbackError
 from apollo_sync.model_dir import ModelDir
 from apollo_sync.shards import check_shards
 
 STATE_DIRNAME = ".apollo_sync"
-FORMAT = 1
-#: Generations whose undo data is kept, by default.
+FORMAT = 2
+#: Generations whose logs are kept, by default.
 DEFAULT_KEEP = 20
-#: Undo data kept, by default, as a fraction of the model's size.
-DEFAULT_BUDGET_FRACTION = 0.10
+#: Log bytes kept, by default, as a fraction of the model's size. A real optimizer
+#: step logs 0.5-7% of the model (BENCHMARKS.md), so this keeps 10-20 rollback
+#: points.
+DEFAULT_BUDGET_FRACTION = 0.5
 #: Seconds a writer waits for another one to finish, by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
-#: Generations listed in ``state.json`` at most, besides those whose undo data is
-#: kept (never dropped). The file is rewritten at every commit, so it must not
-#: grow with the number of syncs a training run makes.
+#: Generations listed in ``state.json`` at most, besides those whose log is kept
+#: (never dropped). The file is rewritten at every commit, so it must not grow
+#: with the number of syncs a training run makes.
 HISTORY_LIMIT = 256
 
 
@@ -66,14 +92,16 @@ class Generation:
     kind: str
     #: Bytes of the blocks this generation overwrote.
     bytes_changed: int
-    #: Old bytes kept to undo it (0 once pruned).
-    undo_bytes: int
-    #: Whether its undo journal is kept, so a rollback can go back past it.
-    undo: bool
+    #: Bytes of its log (0 once pruned, or when synced without one).
+    log_bytes: int
+    #: Whether its log is kept, so a rollback can go back past it.
+    log: bool
+    #: Elements whose bytes changed.
+    elements_changed: int = 0
     files: list[str] = field(default_factory=list)
-    #: Names of the tensors it touched, while its undo data is kept (a rollback
-    #: reports them); dropped with that data, leaving only their number.
-    tensors: list[str] = field(default_factory=list)
+    #: Elements changed per tensor touched, while its log is kept; dropped with
+    #: it, leaving only their number.
+    tensors: dict[str, int] = field(default_factory=dict)
     rollback_to: int | None = None
     #: How many tensors it touched, once ``tensors`` was dropped (None before).
     tensor_count: int | None = None
@@ -84,15 +112,20 @@ class Generation:
         return len(self.tensors) if self.tensor_count is None else self.tensor_count
 
     def to_dict(self) -> dict[str, Any]:
-        # fields are plain values and lists of them: no need for asdict's deep copy
-        return {k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()}
+        # fields are plain values, lists and dicts of them: no need for asdict's deep copy
+        return {
+            k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+            for k, v in vars(self).items()
+        }
 
 
 @dataclass
 class State:
-    """The committed generation and what led to it."""
+    """The committed generation, the checkpoint and what led to them."""
 
     generation: int = 0
+    #: Every generation up to this one was durable in the shards themselves.
+    checkpoint: int = 0
     history: list[Generation] = field(default_factory=list)
 
     def find(self, number: int) -> Generation | None:
@@ -102,32 +135,96 @@ class State:
         return None
 
 
+class History:
+    """The generations of a model directory, oldest first: iterate, ``len``,
+    look one up by its number (``history[7]``, ``7 in history``)."""
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+        self._by_number = {g.number: g for g in state.history}
+
+    @property
+    def generation(self) -> int:
+        """The current (last committed) generation; 0 before the first sync."""
+        return self._state.generation
+
+    @property
+    def checkpoint(self) -> int:
+        """The last generation the files hold on disk by themselves."""
+        return self._state.checkpoint
+
+    @property
+    def history(self) -> list[Generation]:
+        return list(self._state.history)
+
+    def rollback_points(self) -> list[int]:
+        """Generations :func:`rollback` can restore, newest first: each one whose
+        later generations all kept their logs."""
+        points: list[int] = []
+        for g in reversed(self._state.history):
+            if not g.log:
+                break
+            points.append(g.number - 1)
+        return [p for p in points if p >= 0]
+
+    def __iter__(self) -> Iterator[Generation]:
+        return iter(self._state.history)
+
+    def __len__(self) -> int:
+        return len(self._state.history)
+
+    def __getitem__(self, number: int) -> Generation:
+        try:
+            return self._by_number[number]
+        except KeyError:
+            raise KeyError(f"no generation {number} in the history") from None
+
+    def __contains__(self, number: object) -> bool:
+        return number in self._by_number
+
+    def __repr__(self) -> str:
+        return (
+            f"History(generation={self.generation}, checkpoint={self.checkpoint}, "
+            f"generations={len(self)})"
+        )
+
+
 class Layout:
     """Where the generation files of one model directory live."""
 
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.root = Path(model_dir)
         self.meta = self.root / STATE_DIRNAME
-        self.undo_dir = self.meta / "undo"
+        self.log_dir = self.meta / "log"
         self.state_path = self.meta / "state.json"
         self.lock_path = self.meta / "lock"
 
-    def undo_path(self, number: int) -> Path:
-        return self.undo_dir / f"{number}.undo"
+    def log_path(self, number: int) -> Path:
+        return self.log_dir / f"{number}.xlog"
+
+    def marker_path(self, number: int) -> Path:
+        return self.log_dir / f"{number}.flushed"
 
     def ensure(self) -> None:
         """Creates the directories (private to the user), durably: their entries
         are fsynced every time, since a process killed between a mkdir and its
         fsync leaves a directory that exists but might not survive a power loss."""
-        for d in (self.meta, self.undo_dir):
+        for d in (self.meta, self.log_dir):
             d.mkdir(mode=0o700, exist_ok=True)
             _fsync_dir(d.parent)
 
-    def journals(self) -> dict[int, Path]:
-        """Undo journals present, by generation number."""
+    def logs(self) -> dict[int, Path]:
+        """Logs present, by generation number."""
+        return self._numbered("*.xlog")
+
+    def flushed(self) -> int:
+        """The highest generation marked durable in the shards (0 if none)."""
+        return max(self._numbered("*.flushed"), default=0)
+
+    def _numbered(self, pattern: str) -> dict[int, Path]:
         found: dict[int, Path] = {}
-        if self.undo_dir.is_dir():
-            for p in self.undo_dir.glob("*.undo"):
+        if self.log_dir.is_dir():
+            for p in self.log_dir.glob(pattern):
                 with contextlib.suppress(ValueError):
                     found[int(p.stem)] = p
         return found
@@ -164,40 +261,64 @@ def fault_point(point: str) -> None:
 
 
 class ModelLock:
-    """An exclusive ``flock`` on ``<model-dir>/.apollo_sync/lock``.
+    """A ``flock`` on ``<model-dir>/.apollo_sync/lock``: exclusive for writers,
+    shared for readers (:func:`reading`).
 
     The kernel drops the lock when its holder exits, however it exits, so a
     lock left by a dead process is simply taken: there is no stale state to
-    clean. The holder's pid is written in the file for the message others see.
+    clean. An exclusive holder writes its pid in the file for the message
+    others see.
     """
 
-    def __init__(self, model_dir: str | os.PathLike[str], timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        timeout: float = DEFAULT_LOCK_TIMEOUT,
+        *,
+        shared: bool = False,
+    ):
         self.layout = Layout(model_dir)
         self.timeout = timeout
+        self.shared = shared
         self._fd: int | None = None
 
     def __enter__(self) -> ModelLock:
         self.layout.ensure()
         fd = os.open(self.layout.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = fd
+        try:
+            self._take(fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            self._fd = None
+            raise
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {time.time():.0f}\n".encode(), 0)
+        return self
+
+    def _take(self, mode: int) -> None:
+        assert self._fd is not None
         deadline = time.monotonic() + max(self.timeout, 0.0)
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
+                return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = _read_holder(fd)
-                    os.close(fd)
+                    holder = _read_holder(self._fd)
+                    what = "read" if mode == fcntl.LOCK_EX and self.shared else "written"
                     raise LockedError(
-                        f"{self.layout.root} is being written by another apollo-sync"
+                        f"{self.layout.root} is being {what} by another apollo-sync"
                         f"{holder}; gave up after {self.timeout:g} s "
                         "(raise --lock-timeout to wait longer)"
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {time.time():.0f}\n".encode(), 0)
-        self._fd = fd
-        return self
+
+    def downgrade(self) -> None:
+        """Exclusive to shared (not atomic: a writer may slip in between)."""
+        self._take(fcntl.LOCK_SH)
+        self.shared = True
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
@@ -219,28 +340,65 @@ def _read_holder(fd: int) -> str:
 
 
 def load_state(layout: Layout) -> State:
-    """The committed state (generation 0 with no history when there is none)."""
+    """The committed state (generation 0 with no history when there is none).
+    A state file of apollo_sync 0.1 (undo journals) is read as a history without
+    rollback points."""
     try:
         raw = json.loads(layout.state_path.read_text())
     except FileNotFoundError:
         return State()
     except (OSError, ValueError) as e:
         raise JournalError(f"{layout.state_path}: unreadable state file: {e}") from e
+    if isinstance(raw, dict) and raw.get("format") == 1:
+        return _from_format_1(layout, raw)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise JournalError(f"{layout.state_path}: not a format-{FORMAT} apollo_sync state file")
     try:
         history = [Generation(**g) for g in raw["history"]]
-        return State(generation=int(raw["generation"]), history=history)
+        return State(
+            generation=int(raw["generation"]),
+            checkpoint=int(raw["checkpoint"]),
+            history=history,
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise JournalError(f"{layout.state_path}: malformed state file: {e}") from e
 
 
+def _from_format_1(layout: Layout, raw: dict[str, Any]) -> State:
+    """The history of an apollo_sync 0.1 directory: its syncs were durable when
+    they returned; its undo journals cannot be read by this version."""
+    undo = layout.meta / "undo"
+    generation = int(raw["generation"])
+    pending = [p for p in undo.glob("*.undo") if p.stem.isdigit() and int(p.stem) > generation]
+    if pending:
+        raise JournalError(
+            f"{layout.root}: an interrupted sync of apollo_sync 0.1 awaits recovery "
+            f"({pending[0].name}); run `apollo-sync recover` with apollo_sync 0.1 first"
+        )
+    history = [
+        Generation(
+            number=g["number"],
+            time=g["time"],
+            kind=g["kind"],
+            bytes_changed=g["bytes_changed"],
+            log_bytes=0,
+            log=False,
+            files=g.get("files", []),
+            rollback_to=g.get("rollback_to"),
+            tensor_count=g.get("tensor_count") or len(g.get("tensors", [])),
+        )
+        for g in raw["history"]
+    ]
+    return State(generation=generation, checkpoint=generation, history=history)
+
+
 def save_state(layout: Layout, state: State) -> None:
-    """Replaces ``state.json`` atomically and durably (the commit point)."""
+    """Replaces ``state.json`` atomically and durably."""
     layout.ensure()
     body = {
         "format": FORMAT,
         "generation": state.generation,
+        "checkpoint": state.checkpoint,
         "history": [g.to_dict() for g in state.history],
     }
     data = json.dumps(body, indent=1).encode()
@@ -252,9 +410,12 @@ def save_state(layout: Layout, state: State) -> None:
         os.fsync(f.fileno())
         if os.fstat(f.fileno()).st_size != len(data):
             raise OSError(f"{tmp}: short write of the state file")
-    fault_point("commit")
+    fault_point("state")
     os.replace(tmp, layout.state_path)
     _fsync_dir(layout.meta)
+    old = layout.meta / "undo"
+    if old.is_dir():  # apollo_sync 0.1's journals, unreadable now (see load_state)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -265,6 +426,97 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _touch_durably(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------
+# The background flush (this process's own)
+# ---------------------------------------------------------------------------
+
+
+class _Flush:
+    """Makes the shards a generation wrote durable on a thread, after its
+    predecessor's flush; on success marks the checkpoint (``N.flushed``)."""
+
+    def __init__(self, layout: Layout, number: int, paths: list[Path], after: _Flush | None):
+        self.layout, self.number, self.paths = layout, number, paths
+        self.error: BaseException | None = None
+        self._after = after
+        self.thread = threading.Thread(
+            target=self._run, name=f"apollo-sync-flush-{number}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        if self._after is not None:
+            self._after.thread.join()
+            self._after = None
+        try:
+            flush_files(self.paths)
+            _touch_durably(self.layout.marker_path(self.number))
+        except BaseException as e:  # kept for the next call to report
+            self.error = e
+
+    def wait(self) -> BaseException | None:
+        self.thread.join()
+        return self.error
+
+
+_flush_lock = threading.Lock()
+_flushes: dict[str, list[_Flush]] = {}
+
+
+def _key(layout: Layout) -> str:
+    return os.path.realpath(layout.root)
+
+
+def start_flush(layout: Layout, number: int, paths: list[Path]) -> None:
+    """Flushes ``paths`` for generation ``number`` in the background."""
+    with _flush_lock:
+        mine = _flushes.setdefault(_key(layout), [])
+        mine.append(_Flush(layout, number, paths, mine[-1] if mine else None))
+
+
+def wait_flushes(layout: Layout, upto: int | None = None) -> list[str]:
+    """Waits for this process's flushes of generations up to ``upto`` (all by
+    default); returns what failed (the checkpoint did not advance past it)."""
+    with _flush_lock:
+        mine = _flushes.get(_key(layout), [])
+        done = [f for f in mine if upto is None or f.number <= upto]
+        _flushes[_key(layout)] = [f for f in mine if f not in done]
+    errors = []
+    for f in done:
+        e = f.wait()
+        if e is not None:
+            errors.append(
+                f"making generation {f.number} durable failed ({e}); its bytes are "
+                "rewritten from the log"
+            )
+    return errors
+
+
+def _pending_flush(layout: Layout) -> int:
+    """The newest generation this process is still flushing (0 if none)."""
+    with _flush_lock:
+        return max((f.number for f in _flushes.get(_key(layout), [])), default=0)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    with _flush_lock:
+        pending = [f for fs in _flushes.values() for f in fs]
+    for f in pending:
+        f.wait()
+
+
+def checkpoint(layout: Layout, state: State) -> int:
+    """The checkpoint: the last generation the shards hold on disk by themselves."""
+    return max(state.checkpoint, layout.flushed())
+
+
 # ---------------------------------------------------------------------------
 # Recovery
 # ---------------------------------------------------------------------------
@@ -272,47 +524,183 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Recovered:
-    """An uncommitted generation that recovery undid."""
+    """What recovery did."""
 
+    #: The generation the directory is at afterwards.
     generation: int
-    records: int
-    bytes: int
+    #: Uncommitted generations rolled back.
+    rolled_back: list[int]
+    #: Committed generations whose in-place writes were checked (and redone).
+    rolled_forward: list[int]
+    units: int
+    units_written: int
+    torn: int
+    bytes_written: int
     files: list[str]
 
 
-def recover_locked(layout: Layout) -> list[Recovered]:
-    """Undoes every uncommitted journal, newest first, and cleans up leftovers
-    (a journal half-created, the undo files of pruned generations). The caller
-    holds the lock."""
+def meta_of(info: LogInfo) -> dict[str, Any]:
+    try:
+        meta = json.loads(info.meta or "{}")
+    except ValueError as e:
+        raise JournalError(f"{info.path}: unreadable commit metadata: {e}") from e
+    if not isinstance(meta, dict):
+        raise JournalError(f"{info.path}: commit metadata is not an object")
+    return meta
+
+
+def generation_of(info: LogInfo) -> Generation:
+    """The history entry a committed log describes."""
+    meta = meta_of(info)
+    return Generation(
+        number=info.generation,
+        time=float(meta.get("time", 0.0)),
+        kind=info.kind,
+        bytes_changed=int(meta.get("bytes_changed", info.covered)),
+        log_bytes=info.bytes,
+        log=True,
+        elements_changed=info.elements,
+        files=list(meta.get("files", [])),
+        tensors={str(k): int(v) for k, v in meta.get("tensors", {}).items()},
+        rollback_to=meta.get("rollback_to"),
+    )
+
+
+def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
+    """Brings the directory to its last committed generation with the shards
+    durable, whatever was interrupted, and cleans up leftovers. Returns what it
+    did (None when there was nothing to do) and warnings (failed background
+    flushes of this process, now redone). The caller holds the exclusive lock.
+
+    The flush this process may still be running for the last generation is left
+    to go on (it will mark the checkpoint); any older one is waited for."""
     state = load_state(layout)
-    done: list[Recovered] = []
-    if not layout.undo_dir.is_dir():
-        return done
-    for tmp in layout.undo_dir.glob("*.tmp"):
-        tmp.unlink()  # a journal whose header never became durable: nothing was written
-    journals = layout.journals()
-    for number in sorted((n for n in journals if n > state.generation), reverse=True):
-        report = undo_journal(journals[number], layout.root)
-        journals[number].unlink()
-        _fsync_dir(layout.undo_dir)
-        done.append(Recovered(number, report.records, report.bytes, list(report.files)))
-    for number, path in journals.items():
+    warnings = wait_flushes(layout, state.generation - 1)
+    logs = layout.logs()
+    uncommitted: list[int] = []
+    for n in sorted(x for x in logs if x > state.generation):
+        try:
+            info = read_log(logs[n])
+        except JournalError:
+            if n == max(logs) and logs[n].stat().st_size < 4096:
+                # a log whose header never became durable: nothing was written for it
+                logs[n].unlink()
+                del logs[n]
+                continue
+            raise
+        if info.committed:  # committed, then killed before the state file said so
+            state = _with_generation(state, generation_of(info))
+            save_state(layout, state)
+        else:
+            uncommitted.append(n)
+    pending = _pending_flush(layout)
+    if pending == state.generation and not warnings:
+        k = state.generation  # this process is flushing it: not a crash
+    else:
+        warnings += wait_flushes(layout)
+        k = checkpoint(layout, state)
+    redo = [n for n in sorted(logs) if k < n <= state.generation]
+    done = None
+    if redo or uncommitted:
+        missing = [n for n in range(k + 1, state.generation + 1) if n not in logs]
+        if missing:
+            raise JournalError(
+                f"{layout.root}: generations {missing} are not flushed and have no log; "
+                "cannot tell what the files hold"
+            )
+        report = recover_logs(
+            layout.root,
+            [logs[n] for n in [*redo, *uncommitted]],
+            len(redo),
+            True,  # rewrite even what reads right: a failed writeback may have marked it clean
+        )
+        if report.undecided:
+            places = ", ".join(f"{f} at {o}" for f, o in report.undecided[:10])
+            raise JournalError(
+                f"{layout.root}: {len(report.undecided)} 4 KiB unit(s) match no state of "
+                f"their generations ({places}{' ...' if len(report.undecided) > 10 else ''}); "
+                "they were left as they are, and nothing else is lost: the logs stay for "
+                "inspection. Restore those files from a copy, or sync from the live weights."
+            )
+        for n in uncommitted:
+            fault_point("recover")
+            logs[n].unlink()
+        if state.generation:
+            _touch_durably(layout.marker_path(state.generation))
+        done = Recovered(
+            generation=state.generation,
+            rolled_back=uncommitted,
+            rolled_forward=redo,
+            units=report.units,
+            units_written=report.units_written,
+            torn=report.torn,
+            bytes_written=report.bytes_written,
+            files=list(report.files),
+        )
+    _clean_leftovers(layout, state)
+    return done, warnings
+
+
+def _clean_leftovers(layout: Layout, state: State) -> None:
+    """Removes the logs of pruned generations (an interrupted prune) and markers
+    older than the newest."""
+    for number, path in layout.logs().items():
         g = state.find(number)
-        if number <= state.generation and (g is None or not g.undo):
-            path.unlink()  # an interrupted prune
-    return done
+        if number <= state.generation and (g is None or not g.log):
+            path.unlink()
+    newest = layout.flushed()
+    for number, path in layout._numbered("*.flushed").items():
+        if number < newest:
+            path.unlink()
+
+
+def _with_generation(state: State, generation: Generation) -> State:
+    """``state`` with ``generation`` committed; the oldest generations without a
+    log are dropped from the history beyond :data:`HISTORY_LIMIT`."""
+    history = [g for g in state.history if g.number != generation.number] + [generation]
+    excess = len(history) - HISTORY_LIMIT
+    if excess > 0:
+        old = {g.number for g in history[:-1] if not g.log}
+        drop = set(sorted(old)[:excess])
+        history = [g for g in history if g.number not in drop]
+    return State(
+        generation=max(state.generation, generation.number),
+        checkpoint=state.checkpoint,
+        history=history,
+    )
 
 
 def recover(
     model_dir: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-) -> list[Recovered]:
-    """Brings ``model_dir`` back to its last committed generation if a sync,
-    rollback or prune was interrupted. Loaders can call this before reading."""
+) -> Recovered | None:
+    """Brings ``model_dir`` to its last committed generation, durable on disk, if a
+    sync, rollback or prune was interrupted or the host lost power since the last
+    sync. Loaders call this (``apollo-sync recover``) before reading, or read
+    inside :func:`reading`."""
     layout = Layout(model_dir)
     if not layout.meta.is_dir():
-        return []
+        return None
     with ModelLock(model_dir, lock_timeout):
-        return recover_locked(layout)
+        done, _ = recover_locked(layout)
+        return done
+
+
+@contextlib.contextmanager
+def reading(
+    model_dir: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+) -> Iterator[History]:
+    """A stable view of ``model_dir`` for a loader (or ``rsync``): recovers if
+    needed, then holds syncs off (a shared lock every writer honours) until the
+    block ends. Yields the history, whose ``generation`` is what the files hold.
+
+    >>> with apollo_sync.reading("/models/Qwen3-8B") as h:  # doctest: +SKIP
+    ...     model = AutoModelForCausalLM.from_pretrained("/models/Qwen3-8B")
+    """
+    layout = Layout(model_dir)
+    with ModelLock(model_dir, lock_timeout) as lock:
+        recover_locked(layout)
+        lock.downgrade()
+        yield History(load_state(layout))
 
 
 # ---------------------------------------------------------------------------
@@ -320,22 +708,29 @@ def recover(
 # ---------------------------------------------------------------------------
 
 
-def touched_tensors(info: JournalInfo, tensors: Sequence[tuple[str, str, int, int]]) -> list[str]:
-    """Names of the tensors whose bytes the journal's runs overlap.
+def tensor_elements(
+    runs: Sequence[tuple[int, int, int, int]],
+    shards: Sequence[str],
+    tensors: Sequence[tuple[str, str, int, int]],
+) -> dict[str, int]:
+    """Elements changed per tensor, from a log's runs ``(shard index, offset,
+    length, elements)``.
 
     ``tensors`` is ``(shard file name, tensor name, start, end)`` with absolute
-    file offsets; tensors of one shard do not overlap (the headers were checked)."""
+    file offsets. A run's elements are given to the tensors it overlaps in
+    proportion to the bytes it covers of each (a run lies in one tensor but where
+    tensors share a 4 KiB block)."""
     by_shard: dict[str, list[tuple[int, int, str]]] = {}
     for shard, name, start, end in tensors:
         if end > start:  # an empty tensor has no byte to touch
             by_shard.setdefault(shard, []).append((start, end, name))
-    if not info.runs:
-        return []
-    runs = np.asarray(info.runs, dtype=np.int64)  # (shard index, offset, length)
-    found: set[str] = set()
-    for index, shard in enumerate(info.shards):
+    if not runs:
+        return {}
+    arr = np.asarray(runs, dtype=np.int64)  # (shard index, offset, length, elements)
+    found: dict[str, int] = {}
+    for index, shard in enumerate(shards):
         ranges = sorted(by_shard.get(shard, []))
-        mine = runs[runs[:, 0] == index]
+        mine = arr[arr[:, 0] == index]
         if not ranges or not len(mine):
             continue
         starts = np.array([r[0] for r in ranges], dtype=np.int64)
@@ -344,60 +739,126 @@ def touched_tensors(info: JournalInfo, tensors: Sequence[tuple[str, str, int, in
         # up to the first starting at or after its end
         first = np.searchsorted(ends, mine[:, 1], side="right")
         last = np.searchsorted(starts, mine[:, 1] + mine[:, 2], side="left")
-        cover = np.zeros(len(ranges) + 1, dtype=np.int64)
-        np.add.at(cover, first, 1)
-        np.add.at(cover, last, -1)
-        hit = np.cumsum(cover[:-1]) > 0
-        found.update(ranges[k][2] for k in np.flatnonzero(hit))
-    return sorted(found)
+        for (_, off, length, elements), a, b in zip(mine.tolist(), first, last, strict=True):
+            if b - a == 1:
+                name = ranges[a][2]
+                found[name] = found.get(name, 0) + elements
+                continue
+            for k in range(a, b):
+                lo, hi, name = ranges[k]
+                share = (min(hi, off + length) - max(lo, off)) / length
+                found[name] = found.get(name, 0) + round(elements * share)
+    return found
 
 
-def commit(layout: Layout, state: State, generation: Generation) -> State:
-    """Makes ``generation`` the committed one. The oldest generations without
-    undo data are dropped from the history beyond :data:`HISTORY_LIMIT`."""
-    history = [*state.history, generation]
-    excess = len(history) - HISTORY_LIMIT
-    if excess > 0:
-        old = {g.number for g in history[:-1] if not g.undo}
-        drop = set(sorted(old)[:excess])
-        history = [g for g in history if g.number not in drop]
-    new = State(generation=generation.number, history=history)
+def commit_meta(
+    *,
+    kind: str,
+    bytes_changed: int,
+    files: list[str],
+    tensors: dict[str, int],
+    rollback_to: int | None = None,
+) -> str:
+    """The metadata a commit record carries (the history entry it stands for)."""
+    return json.dumps(
+        {
+            "time": time.time(),
+            "kind": kind,
+            "bytes_changed": bytes_changed,
+            "files": files,
+            "tensors": tensors,
+            "rollback_to": rollback_to,
+        }
+    )
+
+
+def commit_logged(
+    layout: Layout,
+    state: State,
+    writer: LogWriter,
+    *,
+    kind: str,
+    bytes_changed: int,
+    files: list[str],
+    tensors: dict[str, int],
+    rollback_to: int | None = None,
+) -> tuple[State, Generation]:
+    """Commits the generation ``writer`` logged (its commit record: the commit
+    point), then writes its history entry into ``state.json``."""
+    meta = commit_meta(
+        kind=kind,
+        bytes_changed=bytes_changed,
+        files=files,
+        tensors=tensors,
+        rollback_to=rollback_to,
+    )
+    stats = writer.commit(meta)
+    fault_point("commit")
+    number = int(writer.path.stem)
+    generation = Generation(
+        number=number,
+        time=float(json.loads(meta)["time"]),
+        kind=kind,
+        bytes_changed=bytes_changed,
+        log_bytes=stats.bytes,
+        log=True,
+        elements_changed=stats.elements,
+        files=files,
+        tensors=tensors,
+        rollback_to=rollback_to,
+    )
+    new = _with_generation(state, generation)
+    save_state(layout, new)
+    return new, generation
+
+
+def commit_unlogged(layout: Layout, state: State, generation: Generation) -> State:
+    """Commits a generation synced without a log (its shards already durable)."""
+    new = _with_generation(state, generation)
+    new.checkpoint = generation.number
     save_state(layout, new)
     return new
 
 
 def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
-    """Drops the undo data of old generations beyond ``keep`` of them or beyond
-    ``max_bytes`` in total (the newest is always kept). The state is committed
-    first, then the files removed, so a crash leaves only files that recovery
-    deletes. Returns the generations pruned."""
+    """Drops the logs of old generations beyond ``keep`` of them or beyond
+    ``max_bytes`` in total (the newest is always kept, and none after the
+    checkpoint). The state is committed first, then the files removed, so a
+    crash leaves only files that recovery deletes. Returns the generations
+    pruned."""
     state = load_state(layout)
-    kept = [g for g in reversed(state.history) if g.undo]
+    k = checkpoint(layout, state)
+    kept = [g for g in reversed(state.history) if g.log]
     total = 0
     drop: list[int] = []
     for i, g in enumerate(kept):
-        total += g.undo_bytes
-        if i > 0 and (i >= keep or (max_bytes is not None and total > max_bytes)):
+        total += g.log_bytes
+        over = i >= keep or (max_bytes is not None and total > max_bytes)
+        if i > 0 and over and g.number <= k:
             drop.append(g.number)
     if not drop:
         return []
+    # A generation is a rollback point only while every later log is kept: drop
+    # everything older than the newest dropped one too.
+    newest = max(drop)
+    drop = [g.number for g in kept if g.number <= newest]
     history = [
-        replace(g, undo=False, undo_bytes=0, tensors=[], tensor_count=g.touched)
+        replace(g, log=False, log_bytes=0, tensors={}, tensor_count=g.touched)
         if g.number in drop
         else g
         for g in state.history
     ]
-    save_state(layout, State(generation=state.generation, history=history))
+    save_state(layout, State(state.generation, state.checkpoint, history))
     for number in drop:
         fault_point("prune")
         with contextlib.suppress(FileNotFoundError):
-            layout.undo_path(number).unlink()
-    _fsync_dir(layout.undo_dir)
+            layout.log_path(number).unlink()
+    _fsync_dir(layout.log_dir)
     return sorted(drop)
 
 
 def default_budget(model_dir: str | os.PathLike[str]) -> int:
-    """The default undo byte budget: a tenth of the model's shards."""
+    """The default log byte budget: half the size of the model's shards."""
     size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     return int(DEFAULT_BUDGET_FRACTION * size)
 
@@ -418,10 +879,11 @@ def prune(
         return prune_locked(layout, keep, budget)
 
 
-def history(model_dir: str | os.PathLike[str]) -> State:
-    """The committed generation and the history of ``model_dir`` (read without
-    the lock: ``state.json`` is only ever replaced whole)."""
-    return load_state(Layout(model_dir))
+def history(model_dir: str | os.PathLike[str]) -> History:
+    """The generations of ``model_dir`` (read without the lock: ``state.json`` is
+    only ever replaced whole). A generation committed by a sync that was killed
+    before it wrote ``state.json`` appears once the next writer has recovered."""
+    return History(load_state(Layout(model_dir)))
 
 
 def rollback(
@@ -430,12 +892,13 @@ def rollback(
     *,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Generation:
-    """Restores ``model_dir`` to generation ``to`` exactly, as a new journaled
-    generation (itself undoable). Needs the undo data of every generation after
-    ``to``."""
+    """Restores ``model_dir`` to generation ``to`` exactly, as a new logged
+    generation (itself undoable). Needs the log of every generation after ``to``;
+    checks every record and every byte it will touch before its first write."""
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
         recover_locked(layout)
+        wait_flushes(layout)
         check_shards(ModelDir.open(model_dir), private_copy=False)
         state = load_state(layout)
         current = state.generation
@@ -447,39 +910,42 @@ def rollback(
             )
         steps = [state.find(n) for n in range(current, to, -1)]
         lost = [
-            n for n, g in zip(range(current, to, -1), steps, strict=True) if g is None or not g.undo
+            n for n, g in zip(range(current, to, -1), steps, strict=True) if g is None or not g.log
         ]
         if lost:
             raise RollbackError(
-                f"{model_dir}: cannot roll back to generation {to}: the undo data of "
+                f"{model_dir}: cannot roll back to generation {to}: the log of "
                 f"generation(s) {', '.join(map(str, sorted(lost)))} is gone "
-                "(pruned, or synced without a journal)"
+                "(pruned, or synced without one)"
             )
-        paths = [layout.undo_path(n) for n in range(current, to, -1)]
+        paths = [layout.log_path(n) for n in range(current, to, -1)]
         number = current + 1
         try:
-            report = rollback_journals(paths, layout.root, layout.undo_path(number), number)
+            report, writer = rollback_logs(layout.root, paths, layout.log_path(number), number)
         except BaseException as e:
             note = undo_uncommitted(layout, number)
             if note:
                 e.add_note(note)
             raise
-        undo_path = layout.undo_path(number)
+        if report.records == 0:  # nothing to undo: the generations changed nothing
+            raise RollbackError(f"{model_dir}: generations after {to} changed nothing")
         try:
-            undo_bytes = read_journal(undo_path).bytes if undo_path.exists() else 0
-            tensors = sorted({t for g in steps if g is not None for t in g.tensors})
-            generation = Generation(
-                number=number,
-                time=time.time(),
+            tensors: dict[str, int] = {}
+            for g in steps:
+                if g is not None:
+                    for t, n in g.tensors.items():
+                        tensors[t] = tensors.get(t, 0) + n
+            _, generation = commit_logged(
+                layout,
+                state,
+                writer,
                 kind="rollback",
                 bytes_changed=report.bytes,
-                undo_bytes=undo_bytes,
-                undo=undo_path.exists(),
                 files=list(report.files),
                 tensors=tensors,
                 rollback_to=to,
             )
-            commit(layout, state, generation)
+            _touch_durably(layout.marker_path(number))  # the rollback fsynced the shards
         except BaseException as e:
             undo_unless_committed(layout, number, e)
             raise
@@ -487,12 +953,12 @@ def rollback(
 
 
 def undo_unless_committed(layout: Layout, number: int, error: BaseException) -> None:
-    """After a failure while committing generation ``number``: if the state on
-    disk does not say it is committed, puts back what it wrote (noting on
-    ``error`` if that cannot be done now)."""
+    """After a failure while committing generation ``number``: if its log does
+    not hold a valid commit, puts back what it wrote (noting on ``error`` if
+    that cannot be done now)."""
     try:
-        committed = load_state(layout).generation == number
-    except JournalError:
+        committed = read_log(layout.log_path(number)).committed
+    except (ApolloSyncError, OSError):
         committed = False
     if not committed:
         note = undo_uncommitted(layout, number)
@@ -501,19 +967,24 @@ def undo_unless_committed(layout: Layout, number: int, error: BaseException) -> 
 
 
 def undo_uncommitted(layout: Layout, number: int) -> str | None:
-    """After a failed sync or rollback: puts back what it wrote. Returns None when
-    done (or when it wrote nothing); otherwise why it could not (the disk is gone,
-    say): the journal then stays for the next recovery."""
-    path = layout.undo_path(number)
+    """After a failed sync or rollback of this process: rolls back what its
+    uncommitted log covers. Returns None when done (or when it wrote nothing);
+    otherwise why it could not (the disk is gone, say): the log then stays for
+    the next recovery."""
+    path = layout.log_path(number)
     if not path.exists():
         return None
     try:
-        undo_journal(path, layout.root)
+        if read_log(path).committed:
+            return None
+        report = recover_logs(layout.root, [path], 0, False)
+        if report.undecided:
+            raise JournalError(f"{len(report.undecided)} unit(s) match no state")
         path.unlink()
-        _fsync_dir(layout.undo_dir)
+        _fsync_dir(layout.log_dir)
     except (ApolloSyncError, OSError) as e:
         return (
-            f"could not yet put back what generation {number} wrote ({e}); its journal "
+            f"could not yet put back what generation {number} wrote ({e}); its log "
             f"{path} stays, and `apollo-sync recover` (or the next sync) will undo it"
         )
     return None

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from apollo_sync._core import Syncer
+from apollo_sync.dtypes import itemsize
 from apollo_sync.live import LiveTensor
 
 #: Bytes handed to the core per call (progress is reported between calls).
@@ -108,7 +109,9 @@ class _Stager:
         self.buffers: list[torch.Tensor | None] = [None] * depth
         self.views: list[Any] = [None] * depth
 
-    def submit(self, slot: int, pieces: list[_Piece]) -> tuple[list[tuple[int, int, Any]], Any]:
+    def submit(
+        self, slot: int, pieces: list[_Piece]
+    ) -> tuple[list[tuple[int, int, Any, int]], Any]:
         """Starts the copies of ``pieces`` into buffer ``slot``; returns the segments
         (valid once the returned event has completed) and the event."""
         buf = self.buffers[slot]
@@ -116,7 +119,7 @@ class _Stager:
             buf = self.buffers[slot] = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
             self.views[slot] = buf.numpy()
         view = self.views[slot]
-        segments: list[tuple[int, int, Any]] = []
+        segments: list[tuple[int, int, Any, int]] = []
         pos = 0
         with torch.cuda.stream(self.stream):
             for p in pieces:
@@ -125,16 +128,24 @@ class _Stager:
                     buf[pos : pos + n].copy_(
                         p.live.device_bytes(p.start, p.stop), non_blocking=True
                     )
-                    segments.append((p.shard, p.offset, view[pos : pos + n]))
+                    segments.append((p.shard, p.offset, view[pos : pos + n], width(p.live)))
                     pos += n
                 else:
-                    segments.append((p.shard, p.offset, p.live.stream_source(p.start, p.stop)))
+                    segments.append(
+                        (p.shard, p.offset, p.live.stream_source(p.start, p.stop), width(p.live))
+                    )
             event = torch.cuda.Event()
             event.record(self.stream)
         return segments, event
 
 
-_Ready = tuple[int, list[_Piece], list[tuple[int, int, Any]], Any]
+_Ready = tuple[int, list[_Piece], list[tuple[int, int, Any, int]], Any]
+
+
+def width(t: LiveTensor) -> int:
+    """Bytes per element of ``t`` as the log encodes it (1, 2, 4 or 8)."""
+    w = itemsize(t.dtype)
+    return w if w in (1, 2, 4, 8) else 1
 
 
 def stream_into(
@@ -161,7 +172,10 @@ def stream_into(
         for pieces in chunks:
             t0 = time.perf_counter()
             syncer.feed(
-                [(p.shard, p.offset, p.live.stream_source(p.start, p.stop)) for p in pieces]
+                [
+                    (p.shard, p.offset, p.live.stream_source(p.start, p.stop), width(p.live))
+                    for p in pieces
+                ]
             )
             stats.feed_s += time.perf_counter() - t0
             _count(stats, pieces, progress)

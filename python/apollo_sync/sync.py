@@ -6,9 +6,11 @@ the bytes streamed to the Rust core, which diffs and writes in parallel with the
 GIL released, and fsyncs what it wrote before returning.
 
 A sync that writes holds the model directory's lock, first recovers any
-interrupted sync, and (unless ``journal=False``) journals the old bytes of what
-it overwrites, so it commits a new generation atomically or leaves the last
-committed one (see :mod:`apollo_sync.journal`).
+interrupted sync, and (unless ``journal=False``) logs the XOR delta of what it
+overwrites before overwriting it, so it commits a new generation atomically or
+leaves the last committed one (see :mod:`apollo_sync.journal`). When it returns,
+the files are current through the page cache; the shards are made durable in the
+background (``durable=True`` waits for it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from apollo_sync import journal as gens
-from apollo_sync._core import MAX_BLOCK, MIN_BLOCK, Syncer, read_journal
+from apollo_sync._core import LOG_MIN_BLOCK, MAX_BLOCK, MIN_BLOCK, LogWriter, Syncer
 from apollo_sync.errors import (
     ApolloSyncError,
     HandlesError,
@@ -33,6 +35,7 @@ from apollo_sync.errors import (
     LayoutError,
     PlanError,
     RefusedError,
+    SyncIOError,
     TornSyncError,
 )
 from apollo_sync.handles import Handles, load_handles
@@ -66,7 +69,8 @@ class FileResult:
     bytes_written: int
     bytes_written_buffered: int
     writes: int
-    bytes_journaled: int
+    #: Elements whose bytes changed (counted by the log: 0 without one).
+    elements_changed: int
     direct_io_fallback: str | None
 
 
@@ -102,13 +106,20 @@ class SyncResult:
     #: The generation this sync committed; None when it changed nothing (or was
     #: a dry run): the directory is still the previous one.
     generation: int | None = None
-    #: Old bytes saved to the undo journal (0 without a journal).
-    bytes_journaled: int = 0
+    #: Bytes of this generation's log (0 without one): what the history keeps.
+    log_bytes: int = 0
+    #: Elements whose bytes changed (counted by the log: 0 without one).
+    elements_changed: int = 0
+    #: Whether the shards were durable on disk when the sync returned (always
+    #: without a log; with ``durable=True``; otherwise they are flushed in the
+    #: background and a power cut before then needs ``apollo-sync recover``).
+    durable: bool = False
     #: Uncommitted generations that recovery undid before this sync.
     recovered: list[int] = field(default_factory=list)
     #: Times the sync was redone because the producer stepped during it.
     retries: int = 0
-    #: Things that went wrong after the generation was committed (pruning).
+    #: Things to know: a failed background flush of an earlier sync (redone),
+    #: a failed prune after the commit, layout notes.
     warnings: list[str] = field(default_factory=list)
 
     def seeds_dict(self) -> dict[str, Any]:
@@ -194,6 +205,7 @@ def sync(
     private_copy: bool = False,
     step_counter: StepCounter | None = None,
     step_retries: int = 3,
+    durable: bool = False,
 ) -> SyncResult:
     """Makes the safetensors files in ``model_dir`` equal to the live tensors.
 
@@ -203,11 +215,11 @@ def sync(
     ``model_dir`` defaults to the handles metadata's ``model_path``.
 
     Writing syncs take the directory's lock (waiting up to ``lock_timeout``
-    seconds), recover an interrupted sync, and journal what they overwrite
-    (``journal=False`` skips the journal: faster, but a crash can then leave a
-    mix of two generations, and there is no rollback past this sync). The undo
-    data of the newest ``keep`` generations is kept, within ``undo_budget``
-    bytes (default: a tenth of the model's size). A shard that is a symlink or
+    seconds), recover an interrupted sync, and log the XOR delta of what they
+    overwrite (``journal=False`` skips the log: a crash can then leave a mix of
+    two generations, and there is no rollback past this sync). The logs of the
+    newest ``keep`` generations are kept, within ``undo_budget`` bytes (default:
+    half the model's size). A shard that is a symlink or
     has other hard links is refused unless ``private_copy``, which first
     replaces it by a private copy (a reflink where the filesystem can).
     With a ``step_counter`` (the producer's, from the handles metadata by
@@ -215,9 +227,16 @@ def sync(
     to ``step_retries`` times (without a journal it cannot be undone: it raises
     :class:`TornSyncError` at once).
 
-    Changed blocks are written through the page cache and every written shard is
-    ``fdatasync``-ed before the sync returns: the disk receives exactly the
-    changed blocks (the filesystem writes back only the dirty blocks of a
+    **What a reader can rely on.** When a logged sync returns, its generation is
+    committed (its log is durable) and the files are current through the page
+    cache of this host; the shards are made durable in the background. After a
+    power cut they are whole only once recovery has run: every writer recovers
+    first, and a loader runs ``apollo-sync recover`` or reads inside
+    :func:`apollo_sync.reading`. ``durable=True`` returns only once the shards
+    are durable too (a sync without a log always is).
+
+    Changed blocks are written through the page cache: the disk receives exactly
+    the changed blocks (the filesystem writes back only the dirty blocks of a
     folio) and the cache stays warm for the next sync. ``direct_io=True``
     writes them with ``O_DIRECT`` instead: the same disk bytes, but each write
     evicts the whole cached folio around it (up to 2 MiB), so the next sync
@@ -256,18 +275,10 @@ def sync(
             raise TypeError("model_dir is required when live tensors are passed directly")
         options = _Options(block_size, dry_run, direct_io, threads, allow_unmatched, progress)
         if dry_run:  # writes nothing, so takes no lock and recovers nothing
-            result = _run(ModelDir.open(model_dir), live, options, None)
-            layout = gens.Layout(model_dir)
-            pending = [n for n in layout.journals() if n > gens.load_state(layout).generation]
-            if pending:
-                result = replace(
-                    result,
-                    warnings=[
-                        *result.warnings,
-                        f"an interrupted sync (generation {max(pending)}) awaits recovery: "
-                        "the files compared may mix two generations (`apollo-sync recover`)",
-                    ],
-                )
+            result, _ = _run(ModelDir.open(model_dir), live, options, None)
+            note = _pending_recovery(gens.Layout(model_dir))
+            if note:
+                result = replace(result, warnings=[*result.warnings, note])
             return result
         return _sync_locked(
             Path(model_dir),
@@ -280,12 +291,27 @@ def sync(
             private_copy=private_copy,
             counter=counter,
             step_retries=step_retries,
+            durable=durable,
         )
     finally:
         if own_counter and counter is not None:
             counter.close()
         if opened is not None and not isinstance(handles, Handles):
             opened.close()
+
+
+def _pending_recovery(layout: gens.Layout) -> str | None:
+    """Why the files may not be one whole generation now (for a dry run)."""
+    if not layout.meta.is_dir():
+        return None
+    state = gens.load_state(layout)
+    uncommitted = [n for n in layout.logs() if n > state.generation]
+    if uncommitted:
+        return (
+            f"an interrupted sync (generation {max(uncommitted)}) awaits recovery: "
+            "the files compared may mix two generations (`apollo-sync recover`)"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -310,7 +336,14 @@ def _sync_locked(
     private_copy: bool,
     counter: StepCounter | None,
     step_retries: int,
+    durable: bool,
 ) -> SyncResult:
+    if journal and options.block_size < LOG_MIN_BLOCK:
+        raise PlanError(
+            f"block size {options.block_size}: a logged sync needs blocks of at least "
+            f"{LOG_MIN_BLOCK} bytes (the log hashes whole 4 KiB units); use a larger "
+            "--block-size or --no-journal"
+        )
     # Bad input is refused before the lock file (or anything else) is created;
     # under the lock the directory is read again, after any recovery.
     first = ModelDir.open(root)
@@ -319,19 +352,27 @@ def _sync_locked(
         check_shards(first, private_copy=False)
     layout = gens.Layout(root)
     with gens.ModelLock(root, lock_timeout):
-        recovered = [r.generation for r in gens.recover_locked(layout)]
+        recovered, warnings = gens.recover_locked(layout)
+        if not journal:
+            # Written in place with no log: every earlier generation must be on
+            # disk first, or a crash could not be told apart.
+            failed = gens.wait_flushes(layout)
+            if failed:
+                warnings += failed
+                recovered, more = gens.recover_locked(layout)
+                warnings += more
         md = ModelDir.open(root)
         md = check_shards(md, private_copy)
         if md.tensors != first.tensors:
             mapping = None  # another writer changed the headers meanwhile: map again
         state = gens.load_state(layout)
         number = state.generation + 1
-        spec = (layout.undo_path(number), number) if journal else None
+        spec = (layout.log_path(number), number) if journal else None
         retries = 0
         while True:
             before = counter.wait_even(lock_timeout) if counter is not None else None
             try:
-                result = _run(md, live, options, spec, mapping)
+                result, writer = _run(md, live, options, spec, mapping)
             except BaseException as e:
                 note = gens.undo_uncommitted(layout, number)
                 if note:
@@ -341,7 +382,7 @@ def _sync_locked(
                 break
             if not journal:
                 raise TornSyncError(
-                    f"{root}: the producer stepped during a sync without a journal; the "
+                    f"{root}: the producer stepped during a sync without a log; the "
                     "files may mix two training steps until the next sync"
                 )
             note = gens.undo_uncommitted(layout, number)
@@ -353,37 +394,63 @@ def _sync_locked(
                     f"{root}: the producer stepped during each of {retries} tries; "
                     f"nothing was committed (still generation {state.generation})"
                 )
-        result = replace(result, recovered=recovered, retries=retries)
+        result = replace(
+            result,
+            recovered=[] if recovered is None else recovered.rolled_back,
+            retries=retries,
+            warnings=[*warnings, *result.warnings],
+        )
         if result.total_changed == 0:
             return result
         try:
-            undo_bytes, tensors = 0, []
-            if spec is not None:
-                info = read_journal(spec[0])
-                undo_bytes = info.bytes
-                tensors = gens.touched_tensors(info, _tensor_ranges(md))
-            generation = gens.Generation(
-                number=number,
-                time=time.time(),
-                kind="sync",
-                bytes_changed=result.total_changed,
-                undo_bytes=undo_bytes,
-                undo=spec is not None,
-                files=result.files_changed,
-                tensors=tensors,
-            )
-            gens.commit(layout, state, generation)
+            if writer is not None:
+                tensors = gens.tensor_elements(writer.runs(), writer.shards, _tensor_ranges(md))
+                state, generation = gens.commit_logged(
+                    layout,
+                    state,
+                    writer,
+                    kind="sync",
+                    bytes_changed=result.total_changed,
+                    files=result.files_changed,
+                    tensors=tensors,
+                )
+            else:
+                generation = gens.Generation(
+                    number=number,
+                    time=time.time(),
+                    kind="sync",
+                    bytes_changed=result.total_changed,
+                    log_bytes=0,
+                    log=False,
+                    files=result.files_changed,
+                )
+                state = gens.commit_unlogged(layout, state, generation)
         except BaseException as e:
             gens.undo_unless_committed(layout, number, e)
             raise
+        result = replace(
+            result,
+            generation=number,
+            log_bytes=generation.log_bytes,
+            elements_changed=generation.elements_changed,
+            durable=writer is None,
+        )
+        if writer is not None:
+            gens.start_flush(layout, number, [root / f for f in result.files_changed])
+            if durable:
+                failed = gens.wait_flushes(layout, number)
+                if failed:
+                    raise SyncIOError(f"{root}: generation {number} is committed, but {failed[0]}")
+                result = replace(result, durable=True)
         budget = gens.default_budget(root) if undo_budget is None else undo_budget
-        warnings: list[str] = []
         try:
             gens.prune_locked(layout, keep, budget)
         except (ApolloSyncError, OSError) as e:  # committed all the same
-            warnings.append(f"pruning old undo data failed ({e}); it is retried next time")
-        result = replace(result, warnings=[*result.warnings, *warnings])
-        return replace(result, generation=number)
+            result = replace(
+                result,
+                warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"],
+            )
+        return result
 
 
 def _tensor_ranges(md: ModelDir) -> list[tuple[str, str, int, int]]:
@@ -395,9 +462,11 @@ def _run(
     md: ModelDir,
     live: Mapping[str, LiveTensor],
     options: _Options,
-    journal: tuple[Path, int] | None,
+    log: tuple[Path, int] | None,
     mapping: LayoutMap | None = None,
-) -> SyncResult:
+) -> tuple[SyncResult, LogWriter | None]:
+    """Streams the live bytes into the core; returns the result and the log to
+    commit (None without one, or when nothing changed)."""
     block_size, dry_run = options.block_size, options.dry_run
     mapping, placements = plan(md, live, allow_unmatched=options.allow_unmatched, mapping=mapping)
     used = sorted({p.shard for p in placements})
@@ -408,7 +477,7 @@ def _run(
         dry_run=dry_run,
         direct_io=options.direct_io,
         threads=options.threads,
-        journal=journal,
+        log=log,
     )
     placements = [Placement(local[p.shard], p.offset, p.live) for p in placements]
     total = sum(p.live.nbytes for p in placements)
@@ -438,7 +507,7 @@ def _run(
             bytes_written=r.bytes_written_direct + r.bytes_written_buffered,
             bytes_written_buffered=r.bytes_written_buffered,
             writes=r.writes,
-            bytes_journaled=r.bytes_journaled,
+            elements_changed=r.elements_changed,
             direct_io_fallback=r.direct_io_fallback,
         )
         for r in reports
@@ -452,7 +521,10 @@ def _run(
             )
     warnings = list(mapping.warnings)
     buffered = sum(f.bytes_written_buffered for f in files)
-    expected = sum(f.bytes_written + f.bytes_journaled for f in files)
+    writer = syncer.log_writer()
+    logged = writer is not None and writer.path.exists()
+    log_size = writer.path.stat().st_size if writer is not None and logged else 0
+    expected = sum(f.bytes_written for f in files) + log_size
     if buffered and disk is not None and disk > AMPLIFIED * expected + AMPLIFIED_SLACK:
         advice = (
             "direct I/O was refused here (see the warning above)"
@@ -465,7 +537,7 @@ def _run(
             f"back whole folios (or another process wrote meanwhile); {advice}"
         )
     missing = sorted(p.live_name for p in mapping.problems)
-    return SyncResult(
+    result = SyncResult(
         total_compared=sum(f.bytes_compared for f in files),
         total_changed=sum(f.bytes_changed for f in files),
         files_changed=[f.file for f in files if f.bytes_changed],
@@ -482,8 +554,9 @@ def _run(
         warnings=warnings,
         files=files,
         missing=missing,
-        bytes_journaled=sum(f.bytes_journaled for f in files),
+        elements_changed=sum(f.elements_changed for f in files),
     )
+    return result, (writer if logged else None)
 
 
 def _disk_sectors_written(path: Path) -> int | None:

@@ -40,7 +40,7 @@ create_exception!(
     apollo_sync._core,
     JournalError,
     ApolloSyncError,
-    "A damaged undo journal: nothing was applied from it."
+    "A damaged log (or state file): nothing was applied from it."
 );
 
 /// Maps a core error onto its Python class, keeping the message.
@@ -51,6 +51,6 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Changed { .. } => ShardChangedError::new_err(msg),
         Error::Io { .. } => SyncIOError::new_err(msg),
         Error::Plan(_) => PlanError::new_err(msg),
-        Error::Journal { .. } => JournalError::new_err(msg),
+        Error::Log { .. } => JournalError::new_err(msg),
     }
 }

@@ -3,7 +3,7 @@
 
 mod errors;
 mod header;
-mod journal;
+mod log;
 mod syncer;
 
 use pyo3::prelude::*;
@@ -29,10 +29,15 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<syncer::ShardReport>()?;
     m.add_class::<syncer::Syncer>()?;
     m.add("HOLD_BYTES", apollo_sync_core::sync::HOLD_BYTES)?;
-    m.add_class::<journal::JournalInfo>()?;
-    m.add_class::<journal::UndoReport>()?;
-    m.add_function(wrap_pyfunction!(journal::read_journal, m)?)?;
-    m.add_function(wrap_pyfunction!(journal::undo_journal, m)?)?;
-    m.add_function(wrap_pyfunction!(journal::rollback_journals, m)?)?;
+    m.add("LOG_MIN_BLOCK", apollo_sync_core::sync::LOG_MIN_BLOCK)?;
+    m.add_class::<log::LogInfo>()?;
+    m.add_class::<log::LogStats>()?;
+    m.add_class::<log::LogWriter>()?;
+    m.add_class::<log::RecoverReport>()?;
+    m.add_class::<log::ApplyReport>()?;
+    m.add_function(wrap_pyfunction!(log::read_log, m)?)?;
+    m.add_function(wrap_pyfunction!(log::recover_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(log::rollback_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(log::flush_files, m)?)?;
     Ok(())
 }

@@ -23,7 +23,7 @@ pub struct ShardReport {
     bytes_written_direct: u64,
     bytes_written_buffered: u64,
     writes: u64,
-    bytes_journaled: u64,
+    elements_changed: u64,
     direct_io_fallback: Option<String>,
 }
 
@@ -37,7 +37,7 @@ impl From<core::ShardReport> for ShardReport {
             bytes_written_direct: r.bytes_written_direct,
             bytes_written_buffered: r.bytes_written_buffered,
             writes: r.writes,
-            bytes_journaled: r.bytes_journaled,
+            elements_changed: r.elements_changed,
             direct_io_fallback: r.direct_io_fallback,
         }
     }
@@ -94,10 +94,12 @@ impl Source {
 
 /// A sync in progress over a fixed list of shards `(path, data_start, file_len)`.
 ///
-/// With `journal=(path, generation)`, the old bytes of every changed run are
-/// written to an undo journal at `path` (created on the first change) and
-/// made durable before the run is overwritten; new bytes are held back, at
-/// most `hold_bytes` at a time, until then.
+/// With `log=(path, generation)`, the XOR delta of every changed run is
+/// appended to the generation's log at `path` (created on the first change)
+/// and made durable before the run is overwritten; new bytes are held back,
+/// at most `hold_bytes` at a time, until then. `finish` then leaves the
+/// shards current through the page cache: commit with `log_writer()`, then
+/// flush them. Without a log, `finish` makes every written shard durable.
 #[pyclass(module = "apollo_sync._core", frozen)]
 pub struct Syncer {
     /// Locked by `feed` and `finish` for the duration of the work.
@@ -105,6 +107,7 @@ pub struct Syncer {
     /// Reaches the writers without the lock, so `abort` works while another
     /// thread is inside `feed`.
     stop: core::AbortHandle,
+    log: Option<std::sync::Arc<core::DeltaLog>>,
 }
 
 #[pymethods]
@@ -112,7 +115,7 @@ impl Syncer {
     #[new]
     #[pyo3(signature = (
         shards, *, block_size = 4096, dry_run = false, direct_io = false, threads = 0,
-        journal = None, hold_bytes = core::sync::HOLD_BYTES,
+        log = None, hold_bytes = core::sync::HOLD_BYTES,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -122,7 +125,7 @@ impl Syncer {
         dry_run: bool,
         direct_io: bool,
         threads: usize,
-        journal: Option<(PathBuf, u64)>,
+        log: Option<(PathBuf, u64)>,
         hold_bytes: usize,
     ) -> PyResult<Self> {
         let specs = shards
@@ -138,35 +141,52 @@ impl Syncer {
             dry_run,
             direct_io,
             threads,
-            journal: journal.map(|(path, generation)| core::JournalSpec { path, generation }),
+            log: log.map(|(path, generation)| core::LogSpec {
+                path,
+                generation,
+                kind: core::Kind::Sync,
+            }),
             hold_bytes: hold_bytes.max(1),
         };
         let inner = py
             .detach(|| core::Syncer::new(specs, opts))
             .map_err(to_py)?;
         let stop = inner.abort_handle();
+        let log = inner.log();
         Ok(Syncer {
             inner: Mutex::new(Some(inner)),
             stop,
+            log,
         })
     }
 
-    /// Diffs `segments` — `(shard_index, file_offset, live)` — and writes the
-    /// blocks that changed. `live` is a C-contiguous byte buffer, compared in
-    /// place, or `(fd, offset, length)`: bytes of an open file, read with
-    /// `pread` (the fd stays the caller's; it must stay open during the call).
-    fn feed(&self, py: Python<'_>, segments: Vec<(usize, u64, Bound<'_, PyAny>)>) -> PyResult<()> {
+    /// Diffs `segments` — `(shard_index, file_offset, live, width)` — and
+    /// writes the blocks that changed. `live` is a C-contiguous byte buffer,
+    /// compared in place, or `(fd, offset, length)`: bytes of an open file,
+    /// read with `pread` (the fd stays the caller's; it must stay open during
+    /// the call). `width` is the bytes per element of the tensor (1, 2, 4, 8).
+    fn feed(
+        &self,
+        py: Python<'_>,
+        segments: Vec<(usize, u64, Bound<'_, PyAny>, u8)>,
+    ) -> PyResult<()> {
         let mut sources = Vec::with_capacity(segments.len());
-        for (i, (_, _, obj)) in segments.iter().enumerate() {
+        for (i, (_, _, obj, width)) in segments.iter().enumerate() {
+            if !matches!(width, 1 | 2 | 4 | 8) {
+                return Err(PyValueError::new_err(format!(
+                    "segment {i}: element width {width} (1, 2, 4 or 8)"
+                )));
+            }
             sources.push(Source::extract(i, obj)?);
         }
         let segs: Vec<core::Segment<'_>> = segments
             .iter()
             .zip(&sources)
-            .map(|((shard, offset, _), src)| core::Segment {
+            .map(|((shard, offset, _, width), src)| core::Segment {
                 shard: *shard,
                 offset: *offset,
                 data: src.live(),
+                width: *width,
             })
             .collect();
         let result = py.detach(|| {
@@ -197,8 +217,17 @@ impl Syncer {
         });
     }
 
-    /// Writes the last pending blocks, fsyncs every written shard, and
-    /// returns one report per shard.
+    /// The log this sync appends to (None without one, or in a dry run).
+    fn log_writer(&self) -> Option<crate::log::LogWriter> {
+        self.log
+            .clone()
+            .map(|inner| crate::log::LogWriter { inner })
+    }
+
+    /// Writes the last pending blocks and returns one report per shard.
+    /// Without a log, every written shard is fsynced first; with one, the
+    /// shards are current through the page cache and the log's records are
+    /// durable: commit, then flush.
     fn finish(&self, py: Python<'_>) -> PyResult<Vec<ShardReport>> {
         let reports = py.detach(|| {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
