@@ -150,7 +150,8 @@ def test_block_sizes_and_tensors_straddling_blocks(model_factory: Factory, block
         live[f"t{i:03d}"][-1] += 1
     path = root / "model.safetensors"
     before = np.fromfile(path, dtype=np.uint8)
-    r = sync(root, live, block_size=block)
+    # the log hashes whole 4 KiB units: smaller blocks sync without it
+    r = sync(root, live, block_size=block, journal=block >= 4096)
     after = np.fromfile(path, dtype=np.uint8)
     changed = sum(
         len(a)
@@ -351,6 +352,8 @@ def test_bad_block_size_is_refused(model_factory: Factory) -> None:
     live = {k: v + 1 for k, v in orig.items()}
     for b in (1000, 256, 0):
         _refused(root, PlanError, "block size", tensors=live, block_size=b)
+    # a logged sync needs whole 4 KiB units; without a log 512 is fine
+    _refused(root, PlanError, "at least 4096", tensors=live, block_size=512)
 
 
 def test_shard_changed_after_planning_is_refused(model_factory: Factory) -> None:
@@ -366,7 +369,7 @@ def test_core_rejects_non_contiguous_buffers(model_factory: Factory) -> None:
     s = Syncer([(h.path, h.data_start, h.file_len)])
     strided = np.zeros(100, dtype=np.uint8)[::2]
     with pytest.raises(ValueError, match="contiguous"):
-        s.feed([(0, h.data_start, strided)])
+        s.feed([(0, h.data_start, strided, 1)])
     s.finish()
     with pytest.raises(RuntimeError, match="finished"):
         s.finish()
@@ -395,7 +398,7 @@ def test_gil_is_released_during_sync(tmp_path: Path) -> None:
     time.sleep(0.01)
     s = Syncer([(path, 0, n)], threads=1)
     before = ticks
-    s.feed([(0, 0, live)])  # one call: with the GIL held, `spin` could not run at all
+    s.feed([(0, 0, live, 1)])  # one call: with the GIL held, `spin` could not run at all
     during = ticks - before
     stop.set()
     t.join()

@@ -79,6 +79,8 @@ DEFAULT_LOCK_TIMEOUT = 60.0
 #: (never dropped). The file is rewritten at every commit, so it must not grow
 #: with the number of syncs a training run makes.
 HISTORY_LIMIT = 256
+#: The first bytes of a log file (docs/FORMAT.md).
+LOG_MAGIC = b"APSXLOG1"
 
 
 @dataclass(frozen=True)
@@ -498,6 +500,25 @@ def wait_flushes(layout: Layout, upto: int | None = None) -> list[str]:
     return errors
 
 
+def _flush_running(layout: Layout) -> bool:
+    with _flush_lock:
+        return any(f.thread.is_alive() for f in _flushes.get(_key(layout), []))
+
+
+def _header_written(path: Path) -> bool:
+    """Whether a log's header reached the file. The first barrier writes it with
+    the first records and makes both durable before any in-place write; a log
+    without it covers no in-place byte (a damaged header past that point is
+    reported by the reader)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 16:
+        return False
+    if head[:8] != LOG_MAGIC:
+        return True  # something else: the reader reports it
+    return path.stat().st_size >= int.from_bytes(head[12:16], "little")
+
+
 def _pending_flush(layout: Layout) -> int:
     """The newest generation this process is still flushing (0 if none)."""
     with _flush_lock:
@@ -576,18 +597,17 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
     to go on (it will mark the checkpoint); any older one is waited for."""
     state = load_state(layout)
     warnings = wait_flushes(layout, state.generation - 1)
+    if not _flush_running(layout):
+        warnings += wait_flushes(layout)  # finished: collect its error, if any
     logs = layout.logs()
     uncommitted: list[int] = []
     for n in sorted(x for x in logs if x > state.generation):
-        try:
-            info = read_log(logs[n])
-        except JournalError:
-            if n == max(logs) and logs[n].stat().st_size < 4096:
-                # a log whose header never became durable: nothing was written for it
-                logs[n].unlink()
-                del logs[n]
-                continue
-            raise
+        if not _header_written(logs[n]):
+            # no barrier ever completed for it, so nothing was written in place
+            logs[n].unlink()
+            del logs[n]
+            continue
+        info = read_log(logs[n])
         if info.committed:  # committed, then killed before the state file said so
             state = _with_generation(state, generation_of(info))
             save_state(layout, state)
@@ -700,7 +720,7 @@ def reading(
     with ModelLock(model_dir, lock_timeout) as lock:
         recover_locked(layout)
         lock.downgrade()
-        yield History(load_state(layout))
+        yield history(model_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -793,7 +813,7 @@ def commit_logged(
         rollback_to=rollback_to,
     )
     stats = writer.commit(meta)
-    fault_point("commit")
+    fault_point("committed")
     number = int(writer.path.stem)
     generation = Generation(
         number=number,
@@ -883,7 +903,9 @@ def history(model_dir: str | os.PathLike[str]) -> History:
     """The generations of ``model_dir`` (read without the lock: ``state.json`` is
     only ever replaced whole). A generation committed by a sync that was killed
     before it wrote ``state.json`` appears once the next writer has recovered."""
-    return History(load_state(Layout(model_dir)))
+    layout = Layout(model_dir)
+    state = load_state(layout)
+    return History(replace(state, checkpoint=checkpoint(layout, state)))
 
 
 def rollback(
@@ -975,6 +997,9 @@ def undo_uncommitted(layout: Layout, number: int) -> str | None:
     if not path.exists():
         return None
     try:
+        if not _header_written(path):
+            path.unlink()  # no barrier completed: nothing was written in place
+            return None
         if read_log(path).committed:
             return None
         report = recover_logs(layout.root, [path], 0, False)

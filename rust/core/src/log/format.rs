@@ -21,7 +21,7 @@
 //!   H-8 xxh3-64 of bytes 0..H-8
 //!
 //! Record frame (from H on, back to back)
-//!   0   type u8: 1 delta, 2 commit; then 3 zero bytes
+//!   0   type u8: 1 delta, 2 commit, 3 barrier; then 3 zero bytes
 //!   4   body length u32
 //!   8   epoch u64 (the file's)
 //!   16  checksum u64: xxh3-64 of frame bytes 0..16 followed by the body
@@ -37,6 +37,10 @@
 //!   40  payload length u32, unit count u32 (= ceil(length / 4096))
 //!   48  unit hashes: one u64 per 4 KiB unit, xxh3-64 of the unit's bytes after
 //!   ..  payload: the codec's encoding of before XOR after
+//!
+//! Barrier body: the writer made every record before it durable here, and
+//! only then wrote in place what they cover
+//!   0   delta records before it u64
 //!
 //! Commit body
 //!   0   generation u64
@@ -59,6 +63,7 @@ pub const DELTA_HEAD: usize = 48;
 pub const COMMIT_HEAD: usize = 28;
 pub const TYPE_DELTA: u8 = 1;
 pub const TYPE_COMMIT: u8 = 2;
+pub const TYPE_BARRIER: u8 = 3;
 pub const CODEC_DELTA: u8 = 1;
 /// The longest run a record may cover. Runs come from one diff job (4 MiB);
 /// the reader refuses longer ones rather than allocate for them.
@@ -230,7 +235,7 @@ impl Frame {
     /// checksum is checked once the body is read).
     pub fn plausible(&self, epoch: u64, raw: &[u8; FRAME]) -> bool {
         self.epoch == epoch
-            && matches!(self.kind, TYPE_DELTA | TYPE_COMMIT)
+            && matches!(self.kind, TYPE_DELTA | TYPE_COMMIT | TYPE_BARRIER)
             && raw[1..4] == [0, 0, 0]
             && (self.body_len as u64) <= MAX_BODY
     }

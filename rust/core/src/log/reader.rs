@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{
     self, CommitHead, DeltaHead, FileHeader, Frame, Kind, ShardBinding, COMMIT_HEAD, DELTA_HEAD,
-    FRAME, TYPE_COMMIT, TYPE_DELTA,
+    FRAME, TYPE_BARRIER, TYPE_COMMIT, TYPE_DELTA,
 };
 use crate::delta::Codec;
 use crate::error::{Error, Result};
@@ -141,6 +141,15 @@ impl LogFile {
                         hashes_at: at,
                         payload_at: at + 8 * head.units as u64,
                     });
+                }
+                TYPE_BARRIER if self.commit.is_none() => {
+                    let said = (body.len() == 8).then(|| format::u64_at(&body, 0));
+                    if said != Some(self.records.len() as u64) {
+                        return Err(damaged(
+                            &self.path,
+                            format!("barrier at byte {pos} does not match the records before it"),
+                        ));
+                    }
                 }
                 TYPE_COMMIT if self.commit.is_none() => {
                     let head = CommitHead::decode(&body)

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::format::{
-    self, CommitHead, DeltaHead, FileHeader, Kind, ShardBinding, CODEC_DELTA, FRAME, TYPE_COMMIT,
-    TYPE_DELTA, UNIT,
+    self, CommitHead, DeltaHead, FileHeader, Kind, ShardBinding, CODEC_DELTA, FRAME, TYPE_BARRIER,
+    TYPE_COMMIT, TYPE_DELTA, UNIT,
 };
 use crate::delta::Codec;
 use crate::error::{Error, Result};
@@ -160,7 +160,6 @@ impl DeltaLog {
         old: &[u8],
         new: &[u8],
     ) -> Result<u64> {
-        faults::reached("log").map_err(|e| Error::io(self.path(), "append", e))?;
         debug_assert_eq!(offset % UNIT as u64, 0, "records start on a unit");
         enc.payload.clear();
         enc.hashes.clear();
@@ -193,6 +192,7 @@ impl DeltaLog {
     /// payloads of the generations it undoes). Not durable until the next
     /// [`barrier`](Self::barrier).
     pub fn append(&self, r: RecordParts<'_>) -> Result<()> {
+        faults::reached("log").map_err(|e| Error::io(self.path(), "append", e))?;
         let head = r.head.encode();
         let hashes: Vec<u8> = r.unit_hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
         let (frame, sum) =
@@ -267,6 +267,12 @@ impl DeltaLog {
                 return Ok(false);
             }
             faults::reached("barrier").map_err(|e| Error::io(self.path(), "fsync log", e))?;
+            // A barrier record: damage to any record before it is then found,
+            // however late in the file (it would otherwise read as a torn tail).
+            let body = o.records.to_le_bytes();
+            let (frame, _) = format::frame(TYPE_BARRIER, self.header.epoch, &[&body]);
+            o.buf.extend_from_slice(&frame);
+            o.buf.extend_from_slice(&body);
             flush(self.path(), o)?;
             (o.file.clone(), o.records, !o.dir_synced)
         };
