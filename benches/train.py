@@ -46,23 +46,25 @@ What it does:
 
 The floor pass. The shards' headers come from ``apollo_sync.ModelDir``; each live
 tensor (``model.state_dict()``, matched by name, dtype and byte size checked) is
-cut into chunks of ``CHUNK`` bytes, and a pool of ``--threads`` threads (default:
-one per core) takes the chunks in file order. Per chunk a thread ``preadv``s the
-file's bytes at the tensor's offset into its own buffer, placed so that buffer
-positions and the file share the 4 KiB grid; on CUDA it copies the live chunk into
-its own pinned buffer (on CPU the parameter's bytes are used where they are);
-then, with torch ops (which release the GIL), it XORs live and file at the
-dtype's width into a third buffer whose bytes outside the chunk are zero, counts
-the nonzero elements (changed elements) and the 4 KiB blocks with a nonzero
-64-bit word (block indices ORed into one bitmap per shard, so a block shared by
-two tensors counts once). Every live byte reaches host memory once and every
-file byte is read once (from the page cache: the files are cached, as they are
-for the sync); nothing stops early. The sync is judged against it: sync <= 4x
-floor on CPU, <= 3x on GPU (the table marks the steps over it with "!").
+cut into chunks of ``CHUNK`` bytes (2 MiB on CPU, 8 MiB on CUDA), and a pool of
+``--threads`` threads (default: one per core) takes the chunks in file order,
+each thread with its own buffers, allocated (and pinned) before the pass. Per
+chunk a thread ``preadv``s the file's bytes at the tensor's offset into its file
+buffer, placed so that buffer positions and the file share the 4 KiB grid; on
+CUDA it copies the live chunk into its pinned buffer (on CPU the parameter's
+bytes are used where they are); then, with torch ops (which release the GIL), it
+XORs live and file at the dtype's width into its XOR buffer, whose bytes outside
+the chunk are zero, counts the nonzero elements (changed elements) and the 4 KiB
+blocks holding a nonzero 64-bit word (block indices ORed into one bitmap per
+shard, so a block shared by two tensors counts once). Every live byte reaches
+host memory once and every file byte is read once (from the page cache: the
+files are cached, as they are for the sync); nothing stops early. The sync is
+judged against it: sync <= 4x floor on CPU, <= 3x on GPU (the table marks the
+steps over it with "!"). A last pass after the last sync must count nothing.
 
 Memory: the model, its gradients and the optimizer state are the run's (AdamW:
-4x the model's bytes in all, APOLLO about 2x). The bench adds three buffers of
-``CHUNK`` + 8 KiB per floor thread (the live one pinned, on CUDA only), a 4 MiB
+4x the model's bytes in all, APOLLO about 2x). The bench adds two buffers of
+``CHUNK`` + 8 KiB per floor thread (and a pinned third on CUDA), a 4 MiB
 read buffer per fingerprint thread, and a bitmap of one byte per 4 KiB of the
 files: no full-model copy. The exception is the full-rewrite baseline:
 ``save_file`` serializes the whole state dict to host bytes first, one model-size
@@ -86,11 +88,11 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import types
 from collections.abc import Iterator, Sequence
@@ -107,7 +109,8 @@ import transformers
 import apollo_sync
 
 BLOCK = 4096
-CHUNK = 8 << 20
+#: Floor chunk bytes: small on CPU (the buffers stay in cache), larger D2H copies on CUDA.
+CHUNK = {"cpu": 2 << 20, "cuda": 8 << 20}
 FINGERPRINT_READ = 4 << 20
 #: Sync time over floor time allowed, by device type.
 RATIO_LIMIT = {"cpu": 4.0, "cuda": 3.0}
@@ -304,6 +307,16 @@ class FloorResult:
     blocks_changed: int
 
 
+@dataclass
+class _Buffers:
+    #: The file's bytes, then the XOR of live and file (zero outside the chunk),
+    #: both at the chunk's offset in its 4 KiB block.
+    file: torch.Tensor
+    xor: torch.Tensor
+    #: Where a CUDA chunk is copied to (None on CPU).
+    pinned: torch.Tensor | None
+
+
 class Floor:
     """Counts the elements and 4 KiB blocks where live tensors differ from the files
     (see the module doc). One per model directory; ``close`` ends its threads."""
@@ -314,23 +327,18 @@ class Floor:
         self.sizes = [p.stat().st_size for p in self.paths]
         self.cuda = device.type == "cuda"
         self.threads = threads or os.cpu_count() or 1
+        self.chunk = CHUNK[device.type]
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="floor")
-        self.local = threading.local()
+        # one set of buffers per thread, allocated (and pinned) once, before timing
+        self.buffers: queue.SimpleQueue[_Buffers] = queue.SimpleQueue()
+        size = self.chunk + 2 * BLOCK
+        for _ in range(self.threads):
+            pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True) if self.cuda else None
+            file_buf = torch.empty(size, dtype=torch.uint8)
+            self.buffers.put(_Buffers(file_buf, torch.zeros(size, dtype=torch.uint8), pinned))
 
     def close(self) -> None:
         self.pool.shutdown()
-
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        bufs = getattr(self.local, "bufs", None)
-        if bufs is None:
-            size = CHUNK + 2 * BLOCK
-            live = torch.empty(size, dtype=torch.uint8, pin_memory=True) if self.cuda else None
-            bufs = self.local.bufs = (
-                torch.empty(size, dtype=torch.uint8),
-                torch.zeros(size, dtype=torch.uint8),
-                live,
-            )
-        return bufs
 
     def _chunks(
         self, tensors: dict[str, torch.Tensor]
@@ -347,13 +355,28 @@ class Floor:
                 raise SystemExit(f"{d.name}: live {t.dtype} {tuple(t.shape)} does not fit the file")
             view = WIDTH_VIEW[t.element_size()]
             flat = t.reshape(-1).view(torch.uint8)
-            for lo in range(0, t.nbytes, CHUNK):
-                yield d.shard, d.start + lo, flat[lo : lo + CHUNK], view
+            for lo in range(0, t.nbytes, self.chunk):
+                yield d.shard, d.start + lo, flat[lo : lo + self.chunk], view
 
     def _compare(
         self, fds: list[int], shard: int, offset: int, live: torch.Tensor, view: torch.dtype
     ) -> tuple[int, int, np.ndarray]:
-        file_buf, xor_buf, pinned = self._buffers()
+        bufs = self.buffers.get()
+        try:
+            return self._compare_into(bufs, fds, shard, offset, live, view)
+        finally:
+            self.buffers.put(bufs)
+
+    def _compare_into(
+        self,
+        bufs: _Buffers,
+        fds: list[int],
+        shard: int,
+        offset: int,
+        live: torch.Tensor,
+        view: torch.dtype,
+    ) -> tuple[int, int, np.ndarray]:
+        file_buf, xor_buf, pinned = bufs.file, bufs.xor, bufs.pinned
         n = live.numel()
         pos = offset % BLOCK
         end = -(-(pos + n) // BLOCK) * BLOCK
