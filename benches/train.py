@@ -77,7 +77,9 @@ Usage::
         --undo-budget 40G
 
 (``--batch`` / ``--seq`` default to 4 x 512 on CUDA, 2 x 256 on CPU; an Adam-like
-step's size barely depends on the batch, so the pattern barely does.)
+step's size barely depends on the batch, so the pattern barely does, except in
+the input embedding, whose rows change only for tokens in the batch: the default
+``--vocab`` 8192 keeps it to a few percent of a small model, as in real ones.)
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=3072)
-    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4)")
     p.add_argument("--size-gb", type=float, default=None, help="pick --layers for this size")
     p.add_argument("--shard-gb", type=float, default=None, help="shard size (default: one file)")
