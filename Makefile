@@ -31,7 +31,7 @@ lint: ## cargo fmt, clippy -D warnings, ruff, mypy, stubtest of the compiled mod
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest apollo_sync._core
 
-demo: install ## the main job on a generated model: producer process, updates, syncs, checks
+demo: install ## the main job on a generated model: a producer trains, syncs, checks, rollback
 	$(PY) -m apollo_sync demo
 
 bench-rust: ## Criterion bench of the diff kernel (GB/s against memcmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,14 +87,37 @@ def test_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
     assert "Traceback" in verbose.stderr
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    out = cli("demo", "--size-mb", "16", "--steps", "2", "--dir", str(tmp_path)).stdout
-    lines = out.strip().splitlines()
-    assert lines[0].split()[0] == "sync"
-    assert all(line.rstrip().endswith("yes") for line in lines[2:5])  # files == live
-    assert [line.split()[-2] for line in lines[2:5]] == ["-", "1", "2"]  # generations
+def test_demo_trains_syncs_and_rolls_back(tmp_path: Path) -> None:
+    """The default demo: real AdamW steps on a transformers model built on the
+    producer's shared memory change a few percent of the elements but most blocks;
+    every sync leaves files == live, and the rollback verifies."""
+    pytest.importorskip("transformers")
+    p = cli("demo", "--size-mb", "8", "--steps", "2", "--dir", str(tmp_path))
+    lines = p.stdout.strip().splitlines()
+    assert "adamw (lr 1e-05) steps of LlamaForCausalLM" in lines[0]
+    head = re.split(r"\s{2,}", lines[1].strip())
+    assert head[0] == "sync" and head[-1] == "files == live"
+    rows = [dict(zip(head, re.split(r"\s{2,}", line.strip()), strict=True)) for line in lines[3:6]]
+    assert [r["sync"] for r in rows] == ["initial", "step 1", "step 2"]
+    assert [r["generation"] for r in rows] == ["-", "1", "2"]
+    assert all(r["files == live"] == "yes" for r in rows)
+    assert "undo journal" in head or "log" in head
+    for r in rows[1:]:
+        elements = float(re.search(r"\(([\d.]+)%\)", r["elements changed"])[1])  # type: ignore[index]
+        blocks = float(r["4 KiB blocks changed"].rstrip("%"))
+        assert 0 < elements < 20 and blocks > 50, r  # elements sparse, blocks not
+        assert float(r["loss"]) > 0
     assert (
-        "rollback to generation 1 (as generation 3): files equal what that sync wrote: yes;" in out
+        "rollback to generation 1 (as generation 3): files equal what that sync wrote: yes;"
+        in p.stdout
     )
+    assert "and forward to 2 again: yes" in p.stdout
+    assert "rollback to 2" in p.stdout and "<- current" in p.stdout  # the history
+
+
+def test_demo_sparse_mode(tmp_path: Path) -> None:
+    out = cli(
+        "demo", "--mode", "sparse", "--size-mb", "8", "--steps", "2", "--dir", str(tmp_path)
+    ).stdout
+    assert "sparse updates to 0.50% of the 4 KiB blocks" in out
     assert "and forward to 2 again: yes" in out
-    assert "rollback to 2" in out and "<- current" in out  # the history

@@ -58,7 +58,13 @@ def _line(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
 
 
 def _rest(proc: subprocess.Popen[str], timeout: float = 60.0) -> tuple[str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    """The rest of the watcher's output once it has exited. Read through the pipes'
+    text wrappers, not ``communicate``: a line the watcher wrote right after the one
+    :func:`_line` read may already sit in the wrapper's buffer, which ``communicate``
+    does not see (its output is small: waiting first cannot fill a pipe)."""
+    proc.wait(timeout=timeout)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err
     return out, err
 

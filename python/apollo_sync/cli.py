@@ -270,6 +270,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         fraction=args.fraction,
         workdir=args.dir,
         block_size=args.block_size,
+        mode=args.mode,
+        optimizer=args.optimizer,
+        lr=args.lr,
     )
 
 
@@ -455,13 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_diagnose)
 
     m = sub.add_parser("demo", help="run the whole job on a generated model (no GPU needed)")
-    m.add_argument("--size-mb", type=int, default=256, help="model size (default 256 MB)")
-    m.add_argument("--steps", type=int, default=3, help="training-like steps (default 3)")
+    m.add_argument("--size-mb", type=int, default=64, help="model size (default 64 MB)")
+    m.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
+    m.add_argument(
+        "--mode",
+        choices=("train", "sparse"),
+        default="train",
+        help="train: real optimizer steps of a transformers model on the live weights "
+        "(default); sparse: change one element in --fraction of the 4 KiB blocks",
+    )
+    m.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default adamw)")
+    m.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
     m.add_argument(
         "--fraction",
         type=float,
         default=0.005,
-        help="fraction of 4 KiB blocks each step changes (default 0.005)",
+        help="--mode sparse: fraction of 4 KiB blocks each step changes (default 0.005)",
     )
     m.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     m.add_argument(
@@ -476,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except (ApolloSyncError, OSError, TypeError, ValueError) as e:
+    except (ApolloSyncError, ImportError, OSError, TypeError, ValueError) as e:
         if args.verbose:
             traceback.print_exc()
         msg = str(e).strip() or type(e).__name__

@@ -1,11 +1,16 @@
 """``apollo-sync demo``: the main job, end to end, on a generated model.
 
-A producer process generates nothing itself: it loads the model files, holds the
-weights in vLLM's merged layout (``qkv_proj``, ``gate_up_proj``, ``language_model.``
-prefixes) in shared memory, exports handles, and applies sparse training-like
-updates when told to. This process syncs after each update through the handles,
-checks the files against the live weights with ``safetensors``, and prints a
-summary. No GPU is needed.
+The model is a small ``LlamaForCausalLM`` checkpoint (sharded safetensors, index,
+``config.json``) that ``transformers`` loads. A producer process loads its files,
+holds the weights in vLLM's merged layout (``qkv_proj``, ``gate_up_proj``,
+``language_model.`` prefixes) in shared memory, exports handles, and then trains:
+a transformers model built on :func:`apollo_sync.hf_views` of those tensors, so
+that each optimizer step (AdamW by default, in place in bf16) changes the memory
+it exported. This process syncs after each step through the handles, counts the
+elements and blocks that changed, checks the files against the live weights with
+``safetensors``, prints a table, and rolls back several generations and forward
+again. No GPU is needed. ``--mode sparse`` (the producer's default, which tests
+use) replaces training by sparse updates to a fraction of the blocks.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,26 +33,42 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from apollo_sync import journal as gens
+from apollo_sync.errors import LayoutError
 from apollo_sync.handles import export_handles, load_handles
+from apollo_sync.hf_views import hf_views
 from apollo_sync.model_dir import ModelDir
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import SyncResult, sync
-from apollo_sync.verify import mismatches
+from apollo_sync.verify import changed_elements, mismatches
 
 BLOCK = 4096
+MODES = ("train", "sparse")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+#: (hidden size, attention heads, key/value heads) of the shapes the demo model
+#: may take, largest first; the head size is 128, and the intermediate size and
+#: the vocabulary grow with the hidden size as in Llama/Qwen models.
+SHAPES = ((1024, 8, 2), (768, 6, 2), (512, 4, 1), (256, 2, 1))
 
 
 def demo_config(size_mb: int) -> dict[str, int]:
-    """A small Llama/Qwen-shaped config whose bf16 weights weigh about ``size_mb``."""
-    hidden, inter, vocab = 1024, 2816, 16384
-    heads, kv_heads, head_dim = 8, 2, 128
-    per_layer = (
-        hidden * heads * head_dim * 2
-        + hidden * kv_heads * head_dim * 2
-        + 3 * hidden * inter
-        + 2 * hidden
-    ) * 2
-    fixed = (2 * vocab * hidden + hidden) * 2
+    """A small Llama/Qwen-shaped config whose bf16 weights weigh about ``size_mb``:
+    the widest shape of :data:`SHAPES` that fits two layers in ``size_mb``, with as
+    many layers as fit (at least one)."""
+    for hidden, heads, kv_heads in SHAPES:
+        head_dim = 128
+        inter = hidden * 11 // 4
+        vocab = hidden * 16
+        per_layer = (
+            hidden * heads * head_dim * 2
+            + hidden * kv_heads * head_dim * 2
+            + 3 * hidden * inter
+            + 2 * hidden
+        ) * 2
+        fixed = (2 * vocab * hidden + hidden) * 2
+        if fixed + 2 * per_layer <= size_mb * 1e6:
+            break
     layers = max(1, round((size_mb * 1e6 - fixed) / per_layer))
     return {
         "hidden_size": hidden,
@@ -55,6 +78,25 @@ def demo_config(size_mb: int) -> dict[str, int]:
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "num_hidden_layers": layers,
+    }
+
+
+def hf_config(cfg: dict[str, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """The ``config.json`` of a ``LlamaForCausalLM`` with the dimensions ``cfg``
+    (what ``AutoModelForCausalLM.from_pretrained`` needs to load the demo model)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **cfg,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -107,7 +149,7 @@ def make_demo_model(
     (root / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )
-    (root / "config.json").write_text(json.dumps({"model_type": "llama", **cfg}, indent=1))
+    (root / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=1))
     return root
 
 
@@ -153,12 +195,94 @@ def training_step(live: dict[str, torch.Tensor], fraction: float, gen: torch.Gen
     return blocks
 
 
+class Trainer:
+    """Real training on the live weights: a transformers model built on
+    :func:`apollo_sync.hf_views` of ``live``, so that its parameters are views into
+    the tensors the producer exported, and a torch optimizer that steps them in
+    place, in their own dtype, on batches of random tokens. Each optimizer step
+    writes into the memory a consumer syncs from."""
+
+    def __init__(
+        self,
+        live: dict[str, torch.Tensor],
+        model_dir: Path,
+        *,
+        optimizer: str = "adamw",
+        lr: float = 1e-5,
+        seed: int = 1,
+        batch: int = 2,
+        seq_len: int = 32,
+    ) -> None:
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as e:
+            raise ImportError(
+                "the demo's training needs transformers (pip install 'transformers>=5'); "
+                "--mode sparse runs without it"
+            ) from e
+        first = next(iter(live.values()))
+        config: Any = AutoConfig.from_pretrained(model_dir)
+        torch.manual_seed(seed)  # the initial weights are replaced by the views below
+        # transformers leaves from_config unannotated
+        model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=first.dtype
+        ).to(first.device)
+        views = hf_views(live, model_dir)
+        missing, unexpected = model.load_state_dict(views, strict=False, assign=True)
+        if missing or unexpected:
+            raise LayoutError(
+                f"{model_dir}: the views do not cover the model: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        storages = {t.untyped_storage().data_ptr() for t in live.values()}
+        copies = [
+            n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in storages
+        ]
+        if copies:
+            raise LayoutError(f"parameters that are not views into the live tensors: {copies}")
+        model.train()
+        params = list(model.parameters())
+        if optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr)
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r} (adamw, sgd)")
+        self.model = model
+        self.vocab = int(config.vocab_size)
+        self.shape = (batch, seq_len)
+        self.device = first.device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def step(self, counter: StepCounter | None = None) -> float:
+        """One forward, backward and optimizer step; returns the loss. The step
+        counter marks only the optimizer step: nothing else writes the weights."""
+        ids = torch.randint(self.vocab, self.shape, generator=self.gen).to(self.device)
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        with counter.step() if counter is not None else contextlib.nullcontext():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
 def producer_main(argv: list[str] | None = None) -> int:
     """Holds live weights in shared memory and steps them on request (stdin)."""
     ap = argparse.ArgumentParser(prog="apollo_sync.demo producer")
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--handles", type=Path, required=True)
+    ap.add_argument(
+        "--mode",
+        choices=MODES,
+        default="sparse",
+        help="train: optimizer steps of a transformers model on the live weights; "
+        "sparse: add 0.25 to one element in --fraction of the 4 KiB blocks",
+    )
     ap.add_argument("--fraction", type=float, default=0.005)
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--batch", type=int, default=2, help="sequences per training step")
+    ap.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where the live weights live (cpu, cuda)")
     ap.add_argument(
@@ -170,6 +294,20 @@ def producer_main(argv: list[str] | None = None) -> int:
     export_handles(
         live, args.handles, metadata={"model_path": str(args.model_dir)}, step_counter=counter
     )
+    # built after the export, on the exported tensors: the parameters are that memory
+    trainer = (
+        Trainer(
+            live,
+            args.model_dir,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            seed=args.seed,
+            batch=args.batch,
+            seq_len=args.seq_len,
+        )
+        if args.mode == "train"
+        else None
+    )
     gen = torch.Generator().manual_seed(args.seed)
     print(json.dumps({"ready": len(live)}), flush=True)
     try:
@@ -177,7 +315,9 @@ def producer_main(argv: list[str] | None = None) -> int:
             cmd = line.split()
             if not cmd or cmd[0] == "quit":
                 break
-            if cmd[0] == "step":
+            if cmd[0] == "step" and trainer is not None:
+                print(json.dumps({"loss": trainer.step(counter)}), flush=True)
+            elif cmd[0] == "step":
                 fraction = float(cmd[1]) if len(cmd) > 1 else args.fraction
                 with counter.step() if counter is not None else contextlib.nullcontext():
                     blocks = training_step(live, fraction, gen)
@@ -190,7 +330,8 @@ def producer_main(argv: list[str] | None = None) -> int:
 
 
 class Producer:
-    """A producer subprocess (see :func:`producer_main`)."""
+    """A producer subprocess (see :func:`producer_main`): ``mode="sparse"`` (the
+    default) applies sparse updates, ``mode="train"`` real optimizer steps."""
 
     def __init__(
         self,
@@ -201,6 +342,9 @@ class Producer:
         seed: int = 1,
         device: str = "cpu",
         step_counter: bool = False,
+        mode: str = "sparse",
+        optimizer: str = "adamw",
+        lr: float = 1e-5,
     ) -> None:
         self.proc = subprocess.Popen(
             [
@@ -211,8 +355,14 @@ class Producer:
                 str(model_dir),
                 "--handles",
                 str(handles),
+                "--mode",
+                mode,
                 "--fraction",
                 str(fraction),
+                "--optimizer",
+                optimizer,
+                "--lr",
+                str(lr),
                 "--seed",
                 str(seed),
                 "--device",
@@ -224,7 +374,13 @@ class Producer:
             text=True,
         )
         self.handles = handles
-        self._read()
+        #: The producer's reply to the last step: ``{"blocks": n}`` for a sparse
+        #: step, ``{"loss": x}`` for a training step.
+        try:
+            self.reply: dict[str, Any] = self._read()
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> dict[str, Any]:
         out: IO[str] | None = self.proc.stdout
@@ -235,10 +391,13 @@ class Producer:
         return reply
 
     def step(self, fraction: float | None = None) -> int:
+        """Steps the weights; returns how many blocks a sparse step touched (0 for
+        a training step: see :attr:`reply`)."""
         assert self.proc.stdin
         self.proc.stdin.write("step" + (f" {fraction}" if fraction is not None else "") + "\n")
         self.proc.stdin.flush()
-        return int(self._read()["blocks"])
+        self.reply = self._read()
+        return int(self.reply.get("blocks", 0))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -253,8 +412,10 @@ class Producer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -263,48 +424,122 @@ class Producer:
         self.close()
 
 
+@dataclass(frozen=True)
+class Row:
+    """One sync of the demo, as its table shows it."""
+
+    label: str
+    loss: float | None
+    elements: tuple[int, int]  # changed, compared
+    blocks: tuple[int, int]  # changed, holding tensor data
+    result: SyncResult
+    ok: bool
+
+
 def run_demo(
     *,
-    size_mb: int = 256,
-    steps: int = 3,
+    size_mb: int = 64,
+    steps: int = 5,
     fraction: float = 0.005,
     workdir: Path | None = None,
     block_size: int = BLOCK,
+    mode: str = "train",
+    optimizer: str = "adamw",
+    lr: float = 1e-5,
 ) -> int:
-    """Generates a model, starts a producer, syncs after each update, verifies, summarizes."""
+    """Generates a model, starts a producer, syncs after each step, verifies,
+    summarizes, rolls back to the first step's generation and forward again."""
+    if mode == "train" and importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            "the demo's training needs transformers (pip install 'transformers>=5'); "
+            "--mode sparse runs without it"
+        )
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="apollo-sync-demo-")
         workdir = Path(tmp.name)
     try:
         model = workdir / "model"
+        cfg = demo_config(size_mb)
         print(f"generating a {size_mb} MB bf16 model in {model} ...", file=sys.stderr)
         make_demo_model(model, size_mb)
         os.sync()  # so the disk column counts the syncs, not the model's first writeback
+        model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        # A training step rewrites nearly every block, so each generation's undo data
+        # is about the model's size, and the default budget (a tenth of the model)
+        # would prune the rollback points the check below rolls back through.
+        # TODO: drop this once the XOR-delta log makes the default budget enough.
+        undo_budget = 2 * model_bytes * max(1, steps)
         handles = workdir / "handles" / "weight_handles.pt"
-        rows: list[tuple[str, int, SyncResult, bool]] = []
+        rows: list[Row] = []
         digests: dict[int, str] = {}  # generation -> sha256 of the shards
-        with Producer(model, handles, fraction=fraction) as prod:
+        if mode == "train":
+            what = f"{optimizer} (lr {lr:g}) steps of LlamaForCausalLM on random tokens"
+        else:
+            what = f"sparse updates to {fraction:.2%} of the 4 KiB blocks"
+        print(
+            f"{cfg['num_hidden_layers']}-layer Llama, hidden {cfg['hidden_size']}, "
+            f"{model_bytes / 1e6:.0f} MB bf16; the producer applies {what}, in place in "
+            "the shared memory this process syncs from"
+        )
+        # where the engine counts changed elements itself, its count is used; until
+        # then a pass over the files before each sync counts them here
+        engine_counts = any(f.name == "elements_changed" for f in fields(SyncResult))
+        with Producer(
+            model, handles, fraction=fraction, mode=mode, optimizer=optimizer, lr=lr
+        ) as prod:
             for step in range(steps + 1):
-                touched = prod.step() if step else 0
+                loss = None
+                if step:
+                    prod.step()
+                    loss = prod.reply.get("loss")
                 label = f"step {step}" if step else "initial"
                 with load_handles(handles) as h:
-                    result = sync(handles=h, block_size=block_size, progress=sys.stderr.isatty())
+                    md = ModelDir.open(model)
+                    # the files still hold the previous generation: count what differs
+                    elements = (0, 0) if engine_counts else changed_elements(md, h.tensors)
+                    result = sync(
+                        handles=h,
+                        block_size=block_size,
+                        progress=sys.stderr.isatty(),
+                        undo_budget=undo_budget,
+                    )
                     ok = not mismatches(ModelDir.open(model), h.tensors)
-                rows.append((label, touched, result, ok))
+                if engine_counts:
+                    numel = sum(math.prod(t.shape) for t in md.tensors.values())
+                    elements = (getattr(result, "elements_changed", 0), numel)
+                blocks = (
+                    sum(f.blocks_changed for f in result.files),
+                    _data_blocks(md, block_size),
+                )
+                rows.append(Row(label, loss, elements, blocks, result, ok))
                 if result.generation is not None:
                     digests[result.generation] = _shards_digest(model)
                 print(
-                    f"{label}: {result.total_changed / 1e6:.2f} MB changed, "
-                    f"verified={'yes' if ok else 'NO'}",
+                    f"{label}: {_pct(*elements)} of the elements and {_pct(*blocks)} of the "
+                    f"blocks changed, verified={'yes' if ok else 'NO'}",
                     file=sys.stderr,
                 )
-        _summary(rows)
+        _summary(rows, block_size)
+        if mode == "train" and len(rows) > 1:
+            print(
+                "(the blocks that stay are mostly the embedding's: only the rows of tokens "
+                "in a step's batch get a gradient)"
+            )
         rolled = _rollback_check(model, digests)
-        return 0 if rolled and all(ok for *_, ok in rows) else 1
+        return 0 if rolled and all(r.ok for r in rows) else 1
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _data_blocks(md: ModelDir, block_size: int) -> int:
+    """How many ``block_size`` blocks of the shards hold tensor data."""
+    return sum(-(-h.file_len // block_size) - h.data_start // block_size for h in md.headers)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "-"
 
 
 def _shards_digest(model: Path) -> str:
@@ -337,45 +572,63 @@ def _rollback_check(model: Path, digests: dict[int, str]) -> bool:
     return ok_back and ok_forward
 
 
-def _summary(rows: list[tuple[str, int, SyncResult, bool]]) -> None:
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _summary(rows: list[Row], block_size: int) -> None:
+    # the engine's element-level XOR-delta log reports log_bytes; until then, the
+    # undo journal's bytes are what a sync keeps to roll back
+    log = any(getattr(r.result, "log_bytes", None) is not None for r in rows)
+    blocks = f"{block_size // 1024} KiB" if block_size % 1024 == 0 else f"{block_size} B"
     head = (
         "sync",
-        "blocks hit",
-        "compared",
-        "changed",
+        "loss",
+        "elements changed",
+        f"{blocks} blocks changed",
         "written",
+        "log" if log else "undo journal",
         "disk writes",
         "time",
-        "GB/s",
         "generation",
         "files == live",
     )
     table = [head]
-    for label, touched, r, ok in rows:
+    for row in rows:
+        r = row.result
+        kept = getattr(r, "log_bytes", None)
         table.append(
             (
-                label,
-                str(touched),
-                f"{r.total_compared / 1e6:.1f} MB",
-                f"{r.total_changed / 1e6:.3f} MB",
-                f"{r.bytes_written / 1e6:.3f} MB",
-                "n/a" if r.disk_bytes_written is None else f"{r.disk_bytes_written / 1e6:.3f} MB",
-                f"{r.seconds:.3f} s",
-                f"{r.gb_per_s:.2f}",
+                row.label,
+                "-" if row.loss is None else f"{row.loss:.3f}",
+                f"{row.elements[0]:,} ({_pct(*row.elements)})",
+                _pct(*row.blocks),
+                _mb(r.bytes_written),
+                _mb(r.bytes_journaled if kept is None else kept),
+                _mb(r.disk_bytes_written),
+                f"{r.seconds:.2f} s",
                 "-" if r.generation is None else str(r.generation),
-                "yes" if ok else "NO",
+                "yes" if row.ok else "NO",
             )
         )
     widths = [max(len(row[c]) for row in table) for c in range(len(head))]
-    for n, row in enumerate(table):
+    for n, line in enumerate(table):
         print(
             "  ".join(
                 cell.rjust(w) if c else cell.ljust(w)
-                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+                for c, (cell, w) in enumerate(zip(line, widths, strict=True))
             )
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    stepped = rows[1:]
+    if stepped:
+        el = sorted(100 * r.elements[0] / max(1, r.elements[1]) for r in stepped)
+        bl = sorted(100 * r.blocks[0] / max(1, r.blocks[1]) for r in stepped)
+        print(
+            f"\neach step changed {el[0]:.2f}-{el[-1]:.2f}% of the elements, "
+            f"but {bl[0]:.1f}-{bl[-1]:.1f}% of the {blocks} blocks"
+        )
 
 
 if __name__ == "__main__":
