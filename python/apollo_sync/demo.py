@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -465,11 +465,6 @@ def run_demo(
         make_demo_model(model, size_mb)
         os.sync()  # so the disk column counts the syncs, not the model's first writeback
         model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-        # A training step rewrites nearly every block, so each generation's undo data
-        # is about the model's size, and the default budget (a tenth of the model)
-        # would prune the rollback points the check below rolls back through.
-        # TODO: drop this once the XOR-delta log makes the default budget enough.
-        undo_budget = 2 * model_bytes * max(1, steps)
         handles = workdir / "handles" / "weight_handles.pt"
         rows: list[Row] = []
         digests: dict[int, str] = {}  # generation -> sha256 of the shards
@@ -482,9 +477,6 @@ def run_demo(
             f"{model_bytes / 1e6:.0f} MB bf16; the producer applies {what}, in place in "
             "the shared memory this process syncs from"
         )
-        # where the engine counts changed elements itself, its count is used; until
-        # then a pass over the files before each sync counts them here
-        engine_counts = any(f.name == "elements_changed" for f in fields(SyncResult))
         with Producer(
             model, handles, fraction=fraction, mode=mode, optimizer=optimizer, lr=lr
         ) as prod:
@@ -496,18 +488,18 @@ def run_demo(
                 label = f"step {step}" if step else "initial"
                 with load_handles(handles) as h:
                     md = ModelDir.open(model)
-                    # the files still hold the previous generation: count what differs
-                    elements = (0, 0) if engine_counts else changed_elements(md, h.tensors)
-                    result = sync(
-                        handles=h,
-                        block_size=block_size,
-                        progress=sys.stderr.isatty(),
-                        undo_budget=undo_budget,
-                    )
+                    # the files still hold the previous generation: count what differs,
+                    # independently of the engine, to check the count its log keeps
+                    elements = changed_elements(md, h.tensors)
+                    result = sync(handles=h, block_size=block_size, progress=sys.stderr.isatty())
                     ok = not mismatches(ModelDir.open(model), h.tensors)
-                if engine_counts:
-                    numel = sum(math.prod(t.shape) for t in md.tensors.values())
-                    elements = (getattr(result, "elements_changed", 0), numel)
+                if result.elements_changed != elements[0]:
+                    print(
+                        f"{label}: the log counted {result.elements_changed:,} changed "
+                        f"elements, the files differed in {elements[0]:,}",
+                        file=sys.stderr,
+                    )
+                    ok = False
                 blocks = (
                     sum(f.blocks_changed for f in result.files),
                     _data_blocks(md, block_size),
@@ -577,9 +569,6 @@ def _mb(n: int | None) -> str:
 
 
 def _summary(rows: list[Row], block_size: int) -> None:
-    # the engine's element-level XOR-delta log reports log_bytes; until then, the
-    # undo journal's bytes are what a sync keeps to roll back
-    log = any(getattr(r.result, "log_bytes", None) is not None for r in rows)
     blocks = f"{block_size // 1024} KiB" if block_size % 1024 == 0 else f"{block_size} B"
     head = (
         "sync",
@@ -587,7 +576,7 @@ def _summary(rows: list[Row], block_size: int) -> None:
         "elements changed",
         f"{blocks} blocks changed",
         "written",
-        "log" if log else "undo journal",
+        "log",
         "disk writes",
         "time",
         "generation",
@@ -596,7 +585,6 @@ def _summary(rows: list[Row], block_size: int) -> None:
     table = [head]
     for row in rows:
         r = row.result
-        kept = getattr(r, "log_bytes", None)
         table.append(
             (
                 row.label,
@@ -604,7 +592,7 @@ def _summary(rows: list[Row], block_size: int) -> None:
                 f"{row.elements[0]:,} ({_pct(*row.elements)})",
                 _pct(*row.blocks),
                 _mb(r.bytes_written),
-                _mb(r.bytes_journaled if kept is None else kept),
+                _mb(r.log_bytes),
                 _mb(r.disk_bytes_written),
                 f"{r.seconds:.2f} s",
                 "-" if r.generation is None else str(r.generation),
