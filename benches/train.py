@@ -28,16 +28,16 @@ What it does:
    * **sync**: ``apollo_sync.sync(dir, tensors=model.state_dict())`` (journaled,
      ``--undo-budget`` / ``--keep`` / ``--threads`` passed through); its
      ``seconds``, ``total_changed``, ``disk_bytes_written`` (the block device's
-     counter; n/a on tmpfs/overlay), the log bytes (``result.log_bytes`` when the
-     engine has it, else ``result.bytes_journaled``, today's undo journal; the
-     table says which) and ``result.elements_changed`` when present, checked
-     against the floor's count (as its block count is checked against the sum of
-     ``files[].blocks_changed``);
+     counter; n/a on tmpfs/overlay), ``log_bytes`` and ``elements_changed``,
+     checked against the floor's count (as its block count is checked against the
+     sum of ``files[].blocks_changed``); then the background flush of the shards
+     is waited for, timed, and the disk's counter read again: what the disk
+     received for the sync in all (the log, then the changed blocks);
    * a fingerprint of the directory (blake2b of each shard) for the new generation.
 
 3. At the end of a run: one more floor pass, which must find no difference (the
    files equal the live weights); the rollback depth from ``apollo_sync.history``
-   (generations reachable: every later one keeps its undo data); a rollback to
+   (generations reachable: every later one keeps its log); a rollback to
    the deepest reachable generation, timed, and the shards' fingerprints checked
    against those recorded at that generation; a full rewrite,
    ``safetensors.torch.save_file`` of the same state dict to a file in the same
@@ -109,6 +109,8 @@ import torch
 import transformers
 
 import apollo_sync
+from apollo_sync.journal import Layout, wait_flushes
+from apollo_sync.sync import _disk_sectors_written
 
 BLOCK = 4096
 #: Floor chunk bytes: small on CPU (the buffers stay in cache), larger D2H copies on CUDA.
@@ -452,39 +454,16 @@ def fingerprint(model_dir: Path) -> dict[str, str]:
 
 
 def rollback_reach(model_dir: Path) -> tuple[int, int]:
-    """(current generation, deepest generation a rollback can reach).
-
-    ``apollo_sync.history`` returns a ``State`` today (``.generation``, ``.history``
-    of generations with ``.undo``); a later engine may return the sequence of
-    generations itself, each with ``log_bytes``. Generation M is reachable iff
-    every generation after it keeps its undo data (its log)."""
+    """(current generation, deepest generation a rollback can reach: every
+    generation after it keeps its log)."""
     h = apollo_sync.history(model_dir)
-    gens = list(getattr(h, "history", h))
-    by_number = {g.number: g for g in gens}
-    current = getattr(h, "generation", None)
-    if current is None:
-        current = max(by_number, default=0)
-
-    def kept(g: Any) -> bool:
-        return bool(g.undo) if hasattr(g, "undo") else bool(getattr(g, "log_bytes", 0))
-
-    deepest = current
-    while deepest > 0 and (g := by_number.get(deepest)) is not None and kept(g):
-        deepest -= 1
-    return current, deepest
+    points = h.rollback_points()
+    return h.generation, min(points, default=h.generation)
 
 
 # ---------------------------------------------------------------------------
 # One run: one optimizer, one learning rate
 # ---------------------------------------------------------------------------
-
-
-def log_bytes(result: Any) -> tuple[int | None, str]:
-    """The bytes the sync logged, and which field said so."""
-    value = getattr(result, "log_bytes", None)
-    if value is not None:
-        return value, "log_bytes"
-    return getattr(result, "bytes_journaled", None), "bytes_journaled"
 
 
 def sync_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -538,11 +517,19 @@ def run_one(
             t0 = time.perf_counter()
             dry = apollo_sync.sync(model_dir, tensors=tensors, dry_run=True, threads=args.threads)
             dry_wall = time.perf_counter() - t0
+            disk0 = _disk_sectors_written(model_dir)
             t0 = time.perf_counter()
             res = apollo_sync.sync(model_dir, tensors=tensors, **options)
             sync_wall = time.perf_counter() - t0
-            logged, log_field = log_bytes(res)
-            engine_elements = getattr(res, "elements_changed", None)
+            # the shards are flushed in the background after the sync returns: wait
+            # for it here, to count what the disk received in all
+            t0 = time.perf_counter()
+            flush_errors = wait_flushes(Layout(model_dir))
+            flush_s = time.perf_counter() - t0
+            disk1 = _disk_sectors_written(model_dir)
+            disk_total = None if disk0 is None or disk1 is None else (disk1 - disk0) * 512
+            logged, log_field = res.log_bytes, "log_bytes"
+            engine_elements = res.elements_changed
             engine_blocks = sum(f.blocks_changed for f in res.files)
             if res.generation is not None:
                 prints[res.generation] = fingerprint(model_dir)
@@ -560,6 +547,9 @@ def run_one(
                 "total_changed": res.total_changed,
                 "bytes_written": res.bytes_written,
                 "disk_bytes_written": res.disk_bytes_written,
+                "flush_s": flush_s,
+                "flush_errors": flush_errors,
+                "disk_bytes_with_flush": disk_total,
                 "log_bytes": logged,
                 "log_field": log_field,
                 "elements_changed_engine": engine_elements,
@@ -639,6 +629,13 @@ def full_rewrite(model_dir: Path, tensors: dict[str, torch.Tensor]) -> dict[str,
 # ---------------------------------------------------------------------------
 
 
+def _over(disk: int | None, changed: int, logged: int | None) -> str:
+    """Disk bytes beyond the log, per changed byte (1.00: exactly the changed blocks)."""
+    if disk is None or not changed:
+        return "n/a"
+    return f"{(disk - (logged or 0)) / changed:.2f}"
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
@@ -656,9 +653,10 @@ def print_run(run: dict[str, Any], device: str) -> None:
     print(f"\n### {run['optimizer']}, lr {run['lr']:g} (model {fmt_bytes(size)})\n")
     print(
         "| step | elements changed | blocks changed | floor s | dry-run s | sync s "
-        f"| sync/floor | log ({field}) | disk written | sync GB/s |"
+        f"| sync/floor | log ({field}) | disk in sync | flush s | disk with flush "
+        "| / changed | sync GB/s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fl = r["floor"]
         ratio = r["sync_s"] / fl["seconds"]
@@ -670,6 +668,8 @@ def print_run(run: dict[str, Any], device: str) -> None:
             f"| {100 * fl['blocks_changed'] / fl['blocks']:.2f}% "
             f"| {fl['seconds']:.3f} | {r['dry_run_s']:.3f} | {r['sync_s']:.3f} "
             f"| {ratio:.2f}{mark} | {log_text} | {fmt_bytes(r['disk_bytes_written'])} "
+            f"| {r['flush_s']:.3f} | {fmt_bytes(r['disk_bytes_with_flush'])} "
+            f"| {_over(r['disk_bytes_with_flush'], r['total_changed'], r['log_bytes'])} "
             f"| {r['total_compared'] / r['sync_s'] / 1e9:.2f} |"
         )
     rb = run["rollback"]
