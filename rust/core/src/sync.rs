@@ -953,8 +953,11 @@ impl Drop for Committer {
     }
 }
 
-/// A log barrier, then the batch's in-place writes in file order from
-/// [`io_threads`] threads.
+/// A log barrier, then the batch's in-place writes in file order. Direct
+/// writes go out from [`IO_THREADS`] threads, run by run; writes through the
+/// page cache from one thread per shard (writes to one file serialize on its
+/// inode lock, so more threads on one file only wait for each other, but
+/// shards write in parallel).
 fn commit_batch(
     shards: &[Shard],
     log: &DeltaLog,
@@ -963,21 +966,28 @@ fn commit_batch(
 ) -> Result<()> {
     log.barrier()?;
     runs.sort_unstable_by_key(|r| (r.shard, r.offset));
+    let groups: Vec<&[WriteReq<'static>]> = if io_threads(shards) == CACHED_IO_THREADS {
+        runs.chunk_by(|a, b| a.shard == b.shard).collect()
+    } else {
+        runs.chunks(1).collect()
+    };
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let failed: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..io_threads(shards).min(runs.len()) {
+        for _ in 0..IO_THREADS.min(groups.len()) {
             scope.spawn(|| {
                 let mut staging = Staging::default();
                 while !abort.load(Ordering::Relaxed) {
-                    let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    let Some(group) = groups.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
-                    match writer_write(shards, r, &mut staging, stop) {
-                        None => return, // aborted
-                        Some(Err(e)) => fail(&failed, &abort, e),
-                        Some(Ok(())) => {}
+                    for r in group.iter() {
+                        match writer_write(shards, r, &mut staging, stop) {
+                            None => return, // aborted
+                            Some(Err(e)) => return fail(&failed, &abort, e),
+                            Some(Ok(())) => {}
+                        }
                     }
                 }
             });
