@@ -58,7 +58,12 @@ fn read_back(data: &[u8]) {
             assert_eq!(xor.len() as u64, r.head.len);
         }
     }
-    let _ = (log.elements(), log.is_committed(), log.generation(), log.kind());
+    let _ = (
+        log.elements(),
+        log.is_committed(),
+        log.generation(),
+        log.kind(),
+    );
 }
 
 /// `data` with valid checksums wherever its lengths let them be computed.
