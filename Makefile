@@ -3,7 +3,7 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-rust test-python lint bench bench-rust demo wheel
+.PHONY: help install test test-rust test-python lint bench bench-rust demo wheel fuzz
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,12 @@ lint: ## cargo fmt, clippy -D warnings, ruff, mypy, stubtest of the compiled mod
 
 demo: install ## the main job on a generated model: a producer trains, syncs, checks, rollback
 	$(PY) -m apollo_sync demo
+
+FUZZ_SECONDS ?= 180
+fuzz: ## fuzz the log reader and the delta codec, FUZZ_SECONDS each (nightly + cargo-fuzz; not in test)
+	cd rust/core && cargo +nightly run -q --manifest-path fuzz/Cargo.toml --example seeds -- fuzz/corpus
+	cd rust/core && cargo +nightly fuzz run log_reader fuzz/corpus/log_reader -- -max_total_time=$(FUZZ_SECONDS)
+	cd rust/core && cargo +nightly fuzz run delta_codec fuzz/corpus/delta_codec -- -max_total_time=$(FUZZ_SECONDS)
 
 bench-rust: ## Criterion bench of the diff kernel (GB/s against memcmp)
 	cargo bench -p apollo_sync_core --bench diff

@@ -314,6 +314,9 @@ impl DeltaHead {
         if h.offset % UNIT as u64 != 0 || h.len == 0 || h.len > MAX_RECORD_LEN {
             return Err(format!("delta record at {} of {} bytes", h.offset, h.len));
         }
+        if h.elements > h.len.div_ceil(h.width as u64) {
+            return Err("delta record with more changed elements than its run holds".into());
+        }
         if h.units as u64 != h.len.div_ceil(UNIT as u64) {
             return Err("delta record's unit count disagrees with its length".into());
         }
@@ -434,5 +437,28 @@ mod tests {
         assert!(DeltaHead::decode(&misaligned.encode(), body_len).is_err());
         let bad_units = DeltaHead { units: 2, ..h };
         assert!(DeltaHead::decode(&bad_units.encode(), body_len - 8).is_err());
+    }
+
+    /// Found by the `log_reader` fuzz target: two records claiming 2^63
+    /// changed elements each overflowed `LogFile::elements`.
+    #[test]
+    fn delta_head_refuses_more_elements_than_its_run_holds() {
+        let h = DeltaHead {
+            shard: 0,
+            width: 2,
+            codec: CODEC_DELTA,
+            offset: 0,
+            len: 4096 + 3,
+            elements: 2050, // ceil(4099 / 2)
+            old_hash: 0,
+            payload_len: 4,
+            units: 2,
+        };
+        let body_len = (DELTA_HEAD + 16 + 4) as u64;
+        assert!(DeltaHead::decode(&h.encode(), body_len).is_ok());
+        for elements in [2051, 1 << 63] {
+            let bad = DeltaHead { elements, ..h };
+            assert!(DeltaHead::decode(&bad.encode(), body_len).is_err());
+        }
     }
 }

@@ -124,10 +124,11 @@ impl LogFile {
                         ));
                     }
                     let shard_len = self.header.shards[head.shard as usize].file_len;
-                    if head.offset + head.len > shard_len
-                        || (head.len % format::UNIT as u64 != 0
-                            && head.offset + head.len != shard_len)
-                    {
+                    let fits = head.offset.checked_add(head.len).is_some_and(|end| {
+                        end <= shard_len
+                            && (head.len % format::UNIT as u64 == 0 || end == shard_len)
+                    });
+                    if !fits {
                         return Err(damaged(
                             &self.path,
                             format!("record at byte {pos} does not fit its shard"),
@@ -300,5 +301,62 @@ impl LogFile {
                 )
             })?;
         Ok(xor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::format::{DeltaHead, CODEC_DELTA};
+    use crate::log::writer::RecordParts;
+    use crate::log::{DeltaLog, LogSpec};
+
+    /// A committed log of one record at `offset` (one unit, no change) in a
+    /// shard of 8 KiB.
+    fn log_with_record_at(dir: &Path, offset: u64) -> PathBuf {
+        let path = dir.join("1.xlog");
+        let shard = ShardBinding {
+            name: "m.safetensors".into(),
+            file_len: 8192,
+            data_start: 64,
+            header_hash: 0,
+        };
+        let spec = LogSpec {
+            path: path.clone(),
+            generation: 1,
+            kind: Kind::Sync,
+        };
+        let log = DeltaLog::new(spec, vec![shard]);
+        let payload = [crate::delta::VERSION, 0, 0, 0];
+        let head = DeltaHead {
+            shard: 0,
+            width: 2,
+            codec: CODEC_DELTA,
+            offset,
+            len: 4096,
+            elements: 0,
+            old_hash: 0,
+            payload_len: payload.len() as u32,
+            units: 1,
+        };
+        log.append(RecordParts {
+            head,
+            unit_hashes: &[0],
+            payload: &payload,
+        })
+        .unwrap();
+        log.commit(b"{}").unwrap();
+        path
+    }
+
+    #[test]
+    fn a_record_whose_end_overflows_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = log_with_record_at(dir.path(), 4096);
+        assert_eq!(LogFile::open(&ok).unwrap().records.len(), 1);
+        std::fs::remove_file(&ok).unwrap();
+        // offset + len wraps to 0, which "fits" a shard of any length.
+        let bad = log_with_record_at(dir.path(), u64::MAX - 4095);
+        assert!(matches!(LogFile::open(&bad), Err(Error::Log { .. })));
     }
 }
