@@ -498,6 +498,31 @@ mod tests {
         assert!(!open(&path).is_committed());
     }
 
+    #[test]
+    fn records_past_a_torn_piece_without_a_barrier_after_them_are_a_torn_tail() {
+        // Pieces of the log reach the disk in any order before a barrier: a later
+        // record can survive a power cut that lost an earlier one. Nothing acted
+        // on either, so this is a torn tail, not damage.
+        let dir = tempfile::tempdir().unwrap();
+        let a = bytes(100_000, 8);
+        let p = shard(dir.path(), &a);
+        let path = sync_gen(&p, &step(&a, 8), 1, false);
+        let log = open(&path);
+        let r = log.records[0];
+        let (start, end) = (
+            r.hashes_at as usize - super::format::FRAME - super::format::DELTA_HEAD,
+            (r.payload_at + r.head.payload_len as u64) as usize,
+        );
+        let mut raw = std::fs::read(&path).unwrap();
+        let valid = raw[start..end].to_vec();
+        raw.extend_from_slice(&[0u8; 100]); // the lost piece
+        raw.extend_from_slice(&valid); // a later piece that made it
+        std::fs::write(&path, &raw).unwrap();
+        let l = open(&path);
+        assert_eq!(l.records.len(), log.records.len());
+        assert_eq!(l.torn_tail, 100 + valid.len() as u64);
+    }
+
     const FRAME_AND_COMMIT: usize = super::format::FRAME + super::format::COMMIT_HEAD;
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! Records are read in order until the first that does not check out. What
 //! follows it is a torn tail (written after the last barrier, so nothing
-//! acted on it) unless a valid record of this file lies further on: then the
-//! log is damaged inside, and it is refused whole.
+//! acted on it) unless a valid barrier or commit record of this file lies
+//! further on: then the log is damaged inside, and it is refused whole.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,8 +26,8 @@ pub struct RecordIndex {
     pub head: DeltaHead,
     /// The frame checksum (what the commit's records hash covers).
     pub checksum: u64,
-    hashes_at: u64,
-    payload_at: u64,
+    pub(crate) hashes_at: u64,
+    pub(crate) payload_at: u64,
 }
 
 impl RecordIndex {
@@ -101,7 +101,9 @@ impl LogFile {
             if let Some(at) = log.find_record_after(stop)? {
                 return Err(damaged(
                     path,
-                    format!("damaged record at byte {stop}, yet a valid one follows at {at}"),
+                    format!(
+                        "damaged record at byte {stop}, yet a barrier or commit follows at {at}"
+                    ),
                 ));
             }
         }
@@ -215,7 +217,10 @@ impl LogFile {
         Ok((h.digest() == frame.checksum).then_some((frame, end)))
     }
 
-    /// Where a record of this file that checks out starts after `from`, if any.
+    /// Where a barrier or commit record of this file that checks out starts
+    /// after `from`, if any: proof that the writer got past `from`. Delta
+    /// records alone prove nothing (pieces of the log reach the disk in any
+    /// order before a barrier).
     fn find_record_after(&self, from: u64) -> Result<Option<u64>> {
         let epoch = self.header.epoch.to_le_bytes();
         let mut buf = vec![0u8; READ_BYTES + 8];
@@ -227,7 +232,8 @@ impl LogFile {
             for i in 0..n.saturating_sub(15) {
                 if buf[i + 8..i + 16] == epoch {
                     let start = at + i as u64;
-                    if self.read_record(start, &mut body)?.is_some() {
+                    let found = self.read_record(start, &mut body)?;
+                    if found.is_some_and(|(f, _)| matches!(f.kind, TYPE_BARRIER | TYPE_COMMIT)) {
                         return Ok(Some(start));
                     }
                 }
