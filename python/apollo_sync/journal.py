@@ -394,8 +394,12 @@ def _from_format_1(layout: Layout, raw: dict[str, Any]) -> State:
     return State(generation=generation, checkpoint=generation, history=history)
 
 
-def save_state(layout: Layout, state: State) -> None:
-    """Replaces ``state.json`` atomically and durably."""
+def save_state(layout: Layout, state: State, *, durable: bool = True) -> None:
+    """Replaces ``state.json`` atomically: its new bytes are made durable before
+    the rename, so a power cut leaves the old file or the new one, whole.
+    ``durable`` also makes the rename itself durable (one more fsync); a commit
+    whose log holds the commit record does without it, since recovery rebuilds
+    the entry from the log."""
     layout.ensure()
     body = {
         "format": FORMAT,
@@ -403,7 +407,7 @@ def save_state(layout: Layout, state: State) -> None:
         "checkpoint": state.checkpoint,
         "history": [g.to_dict() for g in state.history],
     }
-    data = json.dumps(body, indent=1).encode()
+    data = json.dumps(body, separators=(",", ":")).encode()
     tmp = layout.state_path.with_suffix(".json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with open(fd, "wb") as f:  # write() loops over short writes; a full disk raises
@@ -414,7 +418,8 @@ def save_state(layout: Layout, state: State) -> None:
             raise OSError(f"{tmp}: short write of the state file")
     fault_point("state")
     os.replace(tmp, layout.state_path)
-    _fsync_dir(layout.meta)
+    if durable:
+        _fsync_dir(layout.meta)
     old = layout.meta / "undo"
     if old.is_dir():  # apollo_sync 0.1's journals, unreadable now (see load_state)
         shutil.rmtree(old, ignore_errors=True)
@@ -828,7 +833,7 @@ def commit_logged(
         rollback_to=rollback_to,
     )
     new = _with_generation(state, generation)
-    save_state(layout, new)
+    save_state(layout, new, durable=False)  # the commit record is the commit point
     return new, generation
 
 
