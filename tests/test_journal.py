@@ -704,3 +704,57 @@ def test_bad_input_still_changes_nothing_and_creates_no_state(model_factory: Fac
     with pytest.raises(LayoutError):
         apollo_sync.sync(root, live)
     assert dir_digest(root) == digest and not (root / ".apollo_sync").exists()
+
+
+# --- what readers can rely on ------------------------------------------------------------
+
+
+def test_reading_recovers_first_then_holds_syncs_off(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
+) -> None:
+    root, live_path, old, new = crash_case
+    p = run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": "write:2"})
+    assert p.returncode == -signal.SIGKILL
+    assert shards_digest(root) != old  # half written
+    live = load_file(str(live_path))
+    with apollo_sync.reading(root) as h:
+        assert shards_digest(root) == old and h.generation == h.checkpoint == 1
+        with pytest.raises(LockedError):  # no sync while a loader reads
+            apollo_sync.sync(root, live, lock_timeout=0.2)
+        assert shards_digest(root) == old
+        with apollo_sync.reading(root, lock_timeout=0.2):  # readers share
+            pass
+    assert apollo_sync.sync(root, live).generation == 2
+    assert shards_digest(root) == new
+
+
+def test_a_durable_sync_returns_with_the_shards_on_disk(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live, shards=2)
+    step(live, seed=1)
+    r = apollo_sync.sync(root, live, durable=True)
+    assert r.durable and r.generation == 1
+    assert gens.history(root).checkpoint == 1  # marked before it returned
+    step(live, seed=2)
+    r = apollo_sync.sync(root, live)
+    assert not r.durable and r.generation == 2
+
+
+def test_the_default_budget_keeps_ten_rollback_points_of_real_steps(
+    model_factory: Factory,
+) -> None:
+    """A training step moves a few percent of the elements (here 2%, with AdamW-
+    like magnitudes); the default keep and budget must leave at least ten
+    generations to roll back to."""
+    live = base()
+    root = model_factory(live)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        for t in live.values():
+            flat = t.view(-1)
+            idx = torch.randint(0, flat.numel(), (flat.numel() // 50,), generator=g)
+            flat[idx] = (flat[idx].float() * 1.01 + 1e-3).to(t.dtype)
+        apollo_sync.sync(root, live)
+    points = gens.history(root).rollback_points()
+    assert len(points) >= 10, points
+    gens.rollback(root, points[-1])

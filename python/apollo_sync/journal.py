@@ -722,10 +722,34 @@ def reading(
     ...     model = AutoModelForCausalLM.from_pretrained("/models/Qwen3-8B")
     """
     layout = Layout(model_dir)
+    with ModelLock(model_dir, lock_timeout, shared=True):
+        if not _needs_recovery(layout, lock_timeout):
+            yield history(model_dir)
+            return
     with ModelLock(model_dir, lock_timeout) as lock:
         recover_locked(layout)
         lock.downgrade()
         yield history(model_dir)
+
+
+def _needs_recovery(layout: Layout, wait: float) -> bool:
+    """Whether the files may not be one whole generation on disk: an uncommitted
+    log, or a checkpoint behind the last commit that does not catch up within
+    ``wait`` seconds (the writer's background flush, normally seconds)."""
+    if not layout.meta.is_dir():
+        return False
+    state = load_state(layout)
+    if any(n > state.generation for n in layout.logs()):
+        return True
+    deadline = time.monotonic() + wait
+    while checkpoint(layout, state) < state.generation:
+        if _pending_flush(layout):  # this process's own flush
+            wait_flushes(layout)
+            continue
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # ---------------------------------------------------------------------------
