@@ -406,3 +406,23 @@ def test_gil_is_released_during_sync(tmp_path: Path) -> None:
     assert reports[0].blocks_changed == 96
     assert np.array_equal(np.fromfile(path, dtype=np.uint8), live)
     assert during > 100, during
+
+
+def test_shards_take_turns_in_the_feed_each_in_file_order() -> None:
+    """The feed interleaves shards (so their writes run in parallel in the core)
+    but keeps each shard's tensors in offset order, which the core requires."""
+    from apollo_sync.live import LiveTensor
+    from apollo_sync.stream import Placement, interleave
+
+    def p(shard: int, offset: int, n: int) -> Placement:
+        return Placement(shard, offset, LiveTensor("t", "U8", (n,), np.zeros(n, np.uint8)))
+
+    plan = [p(0, o, 10) for o in range(0, 100, 10)] + [p(1, o, 30) for o in range(0, 90, 30)]
+    out = interleave(plan, 25)
+    assert sorted(out, key=lambda q: (q.shard, q.offset)) == plan  # nothing lost or doubled
+    for shard in (0, 1):
+        offsets = [q.offset for q in out if q.shard == shard]
+        assert offsets == sorted(offsets)
+    assert [q.shard for q in out[:5]] == [0, 0, 0, 1, 0]  # 25 bytes of each in turn
+    single = [p(0, o, 10) for o in range(0, 50, 10)]
+    assert interleave(single, 25) == single

@@ -61,7 +61,13 @@ from apollo_sync._core import (
     recover_logs,
     rollback_logs,
 )
-from apollo_sync.errors import ApolloSyncError, JournalError, LockedError, RollbackError
+from apollo_sync.errors import (
+    ApolloSyncError,
+    JournalError,
+    LockedError,
+    RollbackError,
+    ShardChangedError,
+)
 from apollo_sync.model_dir import ModelDir
 from apollo_sync.shards import check_shards
 
@@ -633,12 +639,19 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
                 f"{layout.root}: generations {missing} are not flushed and have no log; "
                 "cannot tell what the files hold"
             )
-        report = recover_logs(
-            layout.root,
-            [logs[n] for n in [*redo, *uncommitted]],
-            len(redo),
-            True,  # rewrite even what reads right: a failed writeback may have marked it clean
-        )
+        try:
+            report = recover_logs(
+                layout.root,
+                [logs[n] for n in [*redo, *uncommitted]],
+                len(redo),
+                True,  # rewrite even what reads right: a failed writeback may have marked it clean
+            )
+        except ShardChangedError as e:
+            e.add_note(
+                f"if the files were replaced on purpose, remove {layout.meta} to start a new "
+                "history (its rollback points are lost with it)"
+            )
+            raise
         if report.undecided:
             places = ", ".join(f"{f} at {o}" for f, o in report.undecided[:10])
             raise JournalError(
