@@ -486,7 +486,12 @@ def _run(
     t0 = time.perf_counter()
     bar = _progress_bar(total, options.progress)
     try:
-        stream_into(syncer, placements, progress=bar.update if bar else None)
+        stream_into(
+            syncer,
+            placements,
+            progress=bar.update if bar else None,
+            parallel_shards=log is not None,
+        )
         reports = syncer.finish()
     except BaseException:
         syncer.abort()  # nothing it queued is written once this returns
