@@ -186,6 +186,7 @@ def stream_into(
     batch_bytes: int = BATCH_BYTES,
     chunk_bytes: int = CHUNK_BYTES,
     depth: int = STAGING_DEPTH,
+    parallel_shards: bool = False,
 ) -> StreamStats:
     """Feeds every placement of ``plan`` (sorted by shard and offset) to ``syncer``;
     returns where the time went.
@@ -193,10 +194,14 @@ def stream_into(
     With CUDA tensors, this thread issues the copies into the ring and a feeder
     thread hands each completed buffer to the core (GIL released); a buffer is
     refilled only after the core has returned it. ``progress`` is called from the
-    feeder thread.
+    feeder thread. ``parallel_shards`` interleaves the shards (:func:`interleave`)
+    for a logged sync, whose batches write each shard from its own thread; without
+    a log the core flushes each shard once the feed has moved past it, which wants
+    the shards one after the other.
     """
     stats = StreamStats()
-    plan = interleave(plan, INTERLEAVE_BYTES)
+    if parallel_shards:
+        plan = interleave(plan, INTERLEAVE_BYTES)
     chunks = _chunks(plan, max(batch_bytes, chunk_bytes), chunk_bytes)
     cuda = [p.live for p in plan if p.live.is_cuda]
     if not cuda:
