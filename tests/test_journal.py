@@ -605,20 +605,43 @@ def test_a_dry_run_warns_of_a_pending_recovery(
 def test_a_damaged_log_is_reported_and_nothing_applied(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
-    root, live_path, old, _ = crash_case
-    p = run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": "write:3"})
+    """Generation 2 committed, its shards not yet flushed (killed in the
+    background flush): recovery needs its log, whose first record is damaged
+    (the commit after it proves the record had been durable)."""
+    root, live_path, _, new = crash_case
+    p = run_child(root, live_path, env={"APOLLO_SYNC_CRASH_AT": "flush:1"})
     assert p.returncode == -signal.SIGKILL
     log = gens.Layout(root).log_path(2)
     raw = bytearray(log.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
+    first = int.from_bytes(raw[12:16], "little")  # the header's length: the first record
+    raw[first + 40] ^= 0xFF
     log.write_bytes(bytes(raw))
-    torn = shards_digest(root)
-    assert torn != old
+    def files() -> dict[str, str]:  # all but the lock, which names its last holder
+        return {k: v for k, v in dir_digest(root).items() if not k.endswith("lock")}
+
+    before = files()
     with pytest.raises(JournalError, match="damaged record"):
         apollo_sync.recover(root)
-    assert shards_digest(root) == torn  # not half-applied
+    assert files() == before  # nothing applied, nothing deleted
     with pytest.raises(JournalError):  # and no sync goes on top of it
         apollo_sync.sync(root, load_file(str(live_path)))
+    assert shards_digest(root) == new
+
+
+def test_a_flush_after_a_failed_one_does_not_move_the_checkpoint(tmp_path: Path) -> None:
+    """The checkpoint cannot pass a generation that is not on disk: a flush whose
+    predecessor failed marks nothing and reports why."""
+    layout = gens.Layout(tmp_path)
+    layout.ensure()
+    failed = threading.Thread(target=lambda: None)
+    failed.start()
+    before = gens._Flush.__new__(gens._Flush)
+    before.number, before.error, before.thread = 2, OSError(5, "Input/output error"), failed
+    after = gens._Flush(layout, 3, [], before)
+    assert isinstance(after.wait(), OSError) and "generation 2" in str(after.error)
+    assert layout.flushed() == 0
+    ok = gens._Flush(layout, 4, [], None)
+    assert ok.wait() is None and layout.flushed() == 4
 
 
 def test_the_cli_recovers_lists_history_and_rolls_back(

@@ -85,6 +85,9 @@ DEFAULT_LOCK_TIMEOUT = 60.0
 #: (never dropped). The file is rewritten at every commit, so it must not grow
 #: with the number of syncs a training run makes.
 HISTORY_LIMIT = 256
+#: Seconds :func:`reading` waits for a writer's background flush to reach the
+#: checkpoint before it recovers instead.
+FLUSH_WAIT = 10.0
 #: The first bytes of a log file (docs/FORMAT.md).
 LOG_MAGIC = b"APSXLOG1"
 
@@ -464,9 +467,16 @@ class _Flush:
         self.thread.start()
 
     def _run(self) -> None:
-        if self._after is not None:
-            self._after.thread.join()
-            self._after = None
+        before, self._after = self._after, None
+        if before is not None:
+            before.thread.join()
+            if before.error is not None:
+                # the checkpoint cannot pass a generation that is not on disk:
+                # no marker, and the next call redoes both from the logs
+                self.error = OSError(
+                    f"generation {before.number} before it was not made durable ({before.error})"
+                )
+                return
         try:
             flush_files(self.paths)
             _touch_durably(self.layout.marker_path(self.number))
@@ -523,17 +533,19 @@ def _header_written(path: Path) -> bool:
     reported by the reader)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if len(head) < 16:
-        return False
+    if len(head) < 16 or head[:8] == bytes(8):
+        return False  # nothing, or a page lost before any barrier (it reads as zeros)
     if head[:8] != LOG_MAGIC:
         return True  # something else: the reader reports it
     return path.stat().st_size >= int.from_bytes(head[12:16], "little")
 
 
 def _pending_flush(layout: Layout) -> int:
-    """The newest generation this process is still flushing (0 if none)."""
+    """The newest generation this process is still flushing, and that has not
+    failed (0 if none)."""
     with _flush_lock:
-        return max((f.number for f in _flushes.get(_key(layout), [])), default=0)
+        mine = _flushes.get(_key(layout), [])
+        return max((f.number for f in mine if f.error is None), default=0)
 
 
 @atexit.register
@@ -624,21 +636,21 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
             save_state(layout, state)
         else:
             uncommitted.append(n)
-    pending = _pending_flush(layout)
-    if pending == state.generation and not warnings:
+    own = _pending_flush(layout) == state.generation and not warnings
+    if own:
         k = state.generation  # this process is flushing it: not a crash
     else:
         warnings += wait_flushes(layout)
         k = checkpoint(layout, state)
+    missing = [n for n in range(k + 1, state.generation + 1) if n not in logs]
+    if missing:
+        raise JournalError(
+            f"{layout.root}: generation(s) {missing} are not on disk yet and have no log; "
+            "cannot tell what the files hold"
+        )
     redo = [n for n in sorted(logs) if k < n <= state.generation]
     done = None
     if redo or uncommitted:
-        missing = [n for n in range(k + 1, state.generation + 1) if n not in logs]
-        if missing:
-            raise JournalError(
-                f"{layout.root}: generations {missing} are not flushed and have no log; "
-                "cannot tell what the files hold"
-            )
         try:
             report = recover_logs(
                 layout.root,
@@ -663,7 +675,7 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
         for n in uncommitted:
             fault_point("recover")
             logs[n].unlink()
-        if state.generation:
+        if state.generation and not own:  # else this process's flush marks it
             _touch_durably(layout.marker_path(state.generation))
         done = Recovered(
             generation=state.generation,
@@ -719,6 +731,7 @@ def recover(
     if not layout.meta.is_dir():
         return None
     with ModelLock(model_dir, lock_timeout):
+        wait_flushes(layout)  # this process's own: then the markers say what is on disk
         done, _ = recover_locked(layout)
         return done
 
@@ -736,7 +749,7 @@ def reading(
     """
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout, shared=True):
-        if not _needs_recovery(layout, lock_timeout):
+        if not _needs_recovery(layout, min(lock_timeout, FLUSH_WAIT)):
             yield history(model_dir)
             return
     with ModelLock(model_dir, lock_timeout) as lock:

@@ -523,6 +523,51 @@ mod tests {
         assert_eq!(l.torn_tail, 100 + valid.len() as u64);
     }
 
+    #[test]
+    fn a_lost_piece_is_damage_only_where_a_later_barrier_counts_it() {
+        // Before a barrier, a power cut may keep a later piece of the log and lose
+        // an earlier one; only a barrier counting the lost record (written after
+        // it was durable) or a commit makes the loss damage.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.xlog");
+        let binding = ShardBinding {
+            name: "m.safetensors".into(),
+            file_len: 1 << 20,
+            data_start: 0,
+            header_hash: 0,
+        };
+        let log = DeltaLog::new(
+            LogSpec {
+                path: path.clone(),
+                generation: 1,
+                kind: Kind::Sync,
+            },
+            vec![binding],
+        );
+        let mut enc = crate::log::Encoder::new();
+        let (old, new) = (vec![0u8; 4096], vec![1u8; 4096]);
+        let mut add = |at: u64| log.append_delta(&mut enc, 0, at, 2, &old, &new).unwrap();
+        add(0);
+        log.barrier().unwrap(); // B1 (counts 1) waits in the buffer
+        add(4096);
+        add(8192);
+        log.barrier().unwrap(); // writes B1, r2, r3; B2 (counts 3) waits
+        let full = std::fs::read(&path).unwrap();
+        let r = open(&path).records;
+        let r2 = r[1].hashes_at as usize - super::format::FRAME - super::format::DELTA_HEAD;
+        let mut lost = full.clone();
+        lost[r2..r2 + 200].fill(0); // r2's piece lost, r3's kept
+        std::fs::write(&path, &lost).unwrap();
+        let l = open(&path);
+        assert_eq!(l.records.len(), 1, "B1 counts r1 only: a torn tail");
+        add(12288);
+        log.barrier().unwrap(); // now B2, which counts r2, reaches the file
+        let mut damaged = std::fs::read(&path).unwrap();
+        damaged[r2..r2 + 200].fill(0);
+        std::fs::write(&path, &damaged).unwrap();
+        assert!(matches!(LogFile::open(&path), Err(Error::Log { .. })));
+    }
+
     const FRAME_AND_COMMIT: usize = super::format::FRAME + super::format::COMMIT_HEAD;
 
     #[test]

@@ -98,7 +98,7 @@ impl LogFile {
         let stop = log.scan(header_len)?;
         log.torn_tail = len - stop;
         if stop < len {
-            if let Some(at) = log.find_record_after(stop)? {
+            if let Some(at) = log.find_proof_after(stop, log.records.len() as u64)? {
                 return Err(damaged(
                     path,
                     format!(
@@ -147,7 +147,7 @@ impl LogFile {
                 }
                 TYPE_BARRIER if self.commit.is_none() => {
                     let said = (body.len() == 8).then(|| format::u64_at(&body, 0));
-                    if said != Some(self.records.len() as u64) {
+                    if !said.is_some_and(|n| n <= self.records.len() as u64) {
                         return Err(damaged(
                             &self.path,
                             format!("barrier at byte {pos} does not match the records before it"),
@@ -217,11 +217,12 @@ impl LogFile {
         Ok((h.digest() == frame.checksum).then_some((frame, end)))
     }
 
-    /// Where a barrier or commit record of this file that checks out starts
-    /// after `from`, if any: proof that the writer got past `from`. Delta
-    /// records alone prove nothing (pieces of the log reach the disk in any
-    /// order before a barrier).
-    fn find_record_after(&self, from: u64) -> Result<Option<u64>> {
+    /// Where a record of this file that checks out and proves the record at
+    /// `from` (the `index`-th) was durable starts, if any: a commit, or a
+    /// barrier counting more than `index` records (written only after those
+    /// were durable). Delta records alone prove nothing: pieces of the log
+    /// reach the disk in any order before a barrier.
+    fn find_proof_after(&self, from: u64, index: u64) -> Result<Option<u64>> {
         let epoch = self.header.epoch.to_le_bytes();
         let mut buf = vec![0u8; READ_BYTES + 8];
         let mut body = Vec::new();
@@ -232,8 +233,14 @@ impl LogFile {
             for i in 0..n.saturating_sub(15) {
                 if buf[i + 8..i + 16] == epoch {
                     let start = at + i as u64;
-                    let found = self.read_record(start, &mut body)?;
-                    if found.is_some_and(|(f, _)| matches!(f.kind, TYPE_BARRIER | TYPE_COMMIT)) {
+                    let proves = match self.read_record(start, &mut body)? {
+                        Some((f, _)) if f.kind == TYPE_COMMIT => true,
+                        Some((f, _)) if f.kind == TYPE_BARRIER && body.len() == 8 => {
+                            format::u64_at(&body, 0) > index
+                        }
+                        _ => false,
+                    };
+                    if proves {
                         return Ok(Some(start));
                     }
                 }

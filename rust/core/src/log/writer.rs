@@ -267,12 +267,6 @@ impl DeltaLog {
                 return Ok(false);
             }
             faults::reached("barrier").map_err(|e| Error::io(self.path(), "fsync log", e))?;
-            // A barrier record: damage to any record before it is then found,
-            // however late in the file (it would otherwise read as a torn tail).
-            let body = o.records.to_le_bytes();
-            let (frame, _) = format::frame(TYPE_BARRIER, self.header.epoch, &[&body]);
-            o.buf.extend_from_slice(&frame);
-            o.buf.extend_from_slice(&body);
             flush(self.path(), o)?;
             (o.file.clone(), o.records, !o.dir_synced)
         };
@@ -287,6 +281,14 @@ impl DeltaLog {
         if let Some(o) = self.lock().as_mut() {
             o.durable_records = o.durable_records.max(records);
             o.dir_synced = true;
+            // A barrier record, only now that its records are durable: it goes
+            // out with the next write, so one found on disk proves that the
+            // records before it (its count) were durable before it was written,
+            // and damage to any of them is damage, not a torn tail.
+            let body = records.to_le_bytes();
+            let (frame, _) = format::frame(TYPE_BARRIER, self.header.epoch, &[&body]);
+            o.buf.extend_from_slice(&frame);
+            o.buf.extend_from_slice(&body);
         }
         Ok(true)
     }
@@ -298,6 +300,9 @@ impl DeltaLog {
         if let Some(s) = *self.committed.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(s);
         }
+        // Records first, on their own: a commit on disk then proves them durable
+        // (a power cut may keep a later piece of a write and lose an earlier one).
+        self.barrier()?;
         let (file, stats, dir) = {
             let mut guard = self.lock();
             let Some(o) = guard.as_mut() else {
