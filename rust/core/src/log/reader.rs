@@ -147,7 +147,7 @@ impl LogFile {
                 }
                 TYPE_BARRIER if self.commit.is_none() => {
                     let said = (body.len() == 8).then(|| format::u64_at(&body, 0));
-                    if !said.is_some_and(|n| n <= self.records.len() as u64) {
+                    if said.is_none_or(|n| n > self.records.len() as u64) {
                         return Err(damaged(
                             &self.path,
                             format!("barrier at byte {pos} does not match the records before it"),
