@@ -616,6 +616,7 @@ def test_a_damaged_log_is_reported_and_nothing_applied(
     first = int.from_bytes(raw[12:16], "little")  # the header's length: the first record
     raw[first + 40] ^= 0xFF
     log.write_bytes(bytes(raw))
+
     def files() -> dict[str, str]:  # all but the lock, which names its last holder
         return {k: v for k, v in dir_digest(root).items() if not k.endswith("lock")}
 
