@@ -7,12 +7,15 @@
 //! - `APOLLO_SYNC_FAIL_AT=<point>:<n>:<errno>` makes that operation fail with
 //!   the OS error `<errno>` (e.g. 28 for `ENOSPC`, 5 for `EIO`) instead.
 //!
-//! Points: `journal` (appending an undo record), `barrier` (making the undo
-//! journal durable), `write` (an in-place write of changed blocks), `flush`
-//! (making a shard durable in the background while the sync goes on), `fsync`
-//! (making a written shard durable at the end of the sync), `undo` (restoring
-//! one record, in recovery or a rollback). The Python package adds its own
-//! (`commit`, `prune`). Unset, each point costs one relaxed atomic load.
+//! Points: `log` (appending a record to a generation's log), `barrier`
+//! (making the log durable before in-place writes), `write` (an in-place write
+//! of changed blocks), `commit` (appending the commit record), `flush` (making
+//! the shards durable, in a sync without a log while it goes on, or after a
+//! logged sync's commit), `fsync` (making a written shard durable at the end
+//! of a sync without a log, of a recovery or of a rollback), `apply` (writing
+//! one unit or run in recovery or a rollback). The Python package adds its own
+//! (`committed`: after the commit record, `state`, `prune`, `recover`). Unset,
+//! each point costs one relaxed atomic load.
 
 use std::collections::HashMap;
 use std::io;
