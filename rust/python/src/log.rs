@@ -55,6 +55,11 @@ impl From<&LogFile> for LogInfo {
     }
 }
 
+/// Reads and checks every log of `paths`, in order.
+fn open_all(paths: &[PathBuf]) -> apollo_sync_core::Result<Vec<LogFile>> {
+    paths.iter().map(|p| LogFile::open(p)).collect()
+}
+
 /// Reads and checks the log at `path`.
 #[pyfunction]
 pub fn read_log(py: Python<'_>, path: PathBuf) -> PyResult<LogInfo> {
@@ -138,10 +143,7 @@ pub fn recover_logs(
 ) -> PyResult<RecoverReport> {
     let r = py
         .detach(|| {
-            let logs = paths
-                .iter()
-                .map(|p| LogFile::open(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let logs = open_all(&paths)?;
             let refs: Vec<&LogFile> = logs.iter().collect();
             apply::recover(&model_dir, &refs, committed, force)
         })
@@ -177,10 +179,7 @@ pub fn rollback_logs(
 ) -> PyResult<(ApplyReport, LogWriter)> {
     let (r, out) = py
         .detach(|| {
-            let logs = paths
-                .iter()
-                .map(|p| LogFile::open(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let logs = open_all(&paths)?;
             let refs: Vec<&LogFile> = logs.iter().collect();
             let spec = LogSpec {
                 path: new_path,
