@@ -8,12 +8,12 @@ PIP = $(PY) -m pip install --disable-pip-version-check -q
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: ## install dependencies (torch only if missing) and build the package in place
+install: ## install dependencies (torch only if missing) and build the package in place (with the crash tests' fault injection; `make wheel` builds without it)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch>=2.4"
 	$(PIP) "maturin>=1.7,<2" "safetensors>=0.4" "numpy>=1.26" "tqdm>=4.66" typing_extensions \
 		"pytest>=8" "pytest-timeout>=2.3" "pytest-benchmark>=4" "ruff>=0.6" "mypy>=1.11" \
 		"transformers>=5"
-	$(PIP) --no-build-isolation --no-deps -e .
+	MATURIN_PEP517_ARGS="--features faults" $(PIP) --no-build-isolation --no-deps -e .
 
 test: install lint test-rust test-python ## everything: lints, Rust tests, Python tests
 

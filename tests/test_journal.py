@@ -42,6 +42,11 @@ from apollo_sync.stream import Placement
 from conftest import dir_digest, randn, write_model
 
 Factory = Callable[..., Path]
+#: Crash and error injection is compiled in by `make install` (the `faults` feature).
+needs_faults = pytest.mark.skipif(
+    not apollo_sync._core.FAULTS,
+    reason="this build has no fault injection (build with `make install`)",
+)
 
 
 def shards_digest(root: Path) -> dict[str, str]:
@@ -439,6 +444,7 @@ KILL_POINTS = {
 }
 
 
+@needs_faults
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_kill_at_any_point_recovers_to_one_generation(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str
@@ -492,6 +498,7 @@ def test_kills_at_random_instants_never_leave_a_mix(tmp_path: Path) -> None:
     print(f"random kills: {tried} tried, recovered to old {outcomes['old']}, new {outcomes['new']}")
 
 
+@needs_faults
 @pytest.mark.parametrize("point", ["log:2", "barrier:1", "apply:1", "apply:3", "fsync:1"])
 def test_a_kill_during_rollback_recovers_to_the_generation_before_it(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str
@@ -504,6 +511,7 @@ def test_a_kill_during_rollback_recovers_to_the_generation_before_it(
     assert shards_digest(root) == new and gens.history(root).generation == 2
 
 
+@needs_faults
 @pytest.mark.parametrize(
     ("point", "errno_"),
     [
@@ -526,6 +534,7 @@ def test_enospc_and_eio_leave_the_last_generation(
     assert sorted(gens.Layout(root).logs()) == [1]
 
 
+@needs_faults
 def test_a_failed_background_flush_is_reported_and_the_writes_redone(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -543,6 +552,7 @@ def test_a_failed_background_flush_is_reported_and_the_writes_redone(
     assert state.generation == state.checkpoint == 2
 
 
+@needs_faults
 def test_a_failed_state_write_after_the_commit_keeps_the_generation(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -556,6 +566,7 @@ def test_a_failed_state_write_after_the_commit_keeps_the_generation(
     assert gens.history(root).generation == 2 and shards_digest(root) == new
 
 
+@needs_faults
 def test_a_generation_whose_writes_never_reached_the_disk_is_rolled_forward(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -579,6 +590,7 @@ def test_a_generation_whose_writes_never_reached_the_disk_is_rolled_forward(
     assert shards_digest(root) == new
 
 
+@needs_faults
 def test_a_failed_prune_is_a_warning_and_the_generation_stays_committed(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -591,6 +603,7 @@ def test_a_failed_prune_is_a_warning_and_the_generation_stays_committed(
     assert sorted(gens.Layout(root).logs()) == [2]
 
 
+@needs_faults
 def test_a_dry_run_warns_of_a_pending_recovery(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -602,6 +615,7 @@ def test_a_dry_run_warns_of_a_pending_recovery(
     assert shards_digest(root) == torn  # a dry run changes nothing, recovery included
 
 
+@needs_faults
 def test_a_damaged_log_is_reported_and_nothing_applied(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -645,6 +659,7 @@ def test_a_flush_after_a_failed_one_does_not_move_the_checkpoint(tmp_path: Path)
     assert ok.wait() is None and layout.flushed() == 4
 
 
+@needs_faults
 def test_the_cli_recovers_lists_history_and_rolls_back(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:
@@ -733,6 +748,7 @@ def test_bad_input_still_changes_nothing_and_creates_no_state(model_factory: Fac
 # --- what readers can rely on ------------------------------------------------------------
 
 
+@needs_faults
 def test_reading_recovers_first_then_holds_syncs_off(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
 ) -> None:

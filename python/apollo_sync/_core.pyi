@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, final
 
 __all__ = [
+    "FAULTS",
     "HOLD_BYTES",
     "LOG_MIN_BLOCK",
     "MAX_BLOCK",
@@ -38,6 +39,7 @@ MIN_BLOCK: int
 MAX_BLOCK: int
 HOLD_BYTES: int
 LOG_MIN_BLOCK: int
+FAULTS: bool
 
 class ApolloSyncError(Exception): ...
 class HeaderError(ApolloSyncError): ...

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from apollo_sync._core import (
+    FAULTS,
     LogInfo,
     LogWriter,
     flush_files,
@@ -251,7 +252,10 @@ _fault_counts: dict[str, int] = {}
 def fault_point(point: str) -> None:
     """Kills the process, or raises the injected OSError, at the n-th time
     ``point`` is reached, as ``APOLLO_SYNC_CRASH_AT`` / ``APOLLO_SYNC_FAIL_AT``
-    ask. A no-op unless one of them is set."""
+    ask. A no-op unless one of them is set, and in a build without the core's
+    ``faults`` feature (a release wheel)."""
+    if not FAULTS:  # a build without the `faults` feature injects nothing
+        return
     crash = os.environ.get("APOLLO_SYNC_CRASH_AT")
     fail = os.environ.get("APOLLO_SYNC_FAIL_AT")
     if not crash and not fail:
