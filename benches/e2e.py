@@ -15,7 +15,7 @@ What it measures (all on the same data, files page-cached and already flushed):
   (``prefault``: a training loop's own tensors, or ``apollo-sync watch``): wall time
   of the call, bytes changed / written, device bytes (``ru_oublock``) and the block
   device's own counter ("disk"), peak anonymous memory (``RssAnon`` sampled by the
-  parent); with the undo journal (the default) and without it (``journal=False``),
+  parent); with the XOR-delta log (the default) and without it (``journal=False``),
   to measure what crash safety costs, and with ``O_DIRECT`` writes instead of
   page-cache ones (``direct_io=True``); each as the first sync into freshly cached
   files and as the *next* sync (another 0.5% of blocks changed after a first sync,
