@@ -284,13 +284,15 @@ impl<'a> Sink<'_, 'a> {
             Sink::Hold(log, held) => {
                 let n = log.append_delta(enc, shard as u32, offset, width as usize, old, new)?;
                 s.elements.fetch_add(n, Ordering::Relaxed);
-                let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
-                h.bytes += new.len();
-                h.runs.push(WriteReq {
+                // Copied before the lock: every diff worker holds runs here.
+                let run = WriteReq {
                     shard,
                     offset,
                     data: Cow::Owned(new.to_vec()),
-                });
+                };
+                let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
+                h.bytes += new.len();
+                h.runs.push(run);
                 Ok(())
             }
         }
