@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::format::{
-    self, CommitHead, DeltaHead, FileHeader, Kind, ShardBinding, CODEC_DELTA, FRAME, TYPE_BARRIER,
+    self, CommitHead, DeltaHead, FileHeader, Kind, ShardBinding, CODEC_DELTA, TYPE_BARRIER,
     TYPE_COMMIT, TYPE_DELTA, UNIT,
 };
 use crate::delta::Codec;
@@ -128,23 +128,11 @@ impl DeltaLog {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records appended so far.
-    pub fn records(&self) -> u64 {
-        self.lock().as_ref().map_or(0, |o| o.records)
-    }
-
     /// Each record appended so far, in file order.
     pub fn summaries(&self) -> Vec<RecordSummary> {
         self.lock()
             .as_ref()
             .map_or_else(Vec::new, |o| o.summaries.clone())
-    }
-
-    /// Bytes appended so far (written or buffered).
-    pub fn bytes(&self) -> u64 {
-        self.lock()
-            .as_ref()
-            .map_or(0, |o| o.written + o.buf.len() as u64)
     }
 
     /// Encodes the delta from `old` to `new` (the run at `offset` of shard
@@ -409,9 +397,4 @@ pub fn bind(path: &Path, data_start: u64) -> Result<ShardBinding> {
         data_start,
         header_hash: format::hash(&head),
     })
-}
-
-/// Frame size of a record with this many units and payload bytes.
-pub fn record_bytes(units: u32, payload: usize) -> usize {
-    FRAME + format::DELTA_HEAD + 8 * units as usize + payload
 }
