@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import traceback
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apollo_sync import journal as gens
+from apollo_sync import logconfig
 from apollo_sync.errors import ApolloSyncError
 from apollo_sync.sync import DEFAULT_BLOCK_SIZE, SyncResult
 
@@ -40,8 +42,7 @@ def print_result(r: SyncResult) -> None:
         f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
         f"{r.tensors_on_disk_only} on disk only"
     )
-    for w in r.warnings:
-        print(f"apollo-sync: warning: {w}", file=sys.stderr)
+    # r.warnings were logged by the sync (stderr, or JSON lines with --log-format json)
     if r.recovered:
         print(f"recovered      undid interrupted generation(s) {r.recovered} first")
     if r.generation is not None:
@@ -101,22 +102,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from apollo_sync.errors import TornSyncError
     from apollo_sync.watch import watch
 
-    stop = threading.Event()
-    # SIGTERM (a service manager stopping it): finish the sync in progress, then stop
+    stop, reload = threading.Event(), threading.Event()
+    # SIGTERM (a service manager stopping it): finish the sync in progress, then stop;
+    # SIGHUP (systemctl reload): open the handles again
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    def torn(e: TornSyncError) -> None:
-        print(f"apollo-sync: warning: {e}; syncing again after the next step", file=sys.stderr)
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
 
     def report(r: SyncResult) -> None:
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
             return
-        for w in r.warnings:
-            print(f"apollo-sync: warning: {w}", file=sys.stderr)
+        if args.log_format == "json":
+            return  # each sync is a JSON log record (apollo_sync.sync) already
         stamp = time.strftime("%H:%M:%S")
         if r.generation is None:
             print(f"{stamp}  no change ({r.seconds:.2f} s)", flush=True)
@@ -134,8 +133,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         interval=args.interval,
         count=args.count,
         stop=stop,
+        reload=reload,
         on_sync=report,
-        on_torn=torn,
         block_size=args.block_size,
         direct_io=args.direct_io,
         threads=args.threads,
@@ -146,11 +145,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         lock_timeout=args.lock_timeout,
         durable=args.durable,
     )
-    for w in summary.warnings:
-        print(f"apollo-sync: warning: {w}", file=sys.stderr)
-    if args.json:
+    if args.json:  # summary.warnings were logged by watch
         print(json.dumps({"stopped": summary.reason, **vars(summary)}), flush=True)
-    else:
+    elif args.log_format != "json":  # else logged by watch
         gen = "" if summary.generation is None else f"; at generation {summary.generation}"
         print(f"stopped ({summary.reason}) after {summary.syncs} sync(s){gen}")
     return 0
@@ -276,13 +273,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def logging_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v / -q / --log-format, accepted before the command and after it."""
+
+    def default(value: object) -> object:
+        # after the command, an option overrides the one before it only when given
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log what each sync did and show tracebacks and full listings; -vv: debug",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default(0),
+        help="log errors only (not warnings)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=logconfig.FORMATS,
+        default=default("text"),
+        help="how log records go to stderr: text lines, or one JSON object a line for "
+        "log shippers (default text)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apollo-sync",
         description="Keep a model's safetensors files equal to its live weights, "
         "writing only the blocks that changed.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and full listings")
+    logging_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
 
     def lock(sp: argparse.ArgumentParser) -> None:
@@ -480,20 +507,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", type=Path, default=None, help="keep the model here (default: a temp dir)"
     )
     m.set_defaults(func=_cmd_demo)
+    for command in sub.choices.values():
+        logging_options(command, top=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logconfig.configure(verbose=args.verbose, quiet=args.quiet, fmt=args.log_format)
+    log = logging.getLogger("apollo_sync.cli")
     try:
         code: int = args.func(args)
         return code
     except (ApolloSyncError, ImportError, OSError, TypeError, ValueError) as e:
+        msg = str(e).strip() or type(e).__name__
+        notes = list(getattr(e, "__notes__", []))
+        if args.log_format == "json":
+            log.error(
+                "%s: %s",
+                type(e).__name__,
+                msg,
+                exc_info=e if args.verbose else None,
+                extra={"event": "error", "error": type(e).__name__, "notes": notes},
+            )
+            return 1
         if args.verbose:
             traceback.print_exc()
-        msg = str(e).strip() or type(e).__name__
+        # one line, whatever the level (-q included): the reason the command failed
         print(f"apollo-sync: error: {type(e).__name__}: {msg}", file=sys.stderr)
-        for note in getattr(e, "__notes__", []):
+        for note in notes:
             print(f"apollo-sync: note: {note}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ import atexit
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -91,6 +92,8 @@ HISTORY_LIMIT = 256
 FLUSH_WAIT = 10.0
 #: The first bytes of a log file (docs/FORMAT.md).
 LOG_MAGIC = b"APSXLOG1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -691,8 +694,26 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
             bytes_written=report.bytes_written,
             files=list(report.files),
         )
+        log.warning(
+            "%s: recovered to generation %d: rolled back %s, checked %s; %d of %d unit(s) "
+            "rewritten, %d torn",
+            layout.root,
+            done.generation,
+            done.rolled_back or "nothing",
+            done.rolled_forward or "nothing",
+            done.units_written,
+            done.units,
+            done.torn,
+            extra={"event": "recovered", "model_dir": str(layout.root), **vars(done)},
+        )
     _clean_leftovers(layout, state)
     return done, warnings
+
+
+def _log_warnings(layout: Layout, warnings: list[str]) -> None:
+    """Logs what recovery reported to a caller that returns no list of warnings."""
+    for w in warnings:
+        log.warning("%s: %s", layout.root, w, extra={"event": "warning"})
 
 
 def _clean_leftovers(layout: Layout, state: State) -> None:
@@ -736,7 +757,8 @@ def recover(
         return None
     with ModelLock(model_dir, lock_timeout):
         wait_flushes(layout)  # this process's own: then the markers say what is on disk
-        done, _ = recover_locked(layout)
+        done, warnings = recover_locked(layout)
+        _log_warnings(layout, warnings)
         return done
 
 
@@ -757,7 +779,7 @@ def reading(
             yield history(model_dir)
             return
     with ModelLock(model_dir, lock_timeout) as lock:
-        recover_locked(layout)
+        _log_warnings(layout, recover_locked(layout)[1])
         lock.downgrade()
         yield history(model_dir)
 
@@ -933,6 +955,12 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
         with contextlib.suppress(FileNotFoundError):
             layout.log_path(number).unlink()
     _fsync_dir(layout.log_dir)
+    log.info(
+        "%s: dropped the logs of generation(s) %s",
+        layout.root,
+        sorted(drop),
+        extra={"event": "pruned", "model_dir": str(layout.root), "generations": sorted(drop)},
+    )
     return sorted(drop)
 
 
@@ -953,7 +981,7 @@ def prune(
     defaults to :func:`default_budget`."""
     with ModelLock(model_dir, lock_timeout):
         layout = Layout(model_dir)
-        recover_locked(layout)
+        _log_warnings(layout, recover_locked(layout)[1])
         budget = default_budget(model_dir) if max_bytes is None else max_bytes
         return prune_locked(layout, keep, budget)
 
@@ -978,7 +1006,7 @@ def rollback(
     checks every record and every byte it will touch before its first write."""
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
-        recover_locked(layout)
+        _log_warnings(layout, recover_locked(layout)[1])
         wait_flushes(layout)
         check_shards(ModelDir.open(model_dir), private_copy=False)
         state = load_state(layout)
@@ -1030,6 +1058,20 @@ def rollback(
         except BaseException as e:
             undo_unless_committed(layout, number, e)
             raise
+        log.info(
+            "%s: rolled back to generation %d as generation %d (%d bytes restored)",
+            model_dir,
+            to,
+            number,
+            report.bytes,
+            extra={
+                "event": "rollback",
+                "model_dir": str(model_dir),
+                "generation": number,
+                "rollback_to": to,
+                "bytes_changed": report.bytes,
+            },
+        )
         return generation
 
 
