@@ -42,6 +42,7 @@ from apollo_sync.journal import (
 from apollo_sync.layouts import EXPERT_RULES, MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
+from apollo_sync.status import Status, status
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
 from apollo_sync.watch import WatchSummary, watch
@@ -77,6 +78,7 @@ __all__ = [
     "ShardChangedError",
     "StepCounter",
     "SyncIOError",
+    "Status",
     "SyncResult",
     "TornSyncError",
     "UnsafeHandlesError",
@@ -96,6 +98,7 @@ __all__ = [
     "reading",
     "recover",
     "rollback",
+    "status",
     "sync",
     "watch",
 ]

@@ -236,6 +236,22 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from apollo_sync.errors import HandlesError
+    from apollo_sync.handles import producer_state
+    from apollo_sync.status import render, status
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        producer = producer_state(args.handles)
+        model_dir = producer.metadata.get("model_path")
+        if not isinstance(model_dir, str):
+            raise HandlesError(f"{producer.detail}; pass --model-dir")
+    st = status(model_dir, handles=args.handles, keep=args.keep, undo_budget=args.undo_budget)
+    print(json.dumps(st.to_dict(), indent=2) if args.json else render(st))
+    return 0
+
+
 def _cmd_rollback(args: argparse.Namespace) -> int:
     g = gens.rollback(args.model_dir, args.to, lock_timeout=args.lock_timeout)
     print(
@@ -466,6 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--model-dir", type=Path, required=True)
     h.add_argument("--json", action="store_true", help="print the history as JSON")
     h.set_defaults(func=_cmd_history)
+
+    t = sub.add_parser(
+        "status",
+        help="one screen: generation, an interrupted sync awaiting recovery, log bytes and "
+        "budget, rollback points, the last sync, whether the producer runs",
+    )
+    source(t)
+    t.add_argument("--json", action="store_true", help="print the status as JSON")
+    retention(t)
+    t.set_defaults(func=_cmd_status)
 
     b = sub.add_parser("rollback", help="restore the files to an earlier generation")
     b.add_argument("--model-dir", type=Path, required=True)

@@ -33,6 +33,7 @@ Layout, under ``<model-dir>/.apollo_sync/``::
                     the logs say, replaced atomically after each commit)
     log/<N>.xlog    generation N's deltas and commit record (docs/FORMAT.md)
     log/<N>.flushed the shards were durable with generation N (the checkpoint)
+    last_sync.json  a report of the last sync that ran to its end (not state)
 """
 
 from __future__ import annotations
@@ -213,6 +214,10 @@ class Layout:
         self.log_dir = self.meta / "log"
         self.state_path = self.meta / "state.json"
         self.lock_path = self.meta / "lock"
+
+    @property
+    def last_sync_path(self) -> Path:
+        return self.meta / "last_sync.json"
 
     def log_path(self, number: int) -> Path:
         return self.log_dir / f"{number}.xlog"
@@ -439,6 +444,45 @@ def save_state(layout: Layout, state: State, *, durable: bool = True) -> None:
     old = layout.meta / "undo"
     if old.is_dir():  # apollo_sync 0.1's journals, unreadable now (see load_state)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def record_last_sync(layout: Layout, result: Any, wall_seconds: float) -> None:
+    """Writes ``last_sync.json``: when the last sync that ran to its end (changed
+    something or not) ran, what it found and how long it took (what
+    ``apollo-sync status`` shows; the history only lists syncs that changed
+    something). Replaced whole (temp file and rename); not made durable, and a
+    failure to write it is logged, not raised: it is a report, not state."""
+    body = {
+        "time": time.time(),
+        "generation": result.generation,
+        "seconds": result.seconds,
+        "wall_seconds": wall_seconds,
+        "bytes_compared": result.total_compared,
+        "bytes_changed": result.total_changed,
+        "bytes_written": result.bytes_written,
+        "log_bytes": result.log_bytes,
+        "elements_changed": result.elements_changed,
+        "files_changed": len(result.files_changed),
+        "retries": result.retries,
+        "warnings": len(result.warnings),
+    }
+    tmp = layout.meta / f"last_sync.json.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, layout.last_sync_path)
+    except OSError as e:
+        log.debug("could not write %s: %s", layout.last_sync_path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_last_sync(layout: Layout) -> dict[str, Any] | None:
+    """What :func:`record_last_sync` wrote (None if nothing, or unreadable)."""
+    try:
+        body = json.loads(layout.last_sync_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -246,6 +246,7 @@ def sync(
     reads most of a scattered change's neighbourhood back from disk
     (BENCHMARKS.md has both measured, sync after sync).
     """
+    started = time.monotonic()
     if tensors is not None and handles is not None:
         raise TypeError("pass either tensors or handles, not both")
     if block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
@@ -295,6 +296,7 @@ def sync(
             counter=counter,
             step_retries=step_retries,
             durable=durable,
+            started=started,
         )
         return log_result(result)
     finally:
@@ -395,6 +397,7 @@ def _sync_locked(
     counter: StepCounter | None,
     step_retries: int,
     durable: bool,
+    started: float,
 ) -> SyncResult:
     if journal and options.block_size < LOG_MIN_BLOCK:
         raise PlanError(
@@ -459,6 +462,7 @@ def _sync_locked(
             warnings=[*warnings, *result.warnings],
         )
         if result.total_changed == 0:
+            gens.record_last_sync(layout, result, time.monotonic() - started)
             return result
         try:
             if writer is not None:
@@ -508,6 +512,7 @@ def _sync_locked(
                 result,
                 warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"],
             )
+        gens.record_last_sync(layout, result, time.monotonic() - started)
         return result
 
 
