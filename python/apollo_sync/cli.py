@@ -252,6 +252,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from apollo_sync.report import change_report, heatmap, render
+
+    rep = change_report(args.model_dir, last=args.last)
+    if args.png is not None:
+        heatmap(rep, args.png)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    elif args.png is not None:
+        print(f"{args.png}: {len(rep.rows)} layer row(s) x {len(rep.generations)} generation(s)")
+    else:
+        print(render(rep))
+    return 0
+
+
 def _cmd_rollback(args: argparse.Namespace) -> int:
     g = gens.rollback(args.model_dir, args.to, lock_timeout=args.lock_timeout)
     print(
@@ -492,6 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the status as JSON")
     retention(t)
     t.set_defaults(func=_cmd_status)
+
+    e = sub.add_parser(
+        "report",
+        help="what training changed: the fraction of elements changed per layer and per "
+        "tensor kind (attention, MLP, experts, embedding, norms), per generation",
+    )
+    e.add_argument("--model-dir", type=Path, required=True)
+    e.add_argument(
+        "--last", type=int, default=None, help="the last N generations (default: all listed)"
+    )
+    e.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        help="also draw a heatmap (layers x generations, and kinds) into this PNG "
+        "(needs matplotlib: pip install 'apollo-sync[report]')",
+    )
+    e.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    e.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("rollback", help="restore the files to an earlier generation")
     b.add_argument("--model-dir", type=Path, required=True)
