@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from apollo_sync import journal as gens
 from apollo_sync import logconfig
@@ -72,10 +73,54 @@ def print_result(r: SyncResult) -> None:
         )
 
 
+def _model_dir_label(args: argparse.Namespace) -> str | None:
+    """The model directory a command will sync: --model-dir, else the handles'."""
+    if args.model_dir is not None:
+        return str(args.model_dir)
+    from apollo_sync.handles import producer_state
+
+    path = producer_state(args.handles).metadata.get("model_path")
+    return path if isinstance(path, str) else None
+
+
+def _record_one_shot(
+    args: argparse.Namespace, result: SyncResult | None, error: BaseException | None
+) -> None:
+    """Adds this sync to --metrics-textfile (the counters it holds go on)."""
+    from apollo_sync.errors import TornSyncError
+    from apollo_sync.handles import producer_state
+    from apollo_sync.metrics import textfile
+
+    label = result.model_dir if result is not None else _model_dir_label(args)
+    with textfile(args.metrics_textfile, label) as m:
+        if result is not None:
+            m.observe(result)
+        else:
+            m.failed(torn=isinstance(error, TornSyncError))
+        m.producer(producer_state(args.handles).alive)
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     from apollo_sync.sync import sync
 
-    result = sync(
+    if args.metrics_textfile is not None and not args.dry_run:
+        try:
+            result = _sync_once(args, sync)
+        except Exception as e:
+            _record_one_shot(args, None, e)
+            raise
+        _record_one_shot(args, result, None)
+    else:
+        result = _sync_once(args, sync)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_result(result)
+    return 0
+
+
+def _sync_once(args: argparse.Namespace, sync: Any) -> SyncResult:
+    result: SyncResult = sync(
         args.model_dir,
         handles=args.handles,
         block_size=args.block_size,
@@ -91,18 +136,31 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         private_copy=args.private_copy,
         durable=args.durable,
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print_result(result)
-    return 0
+    return result
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from apollo_sync.metrics import SyncMetrics
     from apollo_sync.watch import watch
+
+    metrics: SyncMetrics | None = None
+    stop_server = None
+    if args.metrics_port is not None or args.metrics_textfile is not None:
+        metrics = SyncMetrics(_model_dir_label(args))
+        if args.metrics_textfile is not None:
+            metrics.load_textfile(args.metrics_textfile)
+        if args.metrics_port is not None:
+            stop_server = metrics.serve(args.metrics_port, args.metrics_addr)
+            logging.getLogger("apollo_sync.cli").info(
+                "serving metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port
+            )
+
+    def publish() -> None:
+        if metrics is not None and args.metrics_textfile is not None:
+            metrics.write_textfile(args.metrics_textfile)
 
     stop, reload = threading.Event(), threading.Event()
     # SIGTERM (a service manager stopping it): finish the sync in progress, then stop;
@@ -110,7 +168,19 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
 
+    def torn(e: Exception) -> None:
+        if metrics is not None:
+            metrics.failed(torn=True)
+            publish()
+
+    def alive(yes: bool) -> None:
+        if metrics is not None:
+            metrics.producer(yes)
+
     def report(r: SyncResult) -> None:
+        if metrics is not None:
+            metrics.observe(r)
+            publish()
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
             return
@@ -127,24 +197,35 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    summary = watch(
-        args.model_dir,
-        handles=args.handles,
-        interval=args.interval,
-        count=args.count,
-        stop=stop,
-        reload=reload,
-        on_sync=report,
-        block_size=args.block_size,
-        direct_io=args.direct_io,
-        threads=args.threads,
-        allow_unmatched=args.allow_unmatched,
-        journal=not args.no_journal,
-        keep=args.keep,
-        undo_budget=args.undo_budget,
-        lock_timeout=args.lock_timeout,
-        durable=args.durable,
-    )
+    try:
+        summary = watch(
+            args.model_dir,
+            handles=args.handles,
+            interval=args.interval,
+            count=args.count,
+            stop=stop,
+            reload=reload,
+            on_sync=report,
+            on_torn=torn,
+            on_check=alive,
+            block_size=args.block_size,
+            direct_io=args.direct_io,
+            threads=args.threads,
+            allow_unmatched=args.allow_unmatched,
+            journal=not args.no_journal,
+            keep=args.keep,
+            undo_budget=args.undo_budget,
+            lock_timeout=args.lock_timeout,
+            durable=args.durable,
+        )
+    except Exception:
+        if metrics is not None:
+            metrics.failed()
+            publish()
+        raise
+    finally:
+        if stop_server is not None:
+            stop_server()
     if args.json:  # summary.warnings were logged by watch
         print(json.dumps({"stopped": summary.reason, **vars(summary)}), flush=True)
     elif args.log_format != "json":  # else logged by watch
@@ -431,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace shards that are symlinks (a Hugging Face cache) or hard links by "
         "private copies (reflinks where possible) instead of refusing",
     )
+    s.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        default=None,
+        help="add this sync to Prometheus metrics in this file, for node_exporter's "
+        "textfile collector (the counters it holds go on from run to run)",
+    )
     retention(s)
     durability(s)
     lock(s)
@@ -478,6 +566,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="sync what matches instead of refusing unmatched live tensors",
     )
     w.add_argument("--no-journal", action="store_true", help="skip the log")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (/metrics)",
+    )
+    w.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        help="the address to serve them on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    w.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        default=None,
+        help="also write the metrics to this file after each sync (node_exporter's "
+        "textfile collector)",
+    )
     retention(w)
     durability(w)
     lock(w)
