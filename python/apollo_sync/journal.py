@@ -323,11 +323,21 @@ class ModelLock:
     def _take(self, mode: int) -> None:
         assert self._fd is not None
         deadline = time.monotonic() + max(self.timeout, 0.0)
+        told = False
         while True:
             try:
                 fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
+                if not told and self.timeout > 0:
+                    told = True
+                    log.info(
+                        "%s: waiting up to %g s for another apollo-sync%s",
+                        self.layout.root,
+                        self.timeout,
+                        _read_holder(self._fd),
+                        extra={"event": "lock_wait", "model_dir": str(self.layout.root)},
+                    )
                 if time.monotonic() >= deadline:
                     holder = _read_holder(self._fd)
                     what = "read" if mode == fcntl.LOCK_EX and self.shared else "written"
