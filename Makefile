@@ -11,6 +11,7 @@ help: ## list the targets
 install: ## install dependencies (torch only if missing) and build the package in place (with the crash tests' fault injection; `make wheel` builds without it)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch>=2.4"
 	$(PIP) "maturin>=1.7,<2" "safetensors>=0.4" "numpy>=1.26" "tqdm>=4.66" typing_extensions \
+		"prometheus_client>=0.20" "matplotlib>=3.8" \
 		"pytest>=8" "pytest-timeout>=2.3" "pytest-benchmark>=4" "ruff>=0.6" "mypy>=1.11" \
 		"transformers>=5"
 	MATURIN_PEP517_ARGS="--features faults" $(PIP) --no-build-isolation --no-deps -e .

@@ -6,6 +6,8 @@ writing only the blocks that changed.
 >>> result.total_changed, result.bytes_written_device  # doctest: +SKIP
 """
 
+import logging
+
 from apollo_sync._core import __version__
 from apollo_sync.errors import (
     ApolloSyncError,
@@ -40,9 +42,14 @@ from apollo_sync.journal import (
 from apollo_sync.layouts import EXPERT_RULES, MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
+from apollo_sync.status import Status, status
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
 from apollo_sync.watch import WatchSummary, watch
+
+# A library logs and lets the application decide where records go (the CLI
+# configures a handler: apollo_sync.logconfig).
+logging.getLogger("apollo_sync").addHandler(logging.NullHandler())
 
 __all__ = [
     "EXPERT_RULES",
@@ -69,6 +76,7 @@ __all__ = [
     "RefusedError",
     "RollbackError",
     "ShardChangedError",
+    "Status",
     "StepCounter",
     "SyncIOError",
     "SyncResult",
@@ -90,6 +98,7 @@ __all__ = [
     "reading",
     "recover",
     "rollback",
+    "status",
     "sync",
     "watch",
 ]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from apollo_sync import journal as gens
+from apollo_sync import logconfig
 from apollo_sync.errors import ApolloSyncError
 from apollo_sync.sync import DEFAULT_BLOCK_SIZE, SyncResult
 
@@ -40,8 +43,7 @@ def print_result(r: SyncResult) -> None:
         f"tensors        {r.tensors_synced} synced, {r.tensors_missing} missing, "
         f"{r.tensors_on_disk_only} on disk only"
     )
-    for w in r.warnings:
-        print(f"apollo-sync: warning: {w}", file=sys.stderr)
+    # r.warnings were logged by the sync (stderr, or JSON lines with --log-format json)
     if r.recovered:
         print(f"recovered      undid interrupted generation(s) {r.recovered} first")
     if r.generation is not None:
@@ -71,10 +73,54 @@ def print_result(r: SyncResult) -> None:
         )
 
 
+def _model_dir_label(args: argparse.Namespace) -> str | None:
+    """The model directory a command will sync: --model-dir, else the handles'."""
+    if args.model_dir is not None:
+        return str(args.model_dir)
+    from apollo_sync.handles import producer_state
+
+    path = producer_state(args.handles).metadata.get("model_path")
+    return path if isinstance(path, str) else None
+
+
+def _record_one_shot(
+    args: argparse.Namespace, result: SyncResult | None, error: BaseException | None
+) -> None:
+    """Adds this sync to --metrics-textfile (the counters it holds go on)."""
+    from apollo_sync.errors import TornSyncError
+    from apollo_sync.handles import producer_state
+    from apollo_sync.metrics import textfile
+
+    label = result.model_dir if result is not None else _model_dir_label(args)
+    with textfile(args.metrics_textfile, label) as m:
+        if result is not None:
+            m.observe(result)
+        else:
+            m.failed(torn=isinstance(error, TornSyncError))
+        m.producer(producer_state(args.handles).alive)
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     from apollo_sync.sync import sync
 
-    result = sync(
+    if args.metrics_textfile is not None and not args.dry_run:
+        try:
+            result = _sync_once(args, sync)
+        except Exception as e:
+            _record_one_shot(args, None, e)
+            raise
+        _record_one_shot(args, result, None)
+    else:
+        result = _sync_once(args, sync)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_result(result)
+    return 0
+
+
+def _sync_once(args: argparse.Namespace, sync: Any) -> SyncResult:
+    result: SyncResult = sync(
         args.model_dir,
         handles=args.handles,
         block_size=args.block_size,
@@ -90,33 +136,56 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         private_copy=args.private_copy,
         durable=args.durable,
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print_result(result)
-    return 0
+    return result
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from apollo_sync.errors import TornSyncError
+    from apollo_sync.metrics import SyncMetrics
     from apollo_sync.watch import watch
 
-    stop = threading.Event()
-    # SIGTERM (a service manager stopping it): finish the sync in progress, then stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    metrics: SyncMetrics | None = None
+    stop_server = None
+    if args.metrics_port is not None or args.metrics_textfile is not None:
+        metrics = SyncMetrics(_model_dir_label(args))
+        if args.metrics_textfile is not None:
+            metrics.load_textfile(args.metrics_textfile)
+        if args.metrics_port is not None:
+            stop_server = metrics.serve(args.metrics_port, args.metrics_addr)
+            logging.getLogger("apollo_sync.cli").info(
+                "serving metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port
+            )
 
-    def torn(e: TornSyncError) -> None:
-        print(f"apollo-sync: warning: {e}; syncing again after the next step", file=sys.stderr)
+    def publish() -> None:
+        if metrics is not None and args.metrics_textfile is not None:
+            metrics.write_textfile(args.metrics_textfile)
+
+    stop, reload = threading.Event(), threading.Event()
+    # SIGTERM (a service manager stopping it): finish the sync in progress, then stop;
+    # SIGHUP (systemctl reload): open the handles again
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+
+    def torn(e: Exception) -> None:
+        if metrics is not None:
+            metrics.failed(torn=True)
+            publish()
+
+    def alive(yes: bool) -> None:
+        if metrics is not None:
+            metrics.producer(yes)
 
     def report(r: SyncResult) -> None:
+        if metrics is not None:
+            metrics.observe(r)
+            publish()
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
             return
-        for w in r.warnings:
-            print(f"apollo-sync: warning: {w}", file=sys.stderr)
+        if args.log_format == "json":
+            return  # each sync is a JSON log record (apollo_sync.sync) already
         stamp = time.strftime("%H:%M:%S")
         if r.generation is None:
             print(f"{stamp}  no change ({r.seconds:.2f} s)", flush=True)
@@ -128,29 +197,38 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    summary = watch(
-        args.model_dir,
-        handles=args.handles,
-        interval=args.interval,
-        count=args.count,
-        stop=stop,
-        on_sync=report,
-        on_torn=torn,
-        block_size=args.block_size,
-        direct_io=args.direct_io,
-        threads=args.threads,
-        allow_unmatched=args.allow_unmatched,
-        journal=not args.no_journal,
-        keep=args.keep,
-        undo_budget=args.undo_budget,
-        lock_timeout=args.lock_timeout,
-        durable=args.durable,
-    )
-    for w in summary.warnings:
-        print(f"apollo-sync: warning: {w}", file=sys.stderr)
-    if args.json:
+    try:
+        summary = watch(
+            args.model_dir,
+            handles=args.handles,
+            interval=args.interval,
+            count=args.count,
+            stop=stop,
+            reload=reload,
+            on_sync=report,
+            on_torn=torn,
+            on_check=alive,
+            block_size=args.block_size,
+            direct_io=args.direct_io,
+            threads=args.threads,
+            allow_unmatched=args.allow_unmatched,
+            journal=not args.no_journal,
+            keep=args.keep,
+            undo_budget=args.undo_budget,
+            lock_timeout=args.lock_timeout,
+            durable=args.durable,
+        )
+    except Exception:
+        if metrics is not None:
+            metrics.failed()
+            publish()
+        raise
+    finally:
+        if stop_server is not None:
+            stop_server()
+    if args.json:  # summary.warnings were logged by watch
         print(json.dumps({"stopped": summary.reason, **vars(summary)}), flush=True)
-    else:
+    elif args.log_format != "json":  # else logged by watch
         gen = "" if summary.generation is None else f"; at generation {summary.generation}"
         print(f"stopped ({summary.reason}) after {summary.syncs} sync(s){gen}")
     return 0
@@ -239,6 +317,37 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from apollo_sync.errors import HandlesError
+    from apollo_sync.handles import producer_state
+    from apollo_sync.status import render, status
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        producer = producer_state(args.handles)
+        model_dir = producer.metadata.get("model_path")
+        if not isinstance(model_dir, str):
+            raise HandlesError(f"{producer.detail}; pass --model-dir")
+    st = status(model_dir, handles=args.handles, keep=args.keep, undo_budget=args.undo_budget)
+    print(json.dumps(st.to_dict(), indent=2) if args.json else render(st))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from apollo_sync.report import change_report, heatmap, render
+
+    rep = change_report(args.model_dir, last=args.last)
+    if args.png is not None:
+        heatmap(rep, args.png)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    elif args.png is not None:
+        print(f"{args.png}: {len(rep.rows)} layer row(s) x {len(rep.generations)} generation(s)")
+    else:
+        print(render(rep))
+    return 0
+
+
 def _cmd_rollback(args: argparse.Namespace) -> int:
     g = gens.rollback(args.model_dir, args.to, lock_timeout=args.lock_timeout)
     print(
@@ -276,13 +385,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def logging_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v / -q / --log-format, accepted before the command and after it."""
+
+    def default(value: object) -> object:
+        # after the command, an option overrides the one before it only when given
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log what each sync did and show tracebacks and full listings; -vv: debug",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default(0),
+        help="log errors only (not warnings)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=logconfig.FORMATS,
+        default=default("text"),
+        help="how log records go to stderr: text lines, or one JSON object a line for "
+        "log shippers (default text)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apollo-sync",
         description="Keep a model's safetensors files equal to its live weights, "
         "writing only the blocks that changed.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and full listings")
+    logging_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
 
     def lock(sp: argparse.ArgumentParser) -> None:
@@ -373,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace shards that are symlinks (a Hugging Face cache) or hard links by "
         "private copies (reflinks where possible) instead of refusing",
     )
+    s.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        default=None,
+        help="add this sync to Prometheus metrics in this file, for node_exporter's "
+        "textfile collector (the counters it holds go on from run to run)",
+    )
     retention(s)
     durability(s)
     lock(s)
@@ -420,6 +566,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="sync what matches instead of refusing unmatched live tensors",
     )
     w.add_argument("--no-journal", action="store_true", help="skip the log")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (/metrics)",
+    )
+    w.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        help="the address to serve them on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    w.add_argument(
+        "--metrics-textfile",
+        type=Path,
+        default=None,
+        help="also write the metrics to this file after each sync (node_exporter's "
+        "textfile collector)",
+    )
     retention(w)
     durability(w)
     lock(w)
@@ -439,6 +603,35 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--model-dir", type=Path, required=True)
     h.add_argument("--json", action="store_true", help="print the history as JSON")
     h.set_defaults(func=_cmd_history)
+
+    t = sub.add_parser(
+        "status",
+        help="one screen: generation, an interrupted sync awaiting recovery, log bytes and "
+        "budget, rollback points, the last sync, whether the producer runs",
+    )
+    source(t)
+    t.add_argument("--json", action="store_true", help="print the status as JSON")
+    retention(t)
+    t.set_defaults(func=_cmd_status)
+
+    e = sub.add_parser(
+        "report",
+        help="what training changed: the fraction of elements changed per layer and per "
+        "tensor kind (attention, MLP, experts, embedding, norms), per generation",
+    )
+    e.add_argument("--model-dir", type=Path, required=True)
+    e.add_argument(
+        "--last", type=int, default=None, help="the last N generations (default: all listed)"
+    )
+    e.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        help="also draw a heatmap (layers x generations, and kinds) into this PNG "
+        "(needs matplotlib: pip install 'apollo-sync[report]')",
+    )
+    e.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    e.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("rollback", help="restore the files to an earlier generation")
     b.add_argument("--model-dir", type=Path, required=True)
@@ -480,20 +673,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", type=Path, default=None, help="keep the model here (default: a temp dir)"
     )
     m.set_defaults(func=_cmd_demo)
+    for command in sub.choices.values():
+        logging_options(command, top=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logconfig.configure(verbose=args.verbose, quiet=args.quiet, fmt=args.log_format)
+    log = logging.getLogger("apollo_sync.cli")
     try:
         code: int = args.func(args)
         return code
     except (ApolloSyncError, ImportError, OSError, TypeError, ValueError) as e:
+        msg = str(e).strip() or type(e).__name__
+        notes = list(getattr(e, "__notes__", []))
+        if args.log_format == "json":
+            log.error(
+                "%s: %s",
+                type(e).__name__,
+                msg,
+                exc_info=e if args.verbose else None,
+                extra={"event": "error", "error": type(e).__name__, "notes": notes},
+            )
+            return 1
         if args.verbose:
             traceback.print_exc()
-        msg = str(e).strip() or type(e).__name__
+        # one line, whatever the level (-q included): the reason the command failed
         print(f"apollo-sync: error: {type(e).__name__}: {msg}", file=sys.stderr)
-        for note in getattr(e, "__notes__", []):
+        for note in notes:
             print(f"apollo-sync: note: {note}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

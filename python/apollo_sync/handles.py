@@ -433,6 +433,48 @@ def _check_producer(src: Path, meta: Mapping[str, Any], mtime: float | None = No
         )
 
 
+@dataclass(frozen=True)
+class ProducerState:
+    """Whether the process behind a handles file is running (read without
+    opening any tensor)."""
+
+    path: Path
+    #: True: running; False: exited or restarted since it exported (or no
+    #: handles file); None: the file names no producer pid (the seeds' format)
+    #: or cannot be read.
+    alive: bool | None
+    #: Why, in words.
+    detail: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def producer_state(path: str | os.PathLike[str] | None = None) -> ProducerState:
+    """Reads a handles file's metadata with the checks :func:`load_handles` makes
+    (owner, mode, the restricted unpickler) and tells whether its producer runs."""
+    src = Path(path) if path is not None else default_handles_path()
+    if not os.path.lexists(src):
+        return ProducerState(src, False, f"{src}: no handles file (no producer exporting)")
+    try:
+        raw, mtime = _read_checked(src)
+    except HandlesError as e:  # unsafe, or unreadable: say so, do not guess
+        return ProducerState(src, None, str(e))
+    try:
+        obj = _unpickle(raw)
+    except Exception as e:
+        return ProducerState(src, None, f"{src}: not a handles file ({type(e).__name__}: {e})")
+    meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return ProducerState(src, None, f"{src}: no metadata")
+    pid = meta.get("producer_pid")
+    if not isinstance(pid, int):
+        return ProducerState(src, None, "the handles name no producer pid", meta)
+    try:
+        _check_producer(src, meta, mtime)
+    except ProducerGoneError as e:
+        return ProducerState(src, False, str(e), meta)
+    return ProducerState(src, True, f"pid {pid} running", meta)
+
+
 def check_producer_alive(handles: Handles) -> None:
     """Raises :class:`ProducerGoneError` once the process that exported ``handles``
     has exited (or its pid was reused): its memory must not be read any more."""

@@ -33,6 +33,7 @@ Layout, under ``<model-dir>/.apollo_sync/``::
                     the logs say, replaced atomically after each commit)
     log/<N>.xlog    generation N's deltas and commit record (docs/FORMAT.md)
     log/<N>.flushed the shards were durable with generation N (the checkpoint)
+    last_sync.json  a report of the last sync that ran to its end (not state)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import atexit
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -91,6 +93,8 @@ HISTORY_LIMIT = 256
 FLUSH_WAIT = 10.0
 #: The first bytes of a log file (docs/FORMAT.md).
 LOG_MAGIC = b"APSXLOG1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,10 @@ class Layout:
         self.state_path = self.meta / "state.json"
         self.lock_path = self.meta / "lock"
 
+    @property
+    def last_sync_path(self) -> Path:
+        return self.meta / "last_sync.json"
+
     def log_path(self, number: int) -> Path:
         return self.log_dir / f"{number}.xlog"
 
@@ -315,11 +323,21 @@ class ModelLock:
     def _take(self, mode: int) -> None:
         assert self._fd is not None
         deadline = time.monotonic() + max(self.timeout, 0.0)
+        told = False
         while True:
             try:
                 fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
+                if not told and self.timeout > 0:
+                    told = True
+                    log.info(
+                        "%s: waiting up to %g s for another apollo-sync%s",
+                        self.layout.root,
+                        self.timeout,
+                        _read_holder(self._fd),
+                        extra={"event": "lock_wait", "model_dir": str(self.layout.root)},
+                    )
                 if time.monotonic() >= deadline:
                     holder = _read_holder(self._fd)
                     what = "read" if mode == fcntl.LOCK_EX and self.shared else "written"
@@ -436,6 +454,45 @@ def save_state(layout: Layout, state: State, *, durable: bool = True) -> None:
     old = layout.meta / "undo"
     if old.is_dir():  # apollo_sync 0.1's journals, unreadable now (see load_state)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def record_last_sync(layout: Layout, result: Any, wall_seconds: float) -> None:
+    """Writes ``last_sync.json``: when the last sync that ran to its end (changed
+    something or not) ran, what it found and how long it took (what
+    ``apollo-sync status`` shows; the history only lists syncs that changed
+    something). Replaced whole (temp file and rename); not made durable, and a
+    failure to write it is logged, not raised: it is a report, not state."""
+    body = {
+        "time": time.time(),
+        "generation": result.generation,
+        "seconds": result.seconds,
+        "wall_seconds": wall_seconds,
+        "bytes_compared": result.total_compared,
+        "bytes_changed": result.total_changed,
+        "bytes_written": result.bytes_written,
+        "log_bytes": result.log_bytes,
+        "elements_changed": result.elements_changed,
+        "files_changed": len(result.files_changed),
+        "retries": result.retries,
+        "warnings": len(result.warnings),
+    }
+    tmp = layout.meta / f"last_sync.json.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, layout.last_sync_path)
+    except OSError as e:
+        log.debug("could not write %s: %s", layout.last_sync_path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_last_sync(layout: Layout) -> dict[str, Any] | None:
+    """What :func:`record_last_sync` wrote (None if nothing, or unreadable)."""
+    try:
+        body = json.loads(layout.last_sync_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -691,8 +748,26 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
             bytes_written=report.bytes_written,
             files=list(report.files),
         )
+        log.warning(
+            "%s: recovered to generation %d: rolled back %s, checked %s; %d of %d unit(s) "
+            "rewritten, %d torn",
+            layout.root,
+            done.generation,
+            done.rolled_back or "nothing",
+            done.rolled_forward or "nothing",
+            done.units_written,
+            done.units,
+            done.torn,
+            extra={"event": "recovered", "model_dir": str(layout.root), **vars(done)},
+        )
     _clean_leftovers(layout, state)
     return done, warnings
+
+
+def _log_warnings(layout: Layout, warnings: list[str]) -> None:
+    """Logs what recovery reported to a caller that returns no list of warnings."""
+    for w in warnings:
+        log.warning("%s: %s", layout.root, w, extra={"event": "warning"})
 
 
 def _clean_leftovers(layout: Layout, state: State) -> None:
@@ -736,7 +811,8 @@ def recover(
         return None
     with ModelLock(model_dir, lock_timeout):
         wait_flushes(layout)  # this process's own: then the markers say what is on disk
-        done, _ = recover_locked(layout)
+        done, warnings = recover_locked(layout)
+        _log_warnings(layout, warnings)
         return done
 
 
@@ -757,7 +833,7 @@ def reading(
             yield history(model_dir)
             return
     with ModelLock(model_dir, lock_timeout) as lock:
-        recover_locked(layout)
+        _log_warnings(layout, recover_locked(layout)[1])
         lock.downgrade()
         yield history(model_dir)
 
@@ -933,6 +1009,12 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
         with contextlib.suppress(FileNotFoundError):
             layout.log_path(number).unlink()
     _fsync_dir(layout.log_dir)
+    log.info(
+        "%s: dropped the logs of generation(s) %s",
+        layout.root,
+        sorted(drop),
+        extra={"event": "pruned", "model_dir": str(layout.root), "generations": sorted(drop)},
+    )
     return sorted(drop)
 
 
@@ -953,7 +1035,7 @@ def prune(
     defaults to :func:`default_budget`."""
     with ModelLock(model_dir, lock_timeout):
         layout = Layout(model_dir)
-        recover_locked(layout)
+        _log_warnings(layout, recover_locked(layout)[1])
         budget = default_budget(model_dir) if max_bytes is None else max_bytes
         return prune_locked(layout, keep, budget)
 
@@ -978,7 +1060,7 @@ def rollback(
     checks every record and every byte it will touch before its first write."""
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
-        recover_locked(layout)
+        _log_warnings(layout, recover_locked(layout)[1])
         wait_flushes(layout)
         check_shards(ModelDir.open(model_dir), private_copy=False)
         state = load_state(layout)
@@ -1030,6 +1112,20 @@ def rollback(
         except BaseException as e:
             undo_unless_committed(layout, number, e)
             raise
+        log.info(
+            "%s: rolled back to generation %d as generation %d (%d bytes restored)",
+            model_dir,
+            to,
+            number,
+            report.bytes,
+            extra={
+                "event": "rollback",
+                "model_dir": str(model_dir),
+                "generation": number,
+                "rollback_to": to,
+                "bytes_changed": report.bytes,
+            },
+        )
         return generation
 
 

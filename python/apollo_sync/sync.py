@@ -15,6 +15,7 @@ background (``durable=True`` waits for it).
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import sys
@@ -56,6 +57,8 @@ AMPLIFIED = 4
 AMPLIFIED_SLACK = 32 << 20
 
 LiveInput = Mapping[str, "torch.Tensor | LiveTensor"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,7 @@ def sync(
     reads most of a scattered change's neighbourhood back from disk
     (BENCHMARKS.md has both measured, sync after sync).
     """
+    started = time.monotonic()
     if tensors is not None and handles is not None:
         raise TypeError("pass either tensors or handles, not both")
     if block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
@@ -279,8 +283,8 @@ def sync(
             note = _pending_recovery(gens.Layout(model_dir))
             if note:
                 result = replace(result, warnings=[*result.warnings, note])
-            return result
-        return _sync_locked(
+            return log_result(result)
+        result = _sync_locked(
             Path(model_dir),
             live,
             options,
@@ -292,12 +296,68 @@ def sync(
             counter=counter,
             step_retries=step_retries,
             durable=durable,
+            started=started,
         )
+        return log_result(result)
     finally:
         if own_counter and counter is not None:
             counter.close()
         if opened is not None and not isinstance(handles, Handles):
             opened.close()
+
+
+def log_result(result: SyncResult) -> SyncResult:
+    """Logs what a sync did (INFO, with its numbers as structured fields for
+    ``--log-format json``) and each of its warnings (WARNING); returns it."""
+    for w in result.warnings:
+        log.warning("%s", w, extra={"event": "sync_warning", "model_dir": result.model_dir})
+    fields = {
+        "event": "sync",
+        "model_dir": result.model_dir,
+        "outcome": outcome(result),
+        "generation": result.generation,
+        "seconds": round(result.seconds, 6),
+        "bytes_compared": result.total_compared,
+        "bytes_changed": result.total_changed,
+        "bytes_written": result.bytes_written,
+        "log_bytes": result.log_bytes,
+        "elements_changed": result.elements_changed,
+        "files_changed": len(result.files_changed),
+        "retries": result.retries,
+        "recovered": result.recovered,
+        "durable": result.durable,
+    }
+    if result.dry_run:
+        log.info(
+            "%s: dry run: %d bytes would change (%.2f s)",
+            result.model_dir,
+            result.total_changed,
+            result.seconds,
+            extra=fields,
+        )
+    elif result.generation is None:
+        log.info("%s: no change (%.2f s)", result.model_dir, result.seconds, extra=fields)
+    else:
+        log.info(
+            "%s: generation %d committed: %d bytes changed in %d file(s), %d elements, "
+            "log %d bytes, %.2f s",
+            result.model_dir,
+            result.generation,
+            result.total_changed,
+            len(result.files_changed),
+            result.elements_changed,
+            result.log_bytes,
+            result.seconds,
+            extra=fields,
+        )
+    return result
+
+
+def outcome(result: SyncResult) -> str:
+    """``"changed"`` (a generation committed), ``"unchanged"`` or ``"dry_run"``."""
+    if result.dry_run:
+        return "dry_run"
+    return "unchanged" if result.generation is None else "changed"
 
 
 def _pending_recovery(layout: gens.Layout) -> str | None:
@@ -337,6 +397,7 @@ def _sync_locked(
     counter: StepCounter | None,
     step_retries: int,
     durable: bool,
+    started: float,
 ) -> SyncResult:
     if journal and options.block_size < LOG_MIN_BLOCK:
         raise PlanError(
@@ -401,6 +462,7 @@ def _sync_locked(
             warnings=[*warnings, *result.warnings],
         )
         if result.total_changed == 0:
+            gens.record_last_sync(layout, result, time.monotonic() - started)
             return result
         try:
             if writer is not None:
@@ -450,6 +512,7 @@ def _sync_locked(
                 result,
                 warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"],
             )
+        gens.record_last_sync(layout, result, time.monotonic() - started)
         return result
 
 
@@ -517,14 +580,13 @@ def _run(
         )
         for r in reports
     ]
-    for f in files:
-        if f.direct_io_fallback:
-            print(
-                f"apollo-sync: warning: {f.file}: direct I/O unavailable, wrote through the "
-                f"page cache ({f.direct_io_fallback}); device writes may exceed the changed bytes",
-                file=sys.stderr,
-            )
     warnings = list(mapping.warnings)
+    warnings += [
+        f"{f.file}: direct I/O unavailable, wrote through the page cache "
+        f"({f.direct_io_fallback}); device writes may exceed the changed bytes"
+        for f in files
+        if f.direct_io_fallback
+    ]
     buffered = sum(f.bytes_written_buffered for f in files)
     writer = syncer.log_writer()
     logged = writer is not None and writer.path.exists()
@@ -532,7 +594,7 @@ def _run(
     expected = sum(f.bytes_written for f in files) + log_size
     if buffered and disk is not None and disk > AMPLIFIED * expected + AMPLIFIED_SLACK:
         advice = (
-            "direct I/O was refused here (see the warning above)"
+            "direct I/O was refused here (see the other warning)"
             if options.direct_io
             else "--direct-io writes exactly the changed blocks"
         )

@@ -14,13 +14,18 @@ counter shows a finished step it has not synced; otherwise one runs every
 replaced), they are opened again. The watch ends when the producer exits
 (after one last sync of its shared memory, where it finished a step the watch
 had not synced; CUDA memory is not read once its owner is gone), after
-``count`` syncs, or when ``stop`` is set (between syncs). Handles without a
-producer pid (the seeds' format) give no way to see the producer exit: pass
-``count`` or ``stop`` for those.
+``count`` syncs, or when ``stop`` is set (between syncs: a sync in progress
+finishes first). Setting ``reload`` opens the handles again (what SIGHUP does
+to ``apollo-sync watch``). Handles without a producer pid (the seeds' format)
+give no way to see the producer exit: pass ``count`` or ``stop`` for those.
+
+What happens is logged to ``apollo_sync.watch`` (each sync's result by
+``apollo_sync.sync``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -38,6 +43,8 @@ from apollo_sync.sync import SyncResult, sync
 POLL_S = 0.01
 #: Seconds between looks at whether the producer is alive and its handles file unchanged.
 CHECK_S = 0.25
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,10 @@ def watch(
     interval: float = 1.0,
     count: int | None = None,
     stop: threading.Event | None = None,
+    reload: threading.Event | None = None,
     on_sync: Callable[[SyncResult], None] | None = None,
     on_torn: Callable[[TornSyncError], None] | None = None,
+    on_check: Callable[[bool], None] | None = None,
     **options: Any,
 ) -> WatchSummary:
     """Syncs ``model_dir`` from the producer behind ``handles`` after each of its steps.
@@ -80,19 +89,40 @@ def watch(
     committed nothing; without one (``journal=False``) the files may mix two
     steps until that next sync. Any other failure raises, as
     :func:`apollo_sync.sync` does (a journaled sync is undone first).
+    ``on_check`` is told, at each look (every :data:`CHECK_S` seconds), whether
+    the producer is alive.
     """
     if interval <= 0:
         raise ValueError(f"interval must be positive, not {interval}")
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
-    state = _State(count=count, stop=stop or threading.Event())
+    state = _State(
+        count=count,
+        stop=stop or threading.Event(),
+        reload=reload or threading.Event(),
+        on_check=on_check,
+    )
     while True:
         opened = load_handles(handles)
+        log.info(
+            "opened %d live tensor(s) from %s",
+            len(opened.tensors),
+            opened.path,
+            extra={"event": "handles_opened", "handles": str(opened.path)},
+        )
         try:
             reason = _Session(model_dir, opened, interval, on_sync, on_torn, options, state).run()
         finally:
             opened.close()
         if reason != "reopen":
+            for w in state.warnings:
+                log.warning("%s", w, extra={"event": "watch_warning"})
+            log.info(
+                "stopped (%s) after %d sync(s)",
+                reason,
+                state.made,
+                extra={"event": "watch_stopped", "reason": reason, "syncs": state.made},
+            )
             return WatchSummary(
                 state.made, reason, state.generation, state.torn, state.reopened, state.warnings
             )
@@ -105,6 +135,8 @@ class _State:
 
     count: int | None
     stop: threading.Event
+    reload: threading.Event
+    on_check: Callable[[bool], None] | None = None
     made: int = 0
     generation: int | None = None
     torn: int = 0
@@ -162,7 +194,12 @@ class _Session:
                 if gone:
                     return gone
                 if _identity(self.opened.path) != self.identity:
+                    log.info("the handles were exported again: opening them again")
                     return "reopen"  # re-exported: these mappings may be stale
+            if s.reload.is_set():
+                s.reload.clear()
+                log.info("asked to reload: opening the handles again")
+                return "reopen"
             if counter is not None:
                 step = counter.value()
                 if step % 2 or (step == s.synced_step and not self.fresh):
@@ -193,6 +230,7 @@ class _Session:
             )
         except TornSyncError as e:
             s.torn += 1
+            log.warning("%s; syncing again after the next step", e, extra={"event": "torn_sync"})
             if self.on_torn is not None:
                 self.on_torn(e)
             raise
@@ -208,9 +246,12 @@ class _Session:
         due and safe), else None."""
         try:
             check_producer_alive(self.opened)
+            if self.s.on_check is not None:
+                self.s.on_check(True)
             return None
         except ProducerGoneError:
-            pass
+            if self.s.on_check is not None:
+                self.s.on_check(False)
         counter, s = self.counter, self.s
         if counter is not None and counter.value() % 2:
             return "producer exited mid-step"

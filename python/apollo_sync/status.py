@@ -1,0 +1,233 @@
+"""``apollo-sync status``: where a model directory stands, on one screen.
+
+Read without taking the lock or changing anything (a sync may run meanwhile):
+``state.json`` (replaced whole at each commit), the logs present, the markers,
+``last_sync.json`` (written by each sync that ran to its end) and, where a
+handles file is given or found at the default path, whether its producer runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apollo_sync import journal as gens
+from apollo_sync.handles import ProducerState, producer_state
+
+
+@dataclass(frozen=True)
+class Status:
+    """The state of one model directory."""
+
+    model_dir: str
+    #: The last committed generation (0 before the first sync that changed something).
+    generation: int
+    #: The last generation the shards hold on disk by themselves.
+    checkpoint: int
+    #: Logs of interrupted syncs or rollbacks (past the committed generation, or
+    #: committed after ``state.json`` was last written): the next writer, or
+    #: ``apollo-sync recover``, deals with them.
+    awaiting_recovery: list[int]
+    #: Committed generations whose shards are not yet known to be on disk (a
+    #: background flush in progress, or a crash before it finished).
+    not_durable: list[int]
+    #: Bytes of the logs kept (the rollback history), and how many files.
+    log_bytes: int
+    log_files: int
+    #: The byte budget for them (``--undo-budget``; default half the model).
+    log_budget: int
+    #: Generations whose logs are kept at most (``--keep``).
+    keep: int
+    #: Generations a rollback can restore, newest first.
+    rollback_points: list[int]
+    #: The last generation committed (None before the first).
+    last_generation: gens.Generation | None
+    #: What the last sync that ran to its end recorded (``last_sync.json``):
+    #: ``time``, ``generation`` (None: nothing changed), ``seconds``,
+    #: ``wall_seconds``, byte counts.
+    last_sync: dict[str, Any] | None
+    #: A writer holding the lock now ("pid N, since HH:MM:SS"), or None.
+    writer: str | None
+    #: The producer behind the handles file (None where none was looked at).
+    producer: ProducerState | None = None
+    model_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["last_generation"] = (
+            None if self.last_generation is None else self.last_generation.to_dict()
+        )
+        d["producer"] = (
+            None
+            if self.producer is None
+            else {
+                "path": str(self.producer.path),
+                "alive": self.producer.alive,
+                "detail": self.producer.detail,
+            }
+        )
+        return d
+
+
+def status(
+    model_dir: str | os.PathLike[str],
+    *,
+    handles: str | os.PathLike[str] | None = None,
+    look_for_producer: bool = True,
+    keep: int = gens.DEFAULT_KEEP,
+    undo_budget: int | None = None,
+) -> Status:
+    """Where ``model_dir`` stands (see :class:`Status`). The producer is looked up
+    through ``handles`` (default: the default handles path) when
+    ``look_for_producer``."""
+    layout = gens.Layout(model_dir)
+    state = gens.load_state(layout)
+    k = gens.checkpoint(layout, state)
+    logs = layout.logs()
+    awaiting = sorted(n for n in logs if n > state.generation)
+    not_durable = [n for n in range(k + 1, state.generation + 1)]
+    model_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    sizes = []
+    for p in logs.values():
+        with contextlib.suppress(FileNotFoundError):  # pruned meanwhile
+            sizes.append(p.stat().st_size)
+    history = gens.History(state)
+    producer = producer_state(handles) if look_for_producer else None
+    notes = []
+    if producer is not None and producer.alive is not None:
+        target = producer.metadata.get("model_path")
+        if isinstance(target, str) and os.path.realpath(target) != os.path.realpath(model_dir):
+            notes.append(f"the handles' producer serves {target}, not this directory")
+    return Status(
+        model_dir=str(model_dir),
+        generation=state.generation,
+        checkpoint=k,
+        awaiting_recovery=awaiting,
+        not_durable=not_durable,
+        log_bytes=sum(sizes),
+        log_files=len(sizes),
+        log_budget=int(gens.DEFAULT_BUDGET_FRACTION * model_bytes)
+        if undo_budget is None
+        else undo_budget,
+        keep=keep,
+        rollback_points=history.rollback_points(),
+        last_generation=state.history[-1] if state.history else None,
+        last_sync=gens.read_last_sync(layout),
+        writer=_writer(layout),
+        producer=producer,
+        model_bytes=model_bytes,
+        notes=notes,
+    )
+
+
+def _writer(layout: gens.Layout) -> str | None:
+    """Who holds the exclusive lock now (a shared lock taken and dropped at once
+    tells; a writer waiting for it meanwhile retries within 50 ms)."""
+    try:
+        fd = os.open(layout.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: no writer ever ran
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return gens._read_holder(fd).strip(" ()") or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _ago(t: float, now: float) -> str:
+    s = max(0.0, now - t)
+    if s < 120:
+        return f"{s:.0f} s ago"
+    if s < 7200:
+        return f"{s / 60:.0f} min ago"
+    if s < 172800:
+        return f"{s / 3600:.1f} h ago"
+    return f"{s / 86400:.1f} days ago"
+
+
+def _when(t: float, now: float) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} ({_ago(t, now)})"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n} B"
+
+
+def render(st: Status, now: float | None = None) -> str:
+    """One screen for a person."""
+    now = time.time() if now is None else now
+    lines = [f"model dir        {st.model_dir} ({_size(st.model_bytes)})"]
+    gen = f"generation       {st.generation}"
+    if st.last_generation is not None:
+        g = st.last_generation
+        kind = "sync" if g.rollback_to is None else f"rollback to {g.rollback_to}"
+        gen += f" ({kind}, committed {_when(g.time, now)})"
+    lines.append(gen)
+    if st.not_durable:
+        lines.append(
+            f"on disk          generation {st.checkpoint}; {st.not_durable} current in the page "
+            "cache, being flushed (or awaiting `apollo-sync recover` after a crash)"
+        )
+    else:
+        lines.append(f"on disk          generation {st.checkpoint}: durable")
+    if st.awaiting_recovery:
+        lines.append(
+            f"INTERRUPTED      generation(s) {st.awaiting_recovery} await recovery: run "
+            "`apollo-sync recover` (every sync does it first)"
+        )
+    else:
+        lines.append("interrupted      none")
+    lines.append(f"writer           {st.writer or 'none now'}")
+    pct = 100 * st.log_bytes / st.log_budget if st.log_budget else 0.0
+    lines.append(
+        f"log              {_size(st.log_bytes)} in {st.log_files} file(s), budget "
+        f"{_size(st.log_budget)} ({pct:.0f}% used), keep {st.keep}"
+    )
+    points = st.rollback_points
+    if points:
+        span = f"{points[-1]}..{points[0]}" if len(points) > 1 else str(points[0])
+        lines.append(f"rollback points  {len(points)}: generations {span}")
+    else:
+        lines.append("rollback points  none")
+    last = st.last_sync
+    if last is not None:
+        changed = (
+            "no change"
+            if last.get("generation") is None
+            else f"generation {last['generation']}, {_size(int(last.get('bytes_changed', 0)))} "
+            f"changed, log {_size(int(last.get('log_bytes', 0)))}"
+        )
+        lines.append(
+            f"last sync        {_when(float(last.get('time', 0)), now)}: {changed}; "
+            f"{float(last.get('seconds', 0)):.2f} s diff and write, "
+            f"{float(last.get('wall_seconds', 0)):.2f} s in all"
+        )
+    else:
+        lines.append("last sync        none recorded")
+    if st.last_generation is not None and (
+        last is None or last.get("generation") != st.last_generation.number
+    ):
+        g = st.last_generation
+        lines.append(
+            f"last change      generation {g.number}, {_when(g.time, now)}: "
+            f"{_size(g.bytes_changed)}, {g.elements_changed:,} elements"
+        )
+    if st.producer is not None:
+        p = st.producer
+        word = {True: "alive", False: "not running", None: "unknown"}[p.alive]
+        lines.append(f"producer         {word}: {p.detail}")
+    lines += [f"note             {n}" for n in st.notes]
+    return "\n".join(lines)
