@@ -331,9 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--handles",
             type=Path,
+            nargs="+",
             default=None,
             help="handles file exported by the producer "
-            "(default: $APOLLO_SYNC_HANDLES or a private per-user path)",
+            "(default: $APOLLO_SYNC_HANDLES or a private per-user path); of a tensor- or "
+            "pipeline-parallel producer, rank 0's (the others are found beside it as "
+            ".rank<N>) or every rank's",
         )
 
     s = sub.add_parser("sync", help="write the live weights' changed blocks into the files")

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from apollo_sync.errors import ProducerGoneError, TornSyncError
-from apollo_sync.handles import Handles, check_producer_alive, load_handles
+from apollo_sync.handles import Handles
+from apollo_sync.ranks import HandlesArg, check_alive, open_handles
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import SyncResult, sync
 
@@ -62,7 +63,7 @@ class WatchSummary:
 def watch(
     model_dir: str | os.PathLike[str] | None = None,
     *,
-    handles: str | os.PathLike[str] | None = None,
+    handles: HandlesArg = None,
     interval: float = 1.0,
     count: int | None = None,
     stop: threading.Event | None = None,
@@ -87,7 +88,7 @@ def watch(
         raise ValueError(f"count must be at least 1, not {count}")
     state = _State(count=count, stop=stop or threading.Event())
     while True:
-        opened = load_handles(handles)
+        opened = open_handles(handles)
         try:
             reason = _Session(model_dir, opened, interval, on_sync, on_torn, options, state).run()
         finally:
@@ -207,7 +208,7 @@ class _Session:
         """Why to stop if the producer has exited (after a last sync where one is
         due and safe), else None."""
         try:
-            check_producer_alive(self.opened)
+            check_alive(self.opened)
             return None
         except ProducerGoneError:
             pass
