@@ -23,10 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import apollo_sync.tp
 from apollo_sync import HandlesError, RefusedError, history, sync
 from apollo_sync.diagnose import diagnose
+from apollo_sync.live import from_torch
 from apollo_sync.ranks import open_handles
-from apollo_sync.vllm_ext import ApolloSyncWorkerExtension
+from apollo_sync.tp import assemble
+from apollo_sync.vllm_ext import ApolloSyncWorkerExtension, partitions
 from conftest import dir_digest
 from vllm_sharding import Rank, Shape, shard
 
@@ -239,6 +242,74 @@ def test_ranks_sync_to_the_unsharded_truth(
     check_logits(root, truth)
     again = sync(handles=handles)
     assert again.total_changed == 0 and again.bytes_written == 0
+
+
+def test_any_byte_range_of_a_full_tensor_is_the_truth() -> None:
+    """Row-parallel strips, merged sections with K/V replicas, the vocabulary and
+    experts, cut anywhere (a range may start and end inside a row)."""
+    cfg, shape = CONFIGS["qwen3_moe"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    hf = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    hf |= {  # transformers 5 fuses experts in memory: the checkpoint's names
+        f"model.layers.{i}.mlp.experts.{e}.{p}.weight": t
+        for i in range(2)
+        for e in range(8)
+        for p, t in zip(
+            ("gate_proj", "up_proj", "down_proj"),
+            (
+                *hf[f"model.layers.{i}.mlp.experts.gate_up_proj"][e].chunk(2),
+                hf[f"model.layers.{i}.mlp.experts.down_proj"][e],
+            ),
+            strict=True,
+        )
+    }
+    for i in range(2):
+        del hf[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        del hf[f"model.layers.{i}.mlp.experts.down_proj"]
+    for ep in (None, "round_robin"):
+        ranks = shard(hf, shape, 4, layers=2, ep=ep)
+        sets = [
+            (
+                {n: from_torch(n, p) for n, p in r.model.named_parameters()},
+                partitions(r.model, r.tp_rank, 4),
+            )
+            for r in ranks
+        ]
+        full = assemble(sets)
+        p = "model.layers.1."
+        truth = {
+            p + "self_attn.o_proj.weight": hf[p + "self_attn.o_proj.weight"],
+            p + "self_attn.qkv_proj.weight": torch.cat(
+                [hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]
+            ),
+            "model.embed_tokens.weight": hf["model.embed_tokens.weight"],
+            p + "mlp.experts.w2_weight": torch.stack(
+                [hf[p + f"mlp.experts.{e}.down_proj.weight"] for e in range(8)]
+            ),
+        }
+        g = torch.Generator().manual_seed(1)
+        for name, t in truth.items():
+            want = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+            source = full[name].source
+            assert full[name].shape == tuple(t.shape)
+            cuts = torch.randint(0, len(want), (40,), generator=g).tolist()
+            for a, b in [(0, len(want)), *zip(cuts[::2], cuts[1::2], strict=True)]:
+                a, b = min(a, b), max(a, b)
+                assert (source[a:b] == want[a:b]).all(), (name, ep, a, b)
+
+
+def test_chunks_that_cut_blocks_and_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Staging buffers far smaller than a tensor, not a multiple of a block or a
+    row: each 4 KiB block assembled across chunk boundaries still lands whole."""
+    monkeypatch.setattr(apollo_sync.tp, "CHUNK_BYTES", 3000)
+    _, shape = CONFIGS["qwen3"]
+    root, hf = make_model(tmp_path, "qwen3")
+    handles = tmp_path / "run" / "handles.pt"
+    ranks = serve(root, hf, shape, handles, 4)
+    truth = train(ranks, hf, shape, 4, 1, None)
+    assert sync(handles=handles).total_changed > 0
+    check_files(root, truth)
 
 
 def test_any_rank_path_or_the_list_finds_the_set(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from apollo_sync.refusals import check_producer
 from apollo_sync.shards import check_shards
 from apollo_sync.steps import StepCounter
 from apollo_sync.stream import Placement, stream_into
+from apollo_sync.tp import is_sharded, stream_ranks
 from apollo_sync.upcast import resolve
 
 DEFAULT_BLOCK_SIZE = 4096
@@ -490,7 +491,9 @@ def _run(
     t0 = time.perf_counter()
     bar = _progress_bar(total, options.progress)
     try:
-        stream_into(
+        # the tensors of a set of ranks are assembled from every rank (tp.py)
+        stream = stream_ranks if any(is_sharded(p.live) for p in placements) else stream_into
+        stream(
             syncer,
             placements,
             progress=bar.update if bar else None,

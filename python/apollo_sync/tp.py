@@ -43,18 +43,34 @@ is compared.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from apollo_sync._core import Syncer
 from apollo_sync.dtypes import itemsize
 from apollo_sync.errors import HandlesError, RefusedError
 from apollo_sync.live import HostBytes, LiveTensor
+from apollo_sync.stream import CHUNK_BYTES as CHUNK_BYTES_ONE_GPU
+from apollo_sync.stream import (
+    INTERLEAVE_BYTES,
+    STAGING_DEPTH,
+    Placement,
+    StreamStats,
+    interleave,
+    width,
+)
 
 #: Metadata key under which the worker extension records each parameter's
 #: partition (a JSON object ``{name: spec}``; parameters absent are replicated).
@@ -306,15 +322,50 @@ class ShardedSource:
         if step != 1:
             raise IndexError("only contiguous byte ranges")
         out = np.empty(max(0, b - a), dtype=np.uint8)
-        if b <= a:
-            return out
-        for p in self.writers:
-            self._copy(p, a, b, out, check=False)
-        for p in self.replicas:
-            self._copy(p, a, b, out, check=True)
+        if b > a:
+            self.assemble_into(a, b, out)
+            self.check_replicas(a, b, out)
         return out
 
-    def _copy(self, p: Piece, a: int, b: int, out: HostBytes, *, check: bool) -> None:
+    def devices(self) -> set[torch.device]:
+        """The CUDA devices of the ranks that write this tensor."""
+        return {
+            self.ranks[p.rank].device_bytes(0, 0).device
+            for p in self.writers
+            if self.ranks[p.rank].is_cuda
+        }
+
+    def assemble_into(
+        self,
+        a: int,
+        b: int,
+        out: HostBytes,
+        streams: Mapping[torch.device, torch.cuda.Stream] | None = None,
+    ) -> None:
+        """Bytes ``a:b`` of the full tensor into ``out``. With ``streams`` (one per
+        device), the CUDA ranks' pieces are strided device-to-host copies issued
+        on their device's stream, not waited for (``out`` should be pinned); host
+        ranks' pieces are copied at once."""
+        for p in self.writers:
+            self._copy(p, a, b, out, check=False, streams=streams)
+
+    def check_replicas(self, a: int, b: int, out: HostBytes) -> None:
+        """Raises :class:`RefusedError` when a rank holding a replica of bytes
+        ``a:b`` (K/V heads, a replicated parameter) holds other bytes than the
+        assembled ``out`` (complete: any copies into it have finished)."""
+        for p in self.replicas:
+            self._copy(p, a, b, out, check=True)
+
+    def _copy(
+        self,
+        p: Piece,
+        a: int,
+        b: int,
+        out: HostBytes,
+        *,
+        check: bool,
+        streams: Mapping[torch.device, torch.cuda.Stream] | None = None,
+    ) -> None:
         """Copies (or, ``check``, compares) piece ``p``'s share of bytes ``a:b``."""
         row, lrow, u = self.row, self.local_row[p.rank], self.unit
         ps, pe = p.start * u, (p.start + p.length) * u  # within a full row
@@ -326,7 +377,7 @@ class ShardedSource:
         m1 = max(m1, m0)
         if m1 > m0 and pe > ps:
             dst = out[m0 * row - a : m1 * row - a].reshape(m1 - m0, row)[:, ps:pe]
-            self._strided(p, m0, m1, ls, pe - ps, lrow, dst, check)
+            self._strided(p, m0, m1, ls, pe - ps, lrow, dst, check, streams)
         for o in sorted({o0, o1 - 1}):
             if m0 <= o < m1:
                 continue
@@ -335,7 +386,7 @@ class ShardedSource:
                 continue
             src_at = o * lrow + ls + (lo - o * row - ps)
             dst = out[lo - a : hi - a].reshape(1, hi - lo)
-            self._strided(p, 0, 1, src_at, hi - lo, 0, dst, check)
+            self._strided(p, 0, 1, src_at, hi - lo, 0, dst, check, streams)
 
     def _strided(
         self,
@@ -347,12 +398,17 @@ class ShardedSource:
         pitch: int,
         dst: np.ndarray[tuple[int, int], np.dtype[np.uint8]],
         check: bool,
+        streams: Mapping[torch.device, torch.cuda.Stream] | None = None,
     ) -> None:
         """Rows ``r0:r1`` of rank ``p.rank``'s bytes seen as rows of ``pitch`` bytes,
         columns ``col:col+width``, into (or compared with) ``dst``."""
         t = self.ranks[p.rank]
         start = r0 * pitch + col
         stop = (r1 - 1) * pitch + col + width
+        if t.is_cuda and streams is not None and not check:
+            src = t.device_bytes(start, stop)
+            _copy_2d(dst, src, pitch, r1 - r0, width, streams[src.device])
+            return
         if t.is_cuda:
             src_dev = t.device_bytes(start, stop)
             if r1 - r0 > 1:
@@ -460,3 +516,229 @@ def _check_zero(name: str, rank: int, t: LiveTensor, dim: int, local: int, n: in
             f"{name}: rank {rank}'s vocabulary padding rows {local}..{local + n} are not zero "
             "(vLLM's loader fills them with zeros): not the layout this sync understands"
         )
+
+
+#: Bytes of one staging buffer (one call into the core), as for a single GPU.
+CHUNK_BYTES = CHUNK_BYTES_ONE_GPU
+
+_CUDART: Any = None
+_DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
+
+
+def _cudart() -> Any:
+    """The CUDA runtime torch loaded (for ``cudaMemcpy2DAsync``, which torch does
+    not expose), or False where it cannot be found."""
+    global _CUDART
+    if _CUDART is None:
+        _CUDART = False
+        libs = ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
+        roots = [Path(torch.__file__).parent / "lib"]
+        with contextlib.suppress(ImportError):
+            import nvidia  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+            roots += [Path(p) / "cuda_runtime" / "lib" for p in nvidia.__path__]
+        for name in [*libs, *(str(r / n) for r in roots for n in libs)]:
+            try:
+                lib = ctypes.CDLL(name)
+            except OSError:
+                continue
+            fn = lib.cudaMemcpy2DAsync
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+            fn.argtypes += [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+            _CUDART = fn
+            break
+    return _CUDART
+
+
+def _copy_2d(
+    dst: np.ndarray[tuple[int, int], np.dtype[np.uint8]],
+    src: torch.Tensor,
+    pitch: int,
+    rows: int,
+    width: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """``rows`` rows of ``width`` bytes, ``pitch`` apart from ``src`` (a 1-D CUDA
+    view starting at the first), into ``dst`` (rows of a host array): one
+    ``cudaMemcpy2DAsync`` on ``stream``, not waited for; a copy through torch
+    (synchronous) where the runtime is not found."""
+    fn = _cudart()
+    dpitch = int(dst.strides[0]) if rows > 1 else width
+    if fn:
+        with torch.cuda.device(src.device):
+            err = fn(
+                dst.ctypes.data,
+                dpitch,
+                src.data_ptr(),
+                pitch if rows > 1 else width,
+                width,
+                rows,
+                _DEVICE_TO_HOST,
+                stream.cuda_stream,
+            )
+        if err != 0:
+            raise RuntimeError(f"cudaMemcpy2DAsync failed (error {err})")
+        return
+    view = torch.as_strided(src, (rows, width), (pitch if rows > 1 else width, 1))
+    with torch.cuda.stream(stream):
+        dst[...] = view.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _Part:
+    shard: int
+    offset: int  # in the file
+    live: LiveTensor
+    start: int  # bytes of the live tensor
+    stop: int
+
+
+def _parts(plan: Sequence[Placement], chunk: int) -> Iterator[list[_Part]]:
+    """The plan cut into chunks of at most ``chunk`` bytes, in plan order."""
+    out: list[_Part] = []
+    total = 0
+    for p in plan:
+        pos, n = 0, p.live.nbytes
+        while pos < n:
+            if total >= chunk:
+                yield out
+                out, total = [], 0
+            take = min(n - pos, chunk - total)
+            out.append(_Part(p.shard, p.offset + pos, p.live, pos, pos + take))
+            total += take
+            pos += take
+    if out:
+        yield out
+
+
+def is_sharded(t: LiveTensor) -> bool:
+    return isinstance(t.source, ShardedSource)
+
+
+def stream_ranks(
+    syncer: Syncer,
+    plan: Sequence[Placement],
+    *,
+    progress: Callable[[int], None] | None = None,
+    parallel_shards: bool = False,
+    chunk_bytes: int | None = None,
+    depth: int = STAGING_DEPTH,
+) -> StreamStats:
+    """:func:`apollo_sync.stream.stream_into` for the tensors of a set of ranks.
+
+    Each chunk of the plan (in file order) is assembled in one buffer of a ring
+    of ``depth`` staging buffers (pinned where a rank is on a GPU): every rank's
+    pieces are copied straight into their places, the GPUs' strided copies
+    issued on one stream per device, so all GPUs copy at once. A feeder thread
+    waits for a buffer's copies, checks its replicas and hands it to the core
+    (GIL released) while this thread fills the next buffer. Host memory stays
+    bounded by the ring.
+    """
+    stats = StreamStats()
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    if parallel_shards:
+        plan = interleave(plan, INTERLEAVE_BYTES)
+    t0 = time.perf_counter()
+    devices = sorted(
+        {d for p in plan if is_sharded(p.live) for d in _source(p.live).devices()}, key=str
+    )
+    streams = {d: torch.cuda.Stream(device=d) for d in devices}
+    for d, st in streams.items():
+        st.wait_stream(torch.cuda.current_stream(d))
+    buffers = [
+        torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=bool(devices)).numpy()
+        for _ in range(depth)
+    ]
+    stats.setup_s = time.perf_counter() - t0
+    ready: queue.Queue[_Staged | None] = queue.Queue()
+    free: queue.Queue[int] = queue.Queue()
+    for slot in range(depth):
+        free.put(slot)
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def feeder() -> None:
+        try:
+            while (item := ready.get()) is not None:
+                slot, n, segments, checks, events = item
+                if stop.is_set():
+                    continue
+                t0 = time.perf_counter()
+                for ev in events:
+                    ev.synchronize()
+                for source, a, b, view in checks:
+                    source.check_replicas(a, b, view)
+                t1 = time.perf_counter()
+                syncer.feed(segments)  # GIL released
+                stats.copy_wait_s += t1 - t0
+                stats.feed_s += time.perf_counter() - t1
+                stats.batches += 1
+                stats.bytes += n
+                if progress:
+                    progress(n)
+                free.put(slot)
+        except BaseException as e:
+            failed.append(e)
+            stop.set()
+            free.put(-1)  # wake the submitting thread
+
+    thread = threading.Thread(target=feeder, name="apollo-sync-ranks-feed", daemon=True)
+    thread.start()
+    try:
+        for parts in _parts(plan, chunk_bytes):
+            slot = free.get()
+            if slot < 0:
+                break
+            t0 = time.perf_counter()
+            ready.put((slot, *_stage(parts, buffers[slot], streams)))
+            stats.submit_s += time.perf_counter() - t0
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        ready.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+    return stats
+
+
+_Check = tuple["ShardedSource", int, int, HostBytes]
+_Staged = tuple[int, int, list[tuple[int, int, Any, int]], list[_Check], list[Any]]
+
+
+def _source(t: LiveTensor) -> ShardedSource:
+    assert isinstance(t.source, ShardedSource)
+    return t.source
+
+
+def _stage(
+    parts: list[_Part], buf: HostBytes, streams: Mapping[torch.device, torch.cuda.Stream]
+) -> tuple[int, list[tuple[int, int, Any, int]], list[_Check], list[Any]]:
+    """Starts assembling ``parts`` into ``buf``; returns the byte count, the
+    segments to feed, the replica checks to run and the events to wait for."""
+    segments: list[tuple[int, int, Any, int]] = []
+    checks: list[_Check] = []
+    pos = 0
+    for p in parts:
+        n = p.stop - p.start
+        if not is_sharded(p.live):  # host bytes (an upcast tensor): fed in place
+            segments.append(
+                (p.shard, p.offset, p.live.stream_source(p.start, p.stop), width(p.live))
+            )
+            continue
+        source = _source(p.live)
+        a = p.live.offset + p.start
+        view = buf[pos : pos + n]
+        source.assemble_into(a, a + n, view, streams)
+        if source.replicas:
+            checks.append((source, a, a + n, view))
+        segments.append((p.shard, p.offset, view, width(p.live)))
+        pos += n
+    events = []
+    for st in streams.values():
+        ev = torch.cuda.Event()
+        ev.record(st)
+        events.append(ev)
+    return sum(p.stop - p.start for p in parts), segments, checks, events
