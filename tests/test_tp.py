@@ -161,12 +161,10 @@ def serve(
     return ranks
 
 
-def train(
-    ranks: list[Rank], hf: dict[str, torch.Tensor], shape: Shape, tp: int, pp: int, ep: str | None
-) -> dict[str, torch.Tensor]:
-    """A training-like change of the truth (most tensors, a few percent of their
-    elements), put in place into every rank's tensors; returns the new truth."""
-    g = torch.Generator().manual_seed(5)
+def changed(hf: dict[str, torch.Tensor], seed: int = 5) -> dict[str, torch.Tensor]:
+    """A training-like change of the truth: most tensors, a few percent of their
+    elements (deterministic: every process that needs it computes the same)."""
+    g = torch.Generator().manual_seed(seed)
     truth = {}
     for i, (name, t) in enumerate(sorted(hf.items())):
         if i % 7 == 3:  # some tensors untouched
@@ -175,11 +173,24 @@ def train(
         mask = torch.rand(t.shape, generator=g) < 0.05
         step = torch.randn(t.shape, generator=g).to(t.dtype) * 0.1
         truth[name] = torch.where(mask, t + step, t)
+    return truth
+
+
+def put(rank: Rank, new: Rank) -> None:
+    """``new``'s values into ``rank``'s tensors, in place (where they are served)."""
+    fresh = dict(new.model.named_parameters())
+    with torch.no_grad():
+        for name, p in rank.model.named_parameters():
+            p.copy_(fresh[name])
+
+
+def train(
+    ranks: list[Rank], hf: dict[str, torch.Tensor], shape: Shape, tp: int, pp: int, ep: str | None
+) -> dict[str, torch.Tensor]:
+    """:func:`changed` put into every rank's tensors in place; returns the new truth."""
+    truth = changed(hf)
     for old, new in zip(ranks, shard(truth, shape, tp, pp=pp, layers=2, ep=ep), strict=True):
-        fresh = dict(new.model.named_parameters())
-        with torch.no_grad():
-            for name, p in old.model.named_parameters():
-                p.copy_(fresh[name])
+        put(old, new)
     return truth
 
 
