@@ -25,11 +25,13 @@ from safetensors.torch import load_file, save_file
 
 import apollo_sync.tp
 from apollo_sync import HandlesError, RefusedError, history, sync
+from apollo_sync.cli import main as cli_main
 from apollo_sync.diagnose import diagnose
 from apollo_sync.live import from_torch
 from apollo_sync.ranks import open_handles
 from apollo_sync.tp import assemble
 from apollo_sync.vllm_ext import ApolloSyncWorkerExtension, partitions
+from apollo_sync.watch import watch
 from conftest import dir_digest
 from vllm_sharding import Rank, Shape, shard
 
@@ -185,10 +187,16 @@ def put(rank: Rank, new: Rank) -> None:
 
 
 def train(
-    ranks: list[Rank], hf: dict[str, torch.Tensor], shape: Shape, tp: int, pp: int, ep: str | None
+    ranks: list[Rank],
+    hf: dict[str, torch.Tensor],
+    shape: Shape,
+    tp: int,
+    pp: int,
+    ep: str | None,
+    seed: int = 5,
 ) -> dict[str, torch.Tensor]:
     """:func:`changed` put into every rank's tensors in place; returns the new truth."""
-    truth = changed(hf)
+    truth = changed(hf, seed)
     for old, new in zip(ranks, shard(truth, shape, tp, pp=pp, layers=2, ep=ep), strict=True):
         put(old, new)
     return truth
@@ -335,6 +343,21 @@ def test_any_rank_path_or_the_list_finds_the_set(tmp_path: Path) -> None:
     d = diagnose(handles=paths[1])
     assert not d.only_live and not d.mismatched and not d.refusals and not d.only_disk
     assert sync(handles=paths).total_changed > 0  # every rank's path, in any order
+    check_files(root, truth)
+
+
+def test_watch_and_the_cli_take_a_set(tmp_path: Path) -> None:
+    _, shape = CONFIGS["qwen3"]
+    root, hf = make_model(tmp_path, "qwen3")
+    handles = tmp_path / "run" / "handles.pt"
+    ranks = serve(root, hf, shape, handles, 2)
+    truth = train(ranks, hf, shape, 2, 1, None)
+    summary = watch(handles=handles, count=1)
+    assert summary.syncs == 1
+    check_files(root, truth)
+    truth = train(ranks, truth, shape, 2, 1, None, seed=6)
+    rank1 = handles.with_name("handles.pt.rank1")
+    assert cli_main(["sync", "--handles", str(rank1), str(handles)]) == 0
     check_files(root, truth)
 
 
