@@ -434,6 +434,18 @@ def test_what_stays_refused_is_still_refused(tmp_path: Path) -> None:
     assert len(ranks) == 2  # alive until here: their memory backs the handles
 
 
+def test_added_vocabulary_is_refused(tmp_path: Path) -> None:
+    _, shape = CONFIGS["qwen3"]
+    root, hf = make_model(tmp_path, "qwen3")
+    ranks = shard(hf, shape, 2, layers=2)
+    handles = tmp_path / "run" / "handles.pt"
+    for r in ranks:  # LoRA's extra vocabulary, sharded apart from the base rows
+        r.model.model.embed_tokens.num_added_embeddings = 16
+        Worker(root, r, 2, 1).apollo_export_handles(str(handles))
+    with pytest.raises(RefusedError, match=r"16 vocabulary rows added"):
+        sync(handles=handles)
+
+
 def test_partition_metadata_is_recorded_per_rank(tmp_path: Path) -> None:
     """What the extension records is vLLM's layer objects' description, per rank."""
     _, shape = CONFIGS["qwen3"]

@@ -101,6 +101,8 @@ class Spec:
     experts: int = 0
     ids: tuple[int, ...] = ()
     inner: Spec | None = None
+    #: vocabulary rows added past the checkpoint's (LoRA): refused when read
+    added: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -112,6 +114,8 @@ class Spec:
             out |= {"sizes": list(self.sizes), "replicas": list(self.replicas)}
         elif self.rule == "vocab":
             out |= {"org": self.org, "padded": self.padded}
+            if self.added:
+                out["added"] = self.added
         elif self.rule == "experts":
             out |= {"experts": self.experts, "ids": list(self.ids)}
             if self.inner is not None:
@@ -146,6 +150,11 @@ def parse_spec(obj: Any, where: str) -> Spec:
         org, padded = obj.get("org"), obj.get("padded")
         if not isinstance(org, int) or not isinstance(padded, int) or not 0 < org <= padded:
             raise HandlesError(f"{where}: malformed vocab partition {obj!r}")
+        if obj.get("added", 0):
+            raise RefusedError(
+                f"{where}: {obj['added']} vocabulary rows added past the checkpoint's (LoRA "
+                "extra vocabulary) are sharded apart from the base rows; not synced"
+            )
         return Spec("vocab", 0, tp_rank=tp[0], tp_size=tp[1], org=org, padded=padded)
     if spec.rule == "experts":
         experts, ids = obj.get("experts"), ints(obj.get("ids"), "ids")

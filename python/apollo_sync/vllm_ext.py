@@ -33,6 +33,7 @@ import enum
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +193,15 @@ def _param_spec(
     if "VocabParallelEmbedding" in kinds:
         if not isinstance(out_dim, int) or pname not in ("weight", "bias"):
             return None
-        return Spec(
+        spec = Spec(
             "vocab",
             tp_rank=rank,
             tp_size=size,
             org=int(module.org_vocab_size),
             padded=int(module.num_embeddings_padded),
         )
+        added = int(getattr(module, "num_added_embeddings", 0) or 0)
+        return replace(spec, added=added) if added else spec
     if not isinstance(out_dim, int):
         return None
     if "QKVParallelLinear" in kinds:
