@@ -625,6 +625,11 @@ def is_sharded(t: LiveTensor) -> bool:
     return isinstance(t.source, ShardedSource)
 
 
+def on_gpu(t: LiveTensor) -> bool:
+    """Whether any of ``t``'s bytes are CUDA memory (its own, or a rank's)."""
+    return t.is_cuda or (is_sharded(t) and bool(_source(t).devices()))
+
+
 def stream_ranks(
     syncer: Syncer,
     plan: Sequence[Placement],

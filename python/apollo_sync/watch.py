@@ -34,6 +34,7 @@ from apollo_sync.handles import Handles
 from apollo_sync.ranks import HandlesArg, check_alive, open_handles
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import SyncResult, sync
+from apollo_sync.tp import on_gpu
 
 #: Seconds between looks at the producer's step counter.
 POLL_S = 0.01
@@ -130,7 +131,7 @@ class _Session:
         self.model_dir, self.opened, self.interval = model_dir, opened, interval
         self.on_sync, self.on_torn, self.options, self.s = on_sync, on_torn, options, state
         self.identity = _identity(opened.path)
-        self.cuda = any(t.is_cuda for t in opened.tensors.values())
+        self.cuda = any(on_gpu(t) for t in opened.tensors.values())
         # compared in place from now on: mapped once, resident for every later sync
         for name, t in opened.tensors.items():
             if t.file is not None:
