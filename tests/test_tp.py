@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import apollo_sync.tp
-from apollo_sync import HandlesError, RefusedError, history, sync
+from apollo_sync import HandlesError, RefusedError, export_handles, history, sync
 from apollo_sync.cli import main as cli_main
 from apollo_sync.diagnose import diagnose
 from apollo_sync.live import from_torch
@@ -432,6 +432,31 @@ def test_what_stays_refused_is_still_refused(tmp_path: Path) -> None:
     with pytest.raises(RefusedError, match=r"quantization 'fp8'"):
         sync(handles=handles)
     assert len(ranks) == 2  # alive until here: their memory backs the handles
+
+
+def test_handles_of_an_older_extension_are_refused(tmp_path: Path) -> None:
+    """Rank files without the partition records (or without ranks) are not guessed at."""
+    t = torch.zeros(4, 4)
+    handles = tmp_path / "run" / "handles.pt"
+    meta: dict[str, Any] = {"model_path": str(tmp_path), "tensor_parallel_size": 2}
+    export_handles({"w": t}, handles, metadata=meta | {"tensor_parallel_rank": 0})
+    rank1 = handles.with_name("handles.pt.rank1")
+    export_handles({"w": t}, rank1, metadata=meta | {"tensor_parallel_rank": 1})
+    with pytest.raises(HandlesError, match=r"records no rank .* older apollo_sync"):
+        open_handles(handles)
+    for n, path in enumerate((handles, rank1)):
+        ranks = {"rank": n, "tensor_parallel_rank": n, "pipeline_parallel_rank": 0}
+        export_handles({"w": t}, path, metadata=meta | ranks)
+    with pytest.raises(HandlesError, match=r"no partition metadata .* older apollo_sync"):
+        open_handles(handles)
+    export_handles({"w": t}, rank1, metadata=meta | ranks | {"partitions": '{"w": {"rule": 3}}'})
+    export_handles(
+        {"w": t},
+        handles,
+        metadata=meta | ranks | {"rank": 0, "tensor_parallel_rank": 0, "partitions": "{}"},
+    )
+    with pytest.raises(HandlesError, match=r"w: malformed partition record"):
+        open_handles(handles)
 
 
 def test_added_vocabulary_is_refused(tmp_path: Path) -> None:
