@@ -32,7 +32,7 @@ pytestmark = [
 
 
 def producer(
-    root: str, arch: str, tp: int, index: int, handles: str, ep: str | None, conn: Any
+    root: str, arch: str, tp: int, pp: int, index: int, handles: str, ep: str | None, conn: Any
 ) -> None:
     """One vLLM worker: rank ``index``'s shard on GPU ``index``, exported; on
     "train", the changed truth's shard put in place; on "exit", gone."""
@@ -42,15 +42,15 @@ def producer(
         torch.cuda.set_device(index)
         _, shape = CONFIGS[arch]
         hf = read_dir(Path(root))
-        rank = shard(hf, shape, tp, layers=2, ep=ep)[index]
+        rank = shard(hf, shape, tp, pp=pp, layers=2, ep=ep)[index]
         for p in rank.model.parameters():
             p.data = p.data.to(f"cuda:{index}")  # the Parameter (and its attributes) stays
-        Worker(Path(root), rank, tp, 1, ep=ep is not None).apollo_export_handles(handles)
+        Worker(Path(root), rank, tp, pp, ep=ep is not None).apollo_export_handles(handles)
         torch.cuda.synchronize()
         conn.send("ready")
         while (msg := conn.recv()) != "exit":
             assert msg == "train"
-            put(rank, shard(changed(hf), shape, tp, layers=2, ep=ep)[index])
+            put(rank, shard(changed(hf), shape, tp, pp=pp, layers=2, ep=ep)[index])
             torch.cuda.synchronize()
             conn.send("trained")
     except BaseException as e:
@@ -59,15 +59,17 @@ def producer(
 
 
 class Ranks:
-    """``tp`` producer processes, one per GPU."""
+    """``tp * pp`` producer processes, one per GPU."""
 
-    def __init__(self, root: Path, arch: str, tp: int, handles: Path, ep: str | None) -> None:
+    def __init__(
+        self, root: Path, arch: str, tp: int, pp: int, handles: Path, ep: str | None
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
-        for i in range(tp):
+        for i in range(tp * pp):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(
-                target=producer, args=(str(root), arch, tp, i, str(handles), ep, theirs)
+                target=producer, args=(str(root), arch, tp, pp, i, str(handles), ep, theirs)
             )
             proc.start()
             self.conns.append(mine)
@@ -94,25 +96,26 @@ class Ranks:
 
 
 CASES = [
-    ("qwen3", 2, None),
-    ("qwen3", 4, None),
-    ("qwen3_moe", 4, None),  # 4 ranks > 2 KV heads: K/V replicas on two GPUs each
-    ("qwen3_moe", 4, "round_robin"),
-    ("qwen3_5", 2, None),
+    ("qwen3", 2, 1, None),
+    ("qwen3", 4, 1, None),
+    ("qwen3", 2, 2, None),  # two pipeline stages of tensor-parallel 2
+    ("qwen3_moe", 4, 1, None),  # 4 ranks > 2 KV heads: K/V replicas on two GPUs each
+    ("qwen3_moe", 4, 1, "round_robin"),
+    ("qwen3_5", 2, 1, None),
 ]
 
 
-@pytest.mark.parametrize(("arch", "tp", "ep"), CASES)
+@pytest.mark.parametrize(("arch", "tp", "pp", "ep"), CASES)
 def test_ranks_on_gpus_sync_to_the_truth(
-    tmp_path: Path, arch: str, tp: int, ep: str | None
+    tmp_path: Path, arch: str, tp: int, pp: int, ep: str | None
 ) -> None:
-    if torch.cuda.device_count() < tp:
-        pytest.skip(f"needs {tp} GPUs, {torch.cuda.device_count()} here")
+    if torch.cuda.device_count() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs, {torch.cuda.device_count()} here")
     if arch not in CONFIGS:
         pytest.skip(f"this transformers has no {arch}")
     root, hf = make_model(tmp_path, arch)
     handles = tmp_path / "run" / "handles.pt"
-    ranks = Ranks(root, arch, tp, handles, ep)
+    ranks = Ranks(root, arch, tp, pp, handles, ep)
     try:
         with open_handles(handles) as h:
             devices = {
@@ -120,13 +123,13 @@ def test_ranks_on_gpus_sync_to_the_truth(
                 for s in (x.source for x in h.tensors.values())
                 for t in s.ranks.values()  # type: ignore[union-attr]
             }
-            assert len(devices) == tp  # every rank's memory, each on its own GPU
+            assert len(devices) == tp * pp  # every rank's memory, each on its own GPU
         assert sync(handles=handles).total_changed == 0
         ranks.train()
         t0 = time.perf_counter()
         result = sync(handles=handles)
         seconds = time.perf_counter() - t0
-        print(f"{arch} tp {tp} ep {ep}: {result.total_compared} B in {seconds:.3f} s")
+        print(f"{arch} tp {tp} pp {pp} ep {ep}: {result.total_compared} B in {seconds:.3f} s")
         assert result.total_changed > 0 and result.tensors_missing == 0
         truth = changed(hf)
         check_files(root, truth)

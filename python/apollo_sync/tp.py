@@ -319,13 +319,6 @@ class ShardedSource:
             r: (t.shape[dim] if t.shape else 1) * self.unit for r, t in self.ranks.items()
         }
 
-    @property
-    def ndim(self) -> int:  # what numpy-style callers look at
-        return 1
-
-    def __len__(self) -> int:
-        return self.nbytes
-
     def __getitem__(self, key: slice) -> HostBytes:
         a, b, step = key.indices(self.nbytes)
         if step != 1:
