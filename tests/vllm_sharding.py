@@ -1,7 +1,9 @@
 """An independent model of how vLLM shards a Hugging Face checkpoint over ranks.
 
 Written from vLLM's weight loaders (vllm-project/vllm, read at 0036d38de46c for
-``linear.py``, 00db0119c376 for ``vocab_parallel_embedding.py``), not from
+``linear.py``, 00db0119c376 for ``vocab_parallel_embedding.py``; ``FusedMoE``'s
+``_load_w13`` / ``_load_w2`` and the Qwen3-Next / Qwen3.5 GDN constructors from
+code-search excerpts whose commit the index did not name), not from
 :mod:`apollo_sync.tp`: for each rank it builds a stand-in of the model vLLM
 would hold, with vLLM's parameter names, vLLM's layer class names and the
 attributes the worker extension reads, and fills each parameter the way the
