@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apollo_sync import RefusedError, load_handles, sync
+from apollo_sync import HandlesError, RefusedError, load_handles, sync
 from apollo_sync.vllm_ext import ApolloSyncWorkerExtension
 from conftest import dir_digest, randn
 
@@ -157,10 +157,26 @@ def test_export_metadata_and_sync_through_handles(
     )
 
 
+def test_one_rank_of_several_is_not_synced_alone(
+    served: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    root, module = served
+    path = StandInWorker(root, module, tp=2, rank=1).apollo_export_handles(
+        str(tmp_path / "handles.pt")
+    )
+    assert path.endswith("handles.pt.rank1")
+    digest = dir_digest(root)
+    with pytest.raises(HandlesError, match=r"handles.pt: no handles file for rank 0"):
+        sync(handles=path)  # the set is looked for from rank 0's path
+    # the file by itself says why it cannot be synced alone
+    with load_handles(path) as h, pytest.raises(RefusedError, match="one rank's slice"):
+        sync(handles=h)
+    assert dir_digest(root) == digest
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"tp": 2, "rank": 1}, "tensor parallelism"),
         ({"quantization": "fp8"}, "quantization 'fp8'"),
         ({"lora_config": SimpleNamespace(max_loras=1)}, "LoRA"),
         ({"moe": UnquantizedFusedMoEMethod(rocm_aiter_moe_enabled=True)}, "rocm_aiter"),
@@ -176,8 +192,6 @@ def test_settings_that_change_the_weights_are_refused(
         module.model.layers[0].mlp.experts.quant_method = moe
     worker = StandInWorker(root, module, **overrides)
     path = worker.apollo_export_handles(str(tmp_path / "handles.pt"))
-    if overrides.get("rank"):
-        assert path.endswith("handles.pt.rank1")
     with torch.no_grad():
         module.model.layers[0].self_attn.qkv_proj.weight += 1
     digest = dir_digest(root)

@@ -73,13 +73,22 @@ def print_result(r: SyncResult) -> None:
         )
 
 
+def _rank0_handles(args: argparse.Namespace) -> Path | None:
+    """The handles file that describes the producer: the only one given, or rank
+    0's of a set (``--handles`` takes one path or every rank's)."""
+    handles = args.handles
+    if isinstance(handles, list):
+        return Path(handles[0]) if handles else None
+    return None if handles is None else Path(handles)
+
+
 def _model_dir_label(args: argparse.Namespace) -> str | None:
     """The model directory a command will sync: --model-dir, else the handles'."""
     if args.model_dir is not None:
         return str(args.model_dir)
     from apollo_sync.handles import producer_state
 
-    path = producer_state(args.handles).metadata.get("model_path")
+    path = producer_state(_rank0_handles(args)).metadata.get("model_path")
     return path if isinstance(path, str) else None
 
 
@@ -97,7 +106,7 @@ def _record_one_shot(
             m.observe(result)
         else:
             m.failed(torn=isinstance(error, TornSyncError))
-        m.producer(producer_state(args.handles).alive)
+        m.producer(producer_state(_rank0_handles(args)).alive)
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
@@ -324,11 +333,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     model_dir = args.model_dir
     if model_dir is None:
-        producer = producer_state(args.handles)
+        producer = producer_state(_rank0_handles(args))
         model_dir = producer.metadata.get("model_path")
         if not isinstance(model_dir, str):
             raise HandlesError(f"{producer.detail}; pass --model-dir")
-    st = status(model_dir, handles=args.handles, keep=args.keep, undo_budget=args.undo_budget)
+    st = status(model_dir, handles=_rank0_handles(args), keep=args.keep, undo_budget=args.undo_budget)
     print(json.dumps(st.to_dict(), indent=2) if args.json else render(st))
     return 0
 
@@ -470,9 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--handles",
             type=Path,
+            nargs="+",
             default=None,
             help="handles file exported by the producer "
-            "(default: $APOLLO_SYNC_HANDLES or a private per-user path)",
+            "(default: $APOLLO_SYNC_HANDLES or a private per-user path); of a tensor- or "
+            "pipeline-parallel producer, rank 0's (the others are found beside it as "
+            ".rank<N>) or every rank's",
         )
 
     s = sub.add_parser("sync", help="write the live weights' changed blocks into the files")

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from apollo_sync.handles import load_handles
 from apollo_sync.layouts import explain, map_tensors, tied_embeddings
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
+from apollo_sync.ranks import HandlesArg, open_handles
 from apollo_sync.refusals import producer_refusals
 
 
@@ -87,7 +87,7 @@ class Diagnosis:
 
 def diagnose(
     model_dir: str | os.PathLike[str] | None = None,
-    handles: str | os.PathLike[str] | None = None,
+    handles: HandlesArg = None,
     *,
     tensors: Mapping[str, torch.Tensor | LiveTensor] | None = None,
 ) -> Diagnosis:
@@ -98,7 +98,7 @@ def diagnose(
             raise TypeError("model_dir is required when live tensors are passed directly")
         live = {n: t if isinstance(t, LiveTensor) else from_torch(n, t) for n, t in tensors.items()}
         return _diagnose(ModelDir.open(model_dir), live, {})
-    with load_handles(handles) as h:
+    with open_handles(handles) as h:
         if model_dir is None:
             mp = h.metadata.get("model_path")
             if not isinstance(mp, str):

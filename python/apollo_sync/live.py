@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from math import prod
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import torch
@@ -21,6 +21,13 @@ from apollo_sync.dtypes import itemsize, st_dtype
 
 #: Host bytes that can be read in place (a 1-D ``uint8`` array, possibly read-only).
 HostBytes: TypeAlias = "np.ndarray[tuple[int], np.dtype[np.uint8]]"
+
+
+class Assembled(Protocol):
+    """Host bytes built when asked for: a tensor that several ranks hold in pieces
+    (:class:`apollo_sync.tp.ShardedSource`). ``source[a:b]`` is a new array."""
+
+    def __getitem__(self, key: slice) -> HostBytes: ...
 
 
 class OpenFile:
@@ -45,14 +52,15 @@ class OpenFile:
 class LiveTensor:
     """``nbytes`` bytes at ``offset`` in ``source``, holding a ``dtype`` tensor of ``shape``.
 
-    ``source`` is a 1-D ``uint8`` numpy array (host memory, read in place) or a
-    1-D ``uint8`` CUDA tensor (staged through pinned buffers when streamed).
+    ``source`` is a 1-D ``uint8`` numpy array (host memory, read in place), a
+    1-D ``uint8`` CUDA tensor (staged through pinned buffers when streamed), or
+    an :class:`Assembled` source (host bytes built from several ranks when read).
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: HostBytes | torch.Tensor
+    source: HostBytes | torch.Tensor | Assembled
     offset: int = 0
     #: ``(file, at)``: the same host bytes are also an open file in which source
     #: byte 0 sits at offset ``at`` (another process's shared memory). The core

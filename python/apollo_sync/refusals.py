@@ -18,11 +18,14 @@ from apollo_sync.errors import RefusedError
 def producer_refusals(metadata: Mapping[str, Any]) -> list[str]:
     """Every reason the metadata gives to refuse a byte-exact sync (empty: none)."""
     out: list[str] = []
+    whole = isinstance(metadata.get("rank_set"), int)  # every rank, put together (ranks.py)
     tp = metadata.get("tensor_parallel_size", 1)
-    if isinstance(tp, int) and tp > 1:
+    pp = metadata.get("pipeline_parallel_size", 1)
+    if not whole and ((isinstance(tp, int) and tp > 1) or (isinstance(pp, int) and pp > 1)):
         out.append(
-            f"tensor parallelism (size {tp}): each rank holds a slice of the merged "
-            "tensors; only tensor-parallel size 1 is supported"
+            f"tensor parallelism (size {tp}) / pipeline parallelism (size {pp}): these "
+            "handles are one rank's slice of the model; pass rank 0's handles file (the "
+            "others are found beside it as .rank<N>) or every rank's, to sync them as one set"
         )
     quant = metadata.get("quantization")
     if quant not in (None, "", "none", "None"):
@@ -32,10 +35,15 @@ def producer_refusals(metadata: Mapping[str, Any]) -> list[str]:
         )
     if metadata.get("lora_enabled"):
         out.append("LoRA is enabled: the served layers are wrapped; serve without --enable-lora")
-    if metadata.get("expert_parallel"):
+    if metadata.get("eplb"):
         out.append(
-            "expert parallelism: each rank holds a subset of the experts (and EPLB may "
-            "reorder them)"
+            "EPLB (expert-parallel load balancing): redundant expert replicas are moved "
+            "between ranks at run time; serve without --enable-eplb to sync"
+        )
+    if metadata.get("expert_parallel") and not whole:
+        out.append(
+            "expert parallelism: each rank holds a subset of the experts; pass every "
+            "rank's handles to sync them as one set"
         )
     repacked = metadata.get("moe_repacked")
     if isinstance(repacked, list | tuple) and repacked:

@@ -39,14 +39,16 @@ from apollo_sync.errors import (
     SyncIOError,
     TornSyncError,
 )
-from apollo_sync.handles import Handles, load_handles
+from apollo_sync.handles import Handles
 from apollo_sync.layouts import LayoutMap, map_tensors, tied_embeddings
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import ModelDir
+from apollo_sync.ranks import HandlesArg, open_handles
 from apollo_sync.refusals import check_producer
 from apollo_sync.shards import check_shards
 from apollo_sync.steps import StepCounter
 from apollo_sync.stream import Placement, stream_into
+from apollo_sync.tp import is_sharded, stream_ranks
 from apollo_sync.upcast import resolve
 
 DEFAULT_BLOCK_SIZE = 4096
@@ -194,7 +196,7 @@ def sync(
     model_dir: str | os.PathLike[str] | None = None,
     tensors: LiveInput | None = None,
     *,
-    handles: str | os.PathLike[str] | Handles | None = None,
+    handles: HandlesArg | Handles = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     dry_run: bool = False,
     direct_io: bool = False,
@@ -215,6 +217,9 @@ def sync(
     Live tensors come from ``tensors`` (a state dict, e.g. ``model.state_dict()``:
     CPU or CUDA tensors, in vLLM or HF naming) or from a handles file (``handles``:
     a path, an opened :class:`Handles`, or the default path when neither is given).
+    A tensor- or pipeline-parallel producer writes one file per rank: rank 0's
+    path (or the list of every rank's) syncs them as one set, each rank's bytes
+    put where they belong in the files (:mod:`apollo_sync.ranks`).
     ``model_dir`` defaults to the handles metadata's ``model_path``.
 
     Writing syncs take the directory's lock (waiting up to ``lock_timeout``
@@ -258,7 +263,7 @@ def sync(
     own_counter = False
     try:
         if tensors is None:
-            opened = handles if isinstance(handles, Handles) else load_handles(handles)
+            opened = handles if isinstance(handles, Handles) else open_handles(handles)
             live: dict[str, LiveTensor] = dict(opened.tensors)
             check_producer(opened.metadata, str(opened.path))
             if model_dir is None:
@@ -549,7 +554,9 @@ def _run(
     t0 = time.perf_counter()
     bar = _progress_bar(total, options.progress)
     try:
-        stream_into(
+        # the tensors of a set of ranks are assembled from every rank (tp.py)
+        stream = stream_ranks if any(is_sharded(p.live) for p in placements) else stream_into
+        stream(
             syncer,
             placements,
             progress=bar.update if bar else None,

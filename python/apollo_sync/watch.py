@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from apollo_sync.errors import ProducerGoneError, TornSyncError
-from apollo_sync.handles import Handles, check_producer_alive, load_handles
+from apollo_sync.handles import Handles
+from apollo_sync.ranks import HandlesArg, check_alive, open_handles
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import SyncResult, sync
+from apollo_sync.tp import on_gpu
 
 #: Seconds between looks at the producer's step counter.
 POLL_S = 0.01
@@ -69,7 +71,7 @@ class WatchSummary:
 def watch(
     model_dir: str | os.PathLike[str] | None = None,
     *,
-    handles: str | os.PathLike[str] | None = None,
+    handles: HandlesArg = None,
     interval: float = 1.0,
     count: int | None = None,
     stop: threading.Event | None = None,
@@ -103,7 +105,7 @@ def watch(
         on_check=on_check,
     )
     while True:
-        opened = load_handles(handles)
+        opened = open_handles(handles)
         log.info(
             "opened %d live tensor(s) from %s",
             len(opened.tensors),
@@ -161,7 +163,7 @@ class _Session:
         self.model_dir, self.opened, self.interval = model_dir, opened, interval
         self.on_sync, self.on_torn, self.options, self.s = on_sync, on_torn, options, state
         self.identity = _identity(opened.path)
-        self.cuda = any(t.is_cuda for t in opened.tensors.values())
+        self.cuda = any(on_gpu(t) for t in opened.tensors.values())
         # compared in place from now on: mapped once, resident for every later sync
         for name, t in opened.tensors.items():
             if t.file is not None:
@@ -245,7 +247,7 @@ class _Session:
         """Why to stop if the producer has exited (after a last sync where one is
         due and safe), else None."""
         try:
-            check_producer_alive(self.opened)
+            check_alive(self.opened)
             if self.s.on_check is not None:
                 self.s.on_check(True)
             return None
