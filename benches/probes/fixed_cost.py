@@ -1,6 +1,6 @@
 """Where the fixed cost of a small in-process sync goes.
 
-A model of ``--gb`` GB (bf16, 64 tensors, one shard per 2 GB) on ``--device``;
+A model of ``--gb`` GB (bf16, 64 tensors, a shard per ``--shard-gb``) on ``--device``;
 each round changes ``--fraction`` of its 4 KiB blocks (one element each),
 then times a dry run and a logged sync, and profiles one sync with cProfile
 (what Python waits in: the feed, ``finish``, the commit, ``state.json``).
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--fraction", type=float, default=0.005)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/apollo-fixed-cost"))
     args = ap.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -44,7 +45,7 @@ def main() -> None:
         ).to(torch.bfloat16)
         for i in range(n_t)
     }
-    per_shard = max(1, int(2e9 // (per * 2)))
+    per_shard = max(1, int(args.shard_gb * 1e9 // (per * 2)))
     names = list(cpu)
     for s in range(0, n_t, per_shard):
         part = {k: cpu[k] for k in names[s : s + per_shard]}

@@ -894,11 +894,15 @@ def tensor_elements(
         # up to the first starting at or after its end
         first = np.searchsorted(ends, mine[:, 1], side="right")
         last = np.searchsorted(starts, mine[:, 1] + mine[:, 2], side="left")
-        for (_, off, length, elements), a, b in zip(mine.tolist(), first, last, strict=True):
-            if b - a == 1:
-                name = ranges[a][2]
-                found[name] = found.get(name, 0) + elements
-                continue
+        # A run inside one tensor (nearly all): summed per tensor at once.
+        one = last - first == 1
+        sums = np.bincount(first[one], weights=mine[one, 3], minlength=len(ranges))
+        for k in np.flatnonzero(sums):
+            name = ranges[k][2]
+            found[name] = found.get(name, 0) + int(sums[k])
+        for (_, off, length, elements), a, b in zip(
+            mine[~one].tolist(), first[~one], last[~one], strict=True
+        ):
             for k in range(a, b):
                 lo, hi, name = ranges[k]
                 share = (min(hi, off + length) - max(lo, off)) / length

@@ -64,6 +64,11 @@ const WRITE_QUEUE: usize = 4096;
 /// changes less than this makes exactly one barrier.
 pub const HOLD_BYTES: usize = 128 << 20;
 
+/// With a log: held runs are also released once the feed has compared this
+/// much since the last release (a sparse change then reaches the disk in a
+/// few batches while the feed goes on, not all at the end).
+const RELEASE_BYTES: u64 = 512 << 20;
+
 /// A shard to sync, as its header describes it.
 #[derive(Debug, Clone)]
 pub struct ShardSpec {
@@ -346,6 +351,8 @@ pub struct Syncer {
     /// Encodes the records of pending blocks (on the feeding thread).
     enc: Encoder,
     held: Mutex<Held>,
+    /// Bytes compared since the held runs were last released.
+    since_release: u64,
     spare: Arc<Spare>,
     /// With a log: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
@@ -456,6 +463,7 @@ impl Syncer {
             log,
             enc: Encoder::new(),
             held: Mutex::new(Held::default()),
+            since_release: 0,
             spare,
             committer,
             flusher,
@@ -599,15 +607,15 @@ impl Syncer {
         }
         if let Some(log) = &self.log {
             diff_all(Sink::Hold(log, &self.held, &self.spare))?;
-            // Release the held runs once the feed has moved past their shard
-            // (so a shard's writes overlap the next shard's diff, with one
-            // barrier per changed shard), or when they grow too large.
-            let last_fed = segments.iter().map(|s| s.shard).max();
-            let (bytes, first) = {
-                let h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                (h.bytes, h.runs.first().map(|r| r.shard))
-            };
-            if bytes >= self.opts.hold_bytes || first.is_some_and(|f| Some(f) < last_fed) {
+            // Release the held runs when they grow large, or once the feed has
+            // compared RELEASE_BYTES more: their barrier and writes then run
+            // while the feed goes on, and `finish` is left with a short tail.
+            // (Releasing whenever the interleaved feed touched a later shard
+            // put a barrier after nearly every batch.)
+            self.since_release += segments.iter().map(|s| s.data.len() as u64).sum::<u64>();
+            let bytes = self.held.lock().unwrap_or_else(|e| e.into_inner()).bytes;
+            if bytes >= self.opts.hold_bytes || (bytes > 0 && self.since_release >= RELEASE_BYTES) {
+                self.since_release = 0;
                 self.release()?;
             }
             return Ok(());
