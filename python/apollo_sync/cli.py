@@ -337,7 +337,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         model_dir = producer.metadata.get("model_path")
         if not isinstance(model_dir, str):
             raise HandlesError(f"{producer.detail}; pass --model-dir")
-    st = status(model_dir, handles=_rank0_handles(args), keep=args.keep, undo_budget=args.undo_budget)
+    st = status(
+        model_dir, handles=_rank0_handles(args), keep=args.keep, undo_budget=args.undo_budget
+    )
     print(json.dumps(st.to_dict(), indent=2) if args.json else render(st))
     return 0
 
