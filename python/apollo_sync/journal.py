@@ -897,11 +897,11 @@ def tensor_elements(
         # A run inside one tensor (nearly all): summed per tensor at once.
         one = last - first == 1
         sums = np.bincount(first[one], weights=mine[one, 3], minlength=len(ranges))
-        for k in np.flatnonzero(sums):
-            name = ranges[k][2]
-            found[name] = found.get(name, 0) + int(sums[k])
+        for t in np.flatnonzero(sums).tolist():
+            name = ranges[t][2]
+            found[name] = found.get(name, 0) + int(sums[t])
         for (_, off, length, elements), a, b in zip(
-            mine[~one].tolist(), first[~one], last[~one], strict=True
+            mine[~one].tolist(), first[~one].tolist(), last[~one].tolist(), strict=True
         ):
             for k in range(a, b):
                 lo, hi, name = ranges[k]
