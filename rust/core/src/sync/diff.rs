@@ -1,0 +1,84 @@
+//! Stage 2, read and compare: a job's live bytes against the file's, a chunk
+//! at a time; each changed run (with the file's old bytes) goes to a [`Sink`].
+
+use super::*;
+
+pub(super) struct Job<'a> {
+    pub(super) shard: usize,
+    pub(super) offset: u64,
+    pub(super) data: Live<'a>,
+    pub(super) width: u8,
+}
+
+/// Per-worker scratch space, allocated once per pool thread and reused.
+pub(super) struct Scratch {
+    /// File bytes being compared.
+    pub(super) read: Vec<u8>,
+    /// Live bytes being compared, when they come from a file.
+    pub(super) live: Vec<u8>,
+    pub(super) runs: Vec<Range<usize>>,
+    /// Encodes log records.
+    pub(super) enc: Encoder,
+}
+
+/// Compares one job's live bytes with the file, a chunk at a time, and sends
+/// each changed run (with the file's old bytes for it) to `sink`.
+pub(super) fn diff_job<'a>(
+    shard: &Shard,
+    job: &Job<'a>,
+    block: usize,
+    scratch: &mut Scratch,
+    sink: Sink<'_, 'a>,
+) -> Result<()> {
+    let Scratch {
+        read,
+        live,
+        runs,
+        enc,
+    } = scratch;
+    let step = read.len() / block * block;
+    let (mut changed, mut blocks) = (0u64, 0u64);
+    let mut found: Vec<WriteReq<'a>> = Vec::new();
+    let mut rel = 0usize;
+    while rel < job.data.len() {
+        let n = step.min(job.data.len() - rel);
+        let disk = &mut read[..n];
+        shard.io.read_at(disk, job.offset + rel as u64)?;
+        let (chunk, mem) = match job.data {
+            Live::Mem(bytes) => (&bytes[rel..rel + n], Some(&bytes[rel..rel + n])),
+            Live::File { .. } => {
+                live.resize(n.max(live.len()), 0);
+                job.data.read_into(rel, &mut live[..n])?;
+                (&live[..n], None)
+            }
+        };
+        runs.clear();
+        changed_runs_at(0, chunk, disk, block, runs);
+        for r in runs.iter() {
+            changed += r.len() as u64;
+            blocks += r.len().div_ceil(block) as u64;
+            let at = job.offset + (rel + r.start) as u64;
+            let borrowed = mem.map(|m| &m[r.clone()]);
+            sink.emit(
+                job.shard,
+                shard,
+                at,
+                &disk[r.clone()],
+                &chunk[r.clone()],
+                job.width,
+                borrowed,
+                enc,
+                &mut found,
+            )?;
+        }
+        rel += n;
+    }
+    shard.changed.fetch_add(changed, Ordering::Relaxed);
+    shard.changed_blocks.fetch_add(blocks, Ordering::Relaxed);
+    if let Sink::Queue(tx) = sink {
+        for req in found {
+            queue(tx, req.shard, req.offset, req.data);
+        }
+    }
+    Ok(())
+}

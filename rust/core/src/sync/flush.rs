@@ -1,0 +1,58 @@
+//! Stage 5, without a log: shards made durable in the background once their
+//! writes are done.
+
+use super::*;
+
+/// Makes shards durable (`fdatasync`) on a background thread. Page-cache
+/// writes reach the disk only at writeback: flushing a shard once its writes
+/// are done lets the device work while the next shard is diffed and written,
+/// so `finish` waits for little more than the last one. An error is kept
+/// for [`finish`](Self::finish) (a failed `fdatasync` is reported once).
+pub(super) struct Flusher {
+    pub(super) tx: Option<Sender<usize>>,
+    pub(super) worker: Worker,
+}
+
+impl Flusher {
+    pub(super) fn spawn(shards: Arc<Vec<Shard>>, stop: AbortHandle) -> Result<Self> {
+        let (tx, rx) = channel::<usize>();
+        let halt = stop.clone();
+        let worker = Worker::spawn("flush", stop, move |fail| {
+            for i in rx {
+                if halt.is_aborted() {
+                    continue;
+                }
+                let s = &shards[i];
+                if let Err(e) = faults::reached("flush")
+                    .map_err(|e| Error::io(s.io.path(), "fsync", e))
+                    .and_then(|()| s.io.sync())
+                {
+                    fail(e);
+                }
+            }
+        })?;
+        Ok(Flusher {
+            tx: Some(tx),
+            worker,
+        })
+    }
+
+    /// Flushes shard `i` when the thread gets to it.
+    pub(super) fn flush(&self, i: usize) {
+        let tx = self.tx.as_ref().expect("open until finish");
+        let _ = tx.send(i); // the thread lives until `finish`: the send cannot fail
+    }
+
+    /// Waits for every requested flush (once every sender is gone).
+    pub(super) fn finish(mut self) -> Result<()> {
+        drop(self.tx.take());
+        self.worker.join()
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        let _ = self.worker.join();
+    }
+}

@@ -1,0 +1,314 @@
+use super::*;
+use proptest::prelude::*;
+use std::io::Write;
+
+fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn spec(f: &tempfile::NamedTempFile, data_start: u64) -> ShardSpec {
+    ShardSpec {
+        path: f.path().to_path_buf(),
+        data_start,
+        file_len: std::fs::metadata(f.path()).unwrap().len(),
+    }
+}
+
+/// Bytes in aligned blocks where `a` and `b` differ.
+fn changed_block_bytes(a: &[u8], b: &[u8], block: usize) -> u64 {
+    a.chunks(block)
+        .zip(b.chunks(block))
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| x.len() as u64)
+        .sum()
+}
+
+/// Syncs `live` (segments cut at `cuts`, skipping `skip`) into a file
+/// holding `orig`, and returns the file's bytes and the report.
+fn run(
+    orig: &[u8],
+    live: &[u8],
+    data_start: usize,
+    cuts: &[usize],
+    skip: &[usize],
+    opts: Options,
+) -> (Vec<u8>, ShardReport) {
+    let (after, report, _) = run_from(orig, live, data_start, cuts, skip, opts, false);
+    (after, report)
+}
+
+/// As `run`, reading the live bytes from a file with `pread` when
+/// `from_file`. With `opts.log`, also commits the log, then rolls the sync
+/// back as recovery would an uncommitted generation, and
+/// returns the file's bytes after the undo.
+fn run_from(
+    orig: &[u8],
+    live: &[u8],
+    data_start: usize,
+    cuts: &[usize],
+    skip: &[usize],
+    opts: Options,
+    from_file: bool,
+) -> (Vec<u8>, ShardReport, Option<Vec<u8>>) {
+    let live_file = file_with(live);
+    let live_handle = std::fs::File::open(live_file.path()).unwrap();
+    let f = file_with(orig);
+    let log_spec = opts.log.clone();
+    let mut syncer = Syncer::new(vec![spec(&f, data_start as u64)], opts).unwrap();
+    let mut bounds = vec![data_start];
+    bounds.extend(
+        cuts.iter()
+            .copied()
+            .filter(|&c| c > data_start && c < orig.len()),
+    );
+    bounds.push(orig.len());
+    bounds.sort();
+    bounds.dedup();
+    let segs: Vec<Segment<'_>> = bounds
+        .windows(2)
+        .enumerate()
+        .filter(|(i, _)| !skip.contains(i))
+        .map(|(_, w)| Segment {
+            shard: 0,
+            offset: w[0] as u64,
+            data: if from_file {
+                Live::File {
+                    file: &live_handle,
+                    offset: w[0] as u64,
+                    len: w[1] - w[0],
+                }
+            } else {
+                Live::Mem(&live[w[0]..w[1]])
+            },
+            width: 2,
+        })
+        .collect();
+    // Feed in two batches to exercise state kept across calls.
+    let half = segs.len() / 2;
+    syncer.feed(&segs[..half]).unwrap();
+    syncer.feed(&segs[half..]).unwrap();
+    let report = syncer.finish().unwrap().pop().unwrap();
+    let after = std::fs::read(f.path()).unwrap();
+    let undone = log_spec.map(|spec| {
+        if spec.path.exists() {
+            let log = crate::log::LogFile::open(&spec.path).unwrap();
+            assert!(!log.is_committed());
+            crate::log::recover(f.path().parent().unwrap(), &[&log], 0, false).unwrap();
+        }
+        std::fs::read(f.path()).unwrap()
+    });
+    (after, report, undone)
+}
+
+#[test]
+fn writes_exactly_the_changed_blocks() {
+    let orig: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut live = orig.clone();
+    for &i in &[100usize, 5000, 5001, 40_000, 99_999] {
+        live[i] ^= 0x5a;
+    }
+    let (after, rep) = run(
+        &orig,
+        &live,
+        0,
+        &[1000, 4097, 50_000],
+        &[],
+        Options::default(),
+    );
+    assert_eq!(after, live);
+    let expected = changed_block_bytes(&orig, &live, 4096);
+    assert_eq!(rep.bytes_changed, expected);
+    assert_eq!(
+        rep.bytes_written_direct + rep.bytes_written_buffered,
+        expected
+    );
+    assert_eq!(rep.bytes_compared, orig.len() as u64);
+}
+
+#[test]
+fn second_sync_writes_nothing() {
+    let orig = vec![3u8; 50_000];
+    let (after, rep) = run(&orig, &orig, 77, &[1234], &[], Options::default());
+    assert_eq!(after, orig);
+    assert_eq!(rep.bytes_changed, 0);
+    assert_eq!(rep.writes, 0);
+}
+
+#[test]
+fn dry_run_counts_but_leaves_the_file() {
+    let orig = vec![1u8; 20_000];
+    let live = vec![2u8; 20_000];
+    let opts = Options {
+        dry_run: true,
+        ..Options::default()
+    };
+    let (after, rep) = run(&orig, &live, 0, &[], &[], opts);
+    assert_eq!(after, orig);
+    assert_eq!(rep.bytes_changed, 20_000);
+    assert_eq!(rep.writes, 0);
+}
+
+#[test]
+fn out_of_order_and_out_of_range_segments_are_refused_before_any_write() {
+    let orig = vec![0u8; 10_000];
+    let f = file_with(&orig);
+    let mut s = Syncer::new(vec![spec(&f, 16)], Options::default()).unwrap();
+    let new = vec![1u8; 100];
+    let bad_order = [
+        Segment {
+            shard: 0,
+            offset: 5000,
+            data: Live::Mem(&new),
+            width: 1,
+        },
+        Segment {
+            shard: 0,
+            offset: 4000,
+            data: Live::Mem(&new),
+            width: 1,
+        },
+    ];
+    assert!(matches!(s.feed(&bad_order), Err(Error::Plan(_))));
+    let in_header = [Segment {
+        shard: 0,
+        offset: 0,
+        data: Live::Mem(&new),
+        width: 1,
+    }];
+    assert!(matches!(s.feed(&in_header), Err(Error::Plan(_))));
+    let past_end = [Segment {
+        shard: 0,
+        offset: 9950,
+        data: Live::Mem(&new),
+        width: 1,
+    }];
+    assert!(matches!(s.feed(&past_end), Err(Error::Plan(_))));
+    let no_shard = [Segment {
+        shard: 3,
+        offset: 100,
+        data: Live::Mem(&new),
+        width: 1,
+    }];
+    assert!(matches!(s.feed(&no_shard), Err(Error::Plan(_))));
+    s.finish().unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), orig);
+}
+
+#[test]
+fn bad_block_size_and_changed_length_are_refused() {
+    let f = file_with(&[0u8; 100]);
+    for b in [0usize, 1000, 256, 32 << 20] {
+        let opts = Options {
+            block_size: b,
+            ..Options::default()
+        };
+        assert!(matches!(
+            Syncer::new(vec![spec(&f, 0)], opts),
+            Err(Error::Plan(_))
+        ));
+    }
+    let mut wrong = spec(&f, 0);
+    wrong.file_len = 99;
+    assert!(matches!(
+        Syncer::new(vec![wrong], Options::default()),
+        Err(Error::Changed { .. })
+    ));
+}
+
+#[test]
+fn large_bodies_span_jobs_and_read_chunks_from_memory_and_files() {
+    let len = 9 * (1 << 20) + 12_345;
+    let orig: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    let mut live = orig.clone();
+    for i in (777..len).step_by(300_007) {
+        live[i] ^= 0xff;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for block in [4096usize, 1 << 16, MAX_BLOCK] {
+        for (from_file, journaled) in [(false, false), (true, false), (false, true), (true, true)] {
+            let log = journaled.then(|| LogSpec {
+                path: dir.path().join(format!("{block}-{from_file}.xlog")),
+                generation: 1,
+                kind: crate::log::Kind::Sync,
+            });
+            let opts = Options {
+                block_size: block,
+                log,
+                ..Options::default()
+            };
+            let (after, rep, undone) =
+                run_from(&orig, &live, 100, &[5 << 20], &[], opts, from_file);
+            assert_eq!(
+                after, live,
+                "block {block} from_file {from_file} journal {journaled}"
+            );
+            if let Some(undone) = undone {
+                assert_eq!(undone, orig, "undo, block {block} from_file {from_file}");
+            }
+            assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &live, block));
+            assert_eq!(
+                rep.blocks_changed,
+                orig.chunks(block)
+                    .zip(live.chunks(block))
+                    .filter(|(a, b)| a != b)
+                    .count() as u64
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn file_ends_equal_to_live_outside_skipped_segments(
+        len in 1usize..40_000,
+        data_start_frac in 0.0f64..0.2,
+        cut_fracs in proptest::collection::vec(0.0f64..1.0, 0..12),
+        flip_fracs in proptest::collection::vec(0.0f64..1.0, 0..10),
+        skip in proptest::collection::vec(0usize..13, 0..3),
+        block_pow in 9u32..14,
+        seed in any::<u8>(),
+        from_file in any::<bool>(),
+        journaled in any::<bool>(),
+        hold_bytes in 1usize..20_000,
+        direct_io in any::<bool>(),
+    ) {
+        let block = 1usize << block_pow;
+        let orig: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let data_start = (len as f64 * data_start_frac) as usize;
+        let mut live = orig.clone();
+        for f in &flip_fracs {
+            let i = data_start + ((len - data_start) as f64 * f) as usize;
+            if i < len { live[i] = live[i].wrapping_add(1); }
+        }
+        let cuts: Vec<usize> = cut_fracs.iter().map(|f| (len as f64 * f) as usize).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let journaled = journaled && block >= LOG_MIN_BLOCK;
+        let log = journaled.then(|| LogSpec { path: dir.path().join("1.xlog"), generation: 1, kind: crate::log::Kind::Sync });
+        let opts = Options { block_size: block, log, hold_bytes, direct_io, ..Options::default() };
+        let (after, rep, undone) =
+            run_from(&orig, &live, data_start, &cuts, &skip, opts, from_file);
+        // Expected: live bytes where fed, original bytes in skipped segments.
+        let mut bounds = vec![data_start];
+        bounds.extend(cuts.iter().copied().filter(|&c| c > data_start && c < len));
+        bounds.push(len);
+        bounds.sort();
+        bounds.dedup();
+        let mut expected = orig.clone();
+        for (i, w) in bounds.windows(2).enumerate() {
+            if !skip.contains(&i) {
+                expected[w[0]..w[1]].copy_from_slice(&live[w[0]..w[1]]);
+            }
+        }
+        prop_assert_eq!(&after, &expected);
+        prop_assert_eq!(rep.bytes_changed, changed_block_bytes(&orig, &expected, block));
+        prop_assert_eq!(rep.bytes_written_direct + rep.bytes_written_buffered, rep.bytes_changed);
+        if let Some(undone) = undone {
+            // Every changed byte was logged, and recovery undoes the sync.
+            prop_assert_eq!(&undone, &orig);
+        }
+    }
+}
