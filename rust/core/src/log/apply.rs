@@ -5,16 +5,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use super::chain::{identify, Found};
 use super::format::{self, DeltaHead, ShardBinding, UNIT};
-use super::reader::LogFile;
+use super::reader::{LogFile, RecordIndex};
 use super::writer::{bind, DeltaLog, RecordParts};
 use crate::delta::Codec;
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
 
-/// Bytes a rollback holds in memory before a barrier lets them be written.
+/// Bytes a rollback holds in memory before a barrier lets them be written
+/// (more in one batch when a single record is larger).
 const HOLD_BYTES: usize = 128 << 20;
 
 /// What recovery found and did.
@@ -217,13 +220,10 @@ pub fn rollback(dir: &Path, logs: &[&LogFile], out: &DeltaLog) -> Result<ApplyRe
         .enumerate()
         .map(|(i, b)| (b.name.as_str(), i as u32))
         .collect();
-    let mut codec = Codec::new();
-    let mut scratch = Vec::new();
-    // Check: every record decodes; every unit holds what the newest record
-    // touching it left.
+    // Which record is the newest to touch each unit: it alone says what the
+    // unit holds now. `owns[log][record][k]`: the record's unit `k` is its.
     let mut seen: HashMap<&str, Vec<bool>> = HashMap::new();
-    let mut hashes = Vec::new();
-    let mut unit = vec![0u8; UNIT];
+    let mut owns: Vec<Vec<Vec<bool>>> = Vec::with_capacity(logs.len());
     for log in logs {
         if !log.is_committed() {
             return Err(Error::Plan(format!(
@@ -232,28 +232,59 @@ pub fn rollback(dir: &Path, logs: &[&LogFile], out: &DeltaLog) -> Result<ApplyRe
                 log.generation()
             )));
         }
-        for r in log.records.iter().rev() {
-            let name = log.shards()[r.head.shard as usize].name.as_str();
+        let mut mine = vec![Vec::new(); log.records.len()];
+        for (ri, r) in log.records.iter().enumerate().rev() {
+            let name = name_of(log, r);
             if !index.contains_key(name) {
                 return Err(Error::Plan(format!(
                     "the rollback's log does not list {name}"
                 )));
             }
-            log.decode(r, &mut codec, &mut scratch)?;
-            log.unit_hashes(r, &mut hashes)?;
             let io = shards.io(name);
             let bits = seen
                 .entry(name)
                 .or_insert_with(|| vec![false; io.len().div_ceil(UNIT as u64) as usize]);
-            for (k, h) in hashes.iter().enumerate() {
-                let u = (r.head.offset / UNIT as u64) as usize + k;
-                if std::mem::replace(&mut bits[u], true) {
-                    continue;
-                }
-                let at = u as u64 * UNIT as u64;
+            let first = (r.head.offset / UNIT as u64) as usize;
+            mine[ri] = (0..r.head.units as usize)
+                .map(|k| !std::mem::replace(&mut bits[first + k], true))
+                .collect();
+        }
+        owns.push(mine);
+    }
+    drop(seen);
+    // Check, on every core: every record decodes; every unit holds what the
+    // newest record touching it left.
+    let all: Vec<(usize, usize)> = logs
+        .iter()
+        .enumerate()
+        .flat_map(|(li, l)| (0..l.records.len()).map(move |ri| (li, ri)))
+        .collect();
+    all.par_iter().try_for_each_init(
+        || (Codec::new(), Vec::new(), Vec::new(), Vec::new()),
+        |(codec, scratch, hashes, bytes), &(li, ri)| -> Result<()> {
+            let log = logs[li];
+            let r = &log.records[ri];
+            log.decode(r, codec, scratch)?;
+            let own = &owns[li][ri];
+            if !own.contains(&true) {
+                return Ok(());
+            }
+            log.unit_hashes(r, hashes)?;
+            let io = shards.io(name_of(log, r));
+            bytes.resize(r.head.len as usize, 0);
+            io.read_at(bytes, r.head.offset)?;
+            for (k, h) in hashes.iter().enumerate().filter(|&(k, _)| own[k]) {
+                let at = r.head.offset + (k * UNIT) as u64;
                 let len = (io.len() - at).min(UNIT as u64) as usize;
-                io.read_at(&mut unit[..len], at)?;
-                if format::hash(&unit[..len]) != *h {
+                let rel = k * UNIT;
+                let unit: std::borrow::Cow<'_, [u8]> = if rel + len <= bytes.len() {
+                    std::borrow::Cow::Borrowed(&bytes[rel..rel + len])
+                } else {
+                    let mut u = vec![0u8; len];
+                    io.read_at(&mut u, at)?;
+                    std::borrow::Cow::Owned(u)
+                };
+                if format::hash(&unit) != *h {
                     return Err(Error::Changed {
                         path: io.path().to_path_buf(),
                         reason: format!(
@@ -265,73 +296,103 @@ pub fn rollback(dir: &Path, logs: &[&LogFile], out: &DeltaLog) -> Result<ApplyRe
                     });
                 }
             }
-        }
-    }
-    drop(seen);
-    // Apply, newest first, each record logged before its bytes are written.
-    let mut held: Vec<(&str, u64, Vec<u8>)> = Vec::new();
-    let mut held_bytes = 0usize;
-    let mut staging = Staging::default();
+            Ok(())
+        },
+    )?;
+    drop(owns);
+    // Apply, newest first, in batches of records that do not overlap (a
+    // rollback's own log may hold several generations' records for one
+    // unit) and hold at most HOLD_BYTES: each batch computed on every core,
+    // logged, made durable by a barrier, then written.
     let mut report = ApplyReport::default();
-    let mut payload = Vec::new();
-    let mut new_hashes = Vec::new();
-    for log in logs {
-        for r in log.records.iter().rev() {
-            let name = log.shards()[r.head.shard as usize].name.as_str();
-            let (start, end) = (r.head.offset, r.end());
-            let overlaps = held
-                .iter()
-                .any(|(n, at, d)| *n == name && *at < end && start < at + d.len() as u64);
-            if overlaps || held_bytes >= HOLD_BYTES {
-                write_held(&shards, out, &mut held, &mut staging)?;
-                held_bytes = 0;
+    let order: Vec<(usize, usize)> = logs
+        .iter()
+        .enumerate()
+        .flat_map(|(li, l)| (0..l.records.len()).rev().map(move |ri| (li, ri)))
+        .collect();
+    let mut at = 0;
+    while at < order.len() {
+        let mut taken: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+        let mut bytes = 0usize;
+        let mut end = at;
+        while end < order.len() && (end == at || bytes < HOLD_BYTES) {
+            let (li, ri) = order[end];
+            let r = &logs[li].records[ri];
+            let name = name_of(logs[li], r);
+            let (start, stop) = (r.head.offset, r.end());
+            let before = taken.range(..(name, stop)).next_back();
+            if before.is_some_and(|(&(n, _), &e)| n == name && e > start) {
+                break; // overlaps a record of this batch: it waits for the next
             }
-            let mut bytes = vec![0u8; r.head.len as usize];
-            shards.io(name).read_at(&mut bytes, start)?;
-            let old_hash = format::hash(&bytes);
-            log.payload(r, &mut payload)?;
-            codec
-                .apply(&payload, r.head.width as usize, &mut bytes)
-                .map_err(|e| Error::Log {
-                    path: log.path().to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-            new_hashes.clear();
-            format::unit_hashes(&bytes, &mut new_hashes);
+            taken.insert((name, start), stop);
+            bytes += r.head.len as usize;
+            end += 1;
+        }
+        let done: Vec<Applied> = order[at..end]
+            .par_iter()
+            .map_init(Codec::new, |codec, &(li, ri)| {
+                let log = logs[li];
+                let r = &log.records[ri];
+                let name = name_of(log, r);
+                let mut bytes = vec![0u8; r.head.len as usize];
+                shards.io(name).read_at(&mut bytes, r.head.offset)?;
+                let old_hash = format::hash(&bytes);
+                let mut payload = Vec::new();
+                log.payload(r, &mut payload)?;
+                codec
+                    .apply(&payload, r.head.width as usize, &mut bytes)
+                    .map_err(|e| Error::Log {
+                        path: log.path().to_path_buf(),
+                        reason: e.to_string(),
+                    })?;
+                let mut hashes = Vec::new();
+                format::unit_hashes(&bytes, &mut hashes);
+                Ok(Applied {
+                    name,
+                    head: DeltaHead {
+                        shard: index[name],
+                        old_hash,
+                        ..r.head
+                    },
+                    hashes,
+                    payload,
+                    bytes,
+                })
+            })
+            .collect::<Result<_>>()?;
+        for a in &done {
             out.append(RecordParts {
-                head: DeltaHead {
-                    shard: index[name],
-                    old_hash,
-                    ..r.head
-                },
-                unit_hashes: &new_hashes,
-                payload: &payload,
+                head: a.head,
+                unit_hashes: &a.hashes,
+                payload: &a.payload,
             })?;
             report.records += 1;
-            report.bytes += r.head.len;
-            held_bytes += bytes.len();
-            held.push((name, start, bytes));
+            report.bytes += a.head.len;
         }
+        out.barrier()?;
+        done.par_iter()
+            .try_for_each_init(Staging::default, |staging, a| {
+                shards.write(a.name, &a.bytes, a.head.offset, staging)
+            })?;
+        at = end;
     }
-    write_held(&shards, out, &mut held, &mut staging)?;
     report.files = shards.sync(false)?;
     Ok(report)
 }
 
-fn write_held(
-    shards: &Shards,
-    out: &DeltaLog,
-    held: &mut Vec<(&str, u64, Vec<u8>)>,
-    staging: &mut Staging,
-) -> Result<()> {
-    if held.is_empty() {
-        return Ok(());
-    }
-    out.barrier()?;
-    for (name, at, bytes) in held.drain(..) {
-        shards.write(name, &bytes, at, staging)?;
-    }
-    Ok(())
+/// The name of the shard record `r` of `log` was made for.
+fn name_of<'l>(log: &'l LogFile, r: &RecordIndex) -> &'l str {
+    log.shards()[r.head.shard as usize].name.as_str()
+}
+
+/// One record of a rollback, applied in memory: what goes to its log and to
+/// the shard.
+struct Applied<'a> {
+    name: &'a str,
+    head: DeltaHead,
+    hashes: Vec<u64>,
+    payload: Vec<u8>,
+    bytes: Vec<u8>,
 }
 
 /// The bindings of the shards `logs` name, as the files are now (for a
