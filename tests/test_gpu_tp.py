@@ -5,8 +5,10 @@ the checkpoint, as vLLM's loaders would) in its GPU's memory and exports CUDA IP
 handles through the worker extension; this process (the consumer) syncs all of
 them from rank 0's path, and the files must equal the unsharded truth, with the
 logits ``from_pretrained`` gives. Run on the 2- and 4-GPU machines with
-``python -m pytest tests/test_gpu_tp.py``; cases needing more GPUs than present
-are skipped, with the reason shown.
+``python -m pytest tests/test_gpu_tp.py``. With fewer GPUs than ranks, ranks
+share the GPUs (on one GPU: every rank a process of its own on GPU 0), which
+still proves the CUDA IPC of several producers and the strided copies, but not
+the copies of several GPUs running at once.
 """
 
 from __future__ import annotations
@@ -34,17 +36,19 @@ pytestmark = [
 def producer(
     root: str, arch: str, tp: int, pp: int, index: int, handles: str, ep: str | None, conn: Any
 ) -> None:
-    """One vLLM worker: rank ``index``'s shard on GPU ``index``, exported; on
+    """One vLLM worker: rank ``index``'s shard on GPU ``index`` (modulo the GPUs
+    there are: with fewer GPUs than ranks, ranks share them), exported; on
     "train", the changed truth's shard put in place; on "exit", gone."""
     try:
         from test_tp import read_dir
 
-        torch.cuda.set_device(index)
+        gpu = index % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
         _, shape = CONFIGS[arch]
         hf = read_dir(Path(root))
         rank = shard(hf, shape, tp, pp=pp, layers=2, ep=ep)[index]
         for p in rank.model.parameters():
-            p.data = p.data.to(f"cuda:{index}")  # the Parameter (and its attributes) stays
+            p.data = p.data.to(f"cuda:{gpu}")  # the Parameter (and its attributes) stays
         Worker(Path(root), rank, tp, pp, ep=ep is not None).apollo_export_handles(handles)
         torch.cuda.synchronize()
         conn.send("ready")
@@ -59,7 +63,7 @@ def producer(
 
 
 class Ranks:
-    """``tp * pp`` producer processes, one per GPU."""
+    """``tp * pp`` producer processes, one per GPU (or sharing the GPUs there are)."""
 
     def __init__(
         self, root: Path, arch: str, tp: int, pp: int, handles: Path, ep: str | None
@@ -109,8 +113,7 @@ CASES = [
 def test_ranks_on_gpus_sync_to_the_truth(
     tmp_path: Path, arch: str, tp: int, pp: int, ep: str | None
 ) -> None:
-    if torch.cuda.device_count() < tp * pp:
-        pytest.skip(f"needs {tp * pp} GPUs, {torch.cuda.device_count()} here")
+    gpus = min(tp * pp, torch.cuda.device_count())  # fewer GPUs than ranks: shared
     if arch not in CONFIGS:
         pytest.skip(f"this transformers has no {arch}")
     root, hf = make_model(tmp_path, arch)
@@ -123,7 +126,7 @@ def test_ranks_on_gpus_sync_to_the_truth(
                 for s in (x.source for x in h.tensors.values())
                 for t in s.ranks.values()  # type: ignore[union-attr]
             }
-            assert len(devices) == tp * pp  # every rank's memory, each on its own GPU
+            assert len(devices) == gpus  # each rank on its own GPU where there are enough
         assert sync(handles=handles).total_changed == 0
         ranks.train()
         t0 = time.perf_counter()
