@@ -128,13 +128,13 @@ def test_ranks_on_gpus_sync_to_the_truth(
             }
             assert len(devices) == gpus  # each rank on its own GPU where there are enough
         assert sync(handles=handles).total_changed == 0
+        truth = changed(hf)
         ranks.train()
         t0 = time.perf_counter()
         result = sync(handles=handles)
         seconds = time.perf_counter() - t0
         print(f"{arch} tp {tp} pp {pp} ep {ep}: {result.total_compared} B in {seconds:.3f} s")
         assert result.total_changed > 0 and result.tensors_missing == 0
-        truth = changed(hf)
         check_files(root, truth)
         check_logits(root, truth)
         with open_handles(handles) as h:

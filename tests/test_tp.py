@@ -127,9 +127,11 @@ CONFIGS = configs()
 
 
 def read_dir(root: Path) -> dict[str, torch.Tensor]:
+    """The directory's tensors, copied: a safetensors release that maps the file
+    would otherwise hand back tensors that a sync changes under the caller."""
     out: dict[str, torch.Tensor] = {}
     for f in sorted(root.glob("*.safetensors")):
-        out |= load_file(f)
+        out |= {k: v.clone() for k, v in load_file(f).items()}
     return out
 
 
