@@ -872,9 +872,10 @@ def tensor_elements(
     length, elements)``.
 
     ``tensors`` is ``(shard file name, tensor name, start, end)`` with absolute
-    file offsets. A run's elements are given to the tensors it overlaps in
-    proportion to the bytes it covers of each (a run lies in one tensor but where
-    tensors share a 4 KiB block)."""
+    file offsets. A sync's runs each lie in one tensor (the core splits a block
+    that tensors share into one run per tensor, counted at its width); a run
+    across tensors (a rollback's copy of such a block) is shared between them in
+    proportion to the bytes it covers of each."""
     by_shard: dict[str, list[tuple[int, int, str]]] = {}
     for shard, name, start, end in tensors:
         if end > start:  # an empty tensor has no byte to touch

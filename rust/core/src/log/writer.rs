@@ -135,6 +135,22 @@ impl DeltaLog {
             .map_or_else(Vec::new, |o| o.summaries.clone())
     }
 
+    /// Replaces the summary of the record at `offset` of shard `shard` by
+    /// `pieces` (the tensors that share its block, each counted at its own
+    /// element width), so that per-tensor counts need no guess at a block two
+    /// tensors share. The record and the log's totals are unchanged.
+    pub fn split_summary(&self, shard: u32, offset: u64, pieces: &[RecordSummary]) {
+        let mut guard = self.lock();
+        let Some(o) = guard.as_mut() else { return };
+        if let Some(i) = o
+            .summaries
+            .iter()
+            .rposition(|r| r.shard == shard && r.offset == offset)
+        {
+            o.summaries.splice(i..=i, pieces.iter().copied());
+        }
+    }
+
     /// Encodes the delta from `old` to `new` (the run at `offset` of shard
     /// `shard`, elements of `width` bytes) and appends it. Encoding runs on
     /// the caller's thread; only the append takes the lock. Returns the

@@ -195,6 +195,9 @@ struct Pending {
     new: Vec<u8>,
     /// Element width of what was laid over it: one width, else bytes.
     width: Option<u8>,
+    /// What was laid over it: `(start, end, width, phase)` relative to the
+    /// block, `phase` the bytes of an element that lie before `start`.
+    pieces: Vec<(usize, usize, u8, u8)>,
 }
 
 /// A shard as the diff workers and writers share it.

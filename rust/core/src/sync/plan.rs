@@ -3,6 +3,7 @@
 //! (assembled here, then compared and written once).
 
 use super::*;
+use crate::log::RecordSummary;
 
 impl Syncer {
     pub(super) fn feed_checked<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
@@ -25,7 +26,7 @@ impl Syncer {
             };
             if head_end > s {
                 let head = seg.data.slice(0, (head_end - s) as usize);
-                self.overlay(seg.shard, s, head, seg.width)?;
+                self.overlay(seg.shard, s, head, seg.width, 0)?;
             }
             // Body: blocks the segment covers alone (the file's short last
             // block counts when the segment runs to the end of the file).
@@ -52,7 +53,8 @@ impl Syncer {
             if e > body_end {
                 let from = (body_end - s) as usize;
                 let tail = seg.data.slice(from, seg.data.len());
-                self.overlay(seg.shard, body_end, tail, seg.width)?;
+                let phase = ((body_end - s) % u64::from(seg.width.max(1))) as u8;
+                self.overlay(seg.shard, body_end, tail, seg.width, phase)?;
             }
         }
         let shards = &*self.shards;
@@ -170,6 +172,7 @@ impl Syncer {
         at: u64,
         bytes: Live<'_>,
         width: u8,
+        phase: u8,
     ) -> Result<()> {
         let b = self.opts.block_size as u64;
         let start = at / b * b;
@@ -185,12 +188,15 @@ impl Syncer {
                 orig,
                 new,
                 width: Some(width),
+                pieces: Vec::new(),
             });
         }
         let p = self.feeds[shard].pending.as_mut().expect("pending block");
         if p.width != Some(width) {
             p.width = None;
         }
+        let rel = (at - p.start) as usize;
+        p.pieces.push((rel, rel + bytes.len(), width, phase));
         let rel = (at - p.start) as usize;
         bytes.read_into(0, &mut p.new[rel..rel + bytes.len()])
     }
@@ -209,18 +215,51 @@ impl Syncer {
             return Ok(());
         }
         match &self.log {
-            Some(log) => Sink::Hold(log, &self.held, &self.spare).emit(
-                shard,
-                s,
-                p.start,
-                &p.orig,
-                &p.new,
-                p.width.unwrap_or(1),
-                None,
-                &mut self.enc,
-                &mut Vec::new(),
-            ),
+            Some(log) => {
+                Sink::Hold(log, &self.held, &self.spare).emit(
+                    shard,
+                    s,
+                    p.start,
+                    &p.orig,
+                    &p.new,
+                    p.width.unwrap_or(1),
+                    None,
+                    &mut self.enc,
+                    &mut Vec::new(),
+                )?;
+                if p.pieces.len() > 1 {
+                    // Several tensors share the block: count each one's elements.
+                    let pieces: Vec<RecordSummary> = p
+                        .pieces
+                        .iter()
+                        .map(|&(a, b, w, phase)| RecordSummary {
+                            shard: shard as u32,
+                            offset: p.start + a as u64,
+                            len: (b - a) as u64,
+                            elements: changed_elements(&p.orig[a..b], &p.new[a..b], w, phase),
+                        })
+                        .filter(|r| r.elements > 0)
+                        .collect();
+                    log.split_summary(shard as u32, p.start, &pieces);
+                }
+                Ok(())
+            }
             None => write_run(s, p.start, &p.new, &mut self.staging),
         }
     }
+}
+
+/// Elements of `width` bytes that differ between `old` and `new`, the first
+/// starting `phase` bytes before them (its bytes here count as one element).
+pub(super) fn changed_elements(old: &[u8], new: &[u8], width: u8, phase: u8) -> u64 {
+    let w = usize::from(width.max(1));
+    let head = (w - usize::from(phase) % w) % w;
+    let head = head.min(old.len());
+    let mut n = u64::from(old[..head] != new[..head]);
+    n += old[head..]
+        .chunks(w)
+        .zip(new[head..].chunks(w))
+        .filter(|(a, b)| a != b)
+        .count() as u64;
+    n
 }

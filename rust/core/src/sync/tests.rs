@@ -312,3 +312,78 @@ proptest! {
         }
     }
 }
+
+/// A block two tensors share (a bf16 one ending mid-block, an f32 one after it,
+/// the second cut at an odd element phase by the block boundary) is one
+/// record, but its summary is split per tensor, each counted at its width.
+#[test]
+fn a_block_two_tensors_share_is_counted_per_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (start, a_end, len) = (64usize, 64 + 6002, 64 + 6002 + 4 * 2000);
+    let orig: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let mut live = orig.clone();
+    // bf16 tensor A: elements 2000 (in block 0) and 2990..2999 (in block 1, shared)
+    for e in [2000usize, 2990, 2995, 2999] {
+        live[start + 2 * e] ^= 1;
+    }
+    // f32 tensor B: elements 0, 3 (shared block 1) and 1500 (block 2)
+    for e in [0usize, 3, 1500] {
+        live[a_end + 4 * e + 2] ^= 0x40;
+    }
+    let f = file_with(&orig);
+    let log_path = dir.path().join("1.xlog");
+    let opts = Options {
+        log: Some(LogSpec {
+            path: log_path,
+            generation: 1,
+            kind: crate::log::Kind::Sync,
+        }),
+        ..Options::default()
+    };
+    let mut syncer = Syncer::new(vec![spec(&f, start as u64)], opts).unwrap();
+    let log = syncer.log().unwrap();
+    syncer
+        .feed(&[
+            Segment {
+                shard: 0,
+                offset: start as u64,
+                data: Live::Mem(&live[start..a_end]),
+                width: 2,
+            },
+            Segment {
+                shard: 0,
+                offset: a_end as u64,
+                data: Live::Mem(&live[a_end..]),
+                width: 4,
+            },
+        ])
+        .unwrap();
+    syncer.finish().unwrap();
+    let mut per: Vec<(u64, u64)> = log
+        .summaries()
+        .iter()
+        .map(|r| (r.offset, r.elements))
+        .collect();
+    per.sort();
+    // Block 0: the header and A's head, one tensor: one summary. Block 1: A's
+    // tail and B's head: two. Block 2: B alone, diffed as a job.
+    assert_eq!(per, vec![(0, 1), (4096, 3), (a_end as u64, 2), (8192, 1)]);
+}
+
+#[test]
+fn changed_elements_counts_from_the_element_phase() {
+    use super::plan::changed_elements;
+    let old = [0u8; 12];
+    let mut new = old;
+    new[0] = 1; // the tail of an element that began before the piece
+    new[5] = 1;
+    // f32 elements starting 1 byte before the piece: [-1..3), [3..7), [7..11), [11..12)
+    assert_eq!(changed_elements(&old, &new, 4, 1), 2);
+    new[3] = 1; // same element as byte 5
+    assert_eq!(changed_elements(&old, &new, 4, 1), 2);
+    new[11] = 1; // the short last one
+    assert_eq!(changed_elements(&old, &new, 4, 1), 3);
+    // aligned: [0..4) holds bytes 0 and 3, [4..8) byte 5, [8..12) byte 11
+    assert_eq!(changed_elements(&old, &new, 4, 0), 3);
+    assert_eq!(changed_elements(&old, &new, 1, 0), 4);
+}
