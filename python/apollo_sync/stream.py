@@ -12,9 +12,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -169,7 +169,9 @@ class _Stager:
         return segments, event
 
 
-_Ready = tuple[int, list[_Piece], list[tuple[int, int, Any, int]], Any]
+_Staged = tuple[list[_Piece], list[tuple[int, int, Any, int]], Any]
+B = TypeVar("B")
+S = TypeVar("S")
 
 
 def width(t: LiveTensor) -> int:
@@ -228,7 +230,39 @@ def stream_into(
     t0 = time.perf_counter()
     stager = _Stager(device, chunk_bytes, depth)
     stats.setup_s = time.perf_counter() - t0
-    ready: queue.Queue[_Ready | None] = queue.Queue()
+
+    def submit(slot: int, pieces: list[_Piece]) -> _Staged:
+        return (pieces, *stager.submit(slot, pieces))
+
+    def consume(staged: _Staged) -> None:
+        pieces, segments, event = staged
+        t0 = time.perf_counter()
+        event.synchronize()
+        t1 = time.perf_counter()
+        syncer.feed(segments)  # GIL released: copies and pinning go on meanwhile
+        stats.copy_wait_s += t1 - t0
+        stats.feed_s += time.perf_counter() - t1
+        _count(stats, pieces, progress)
+
+    staging_ring(depth, chunks, submit, consume, stats, name="apollo-sync-feed")
+    return stats
+
+
+def staging_ring(
+    depth: int,
+    batches: Iterable[B],
+    submit: Callable[[int, B], S],
+    consume: Callable[[S], None],
+    stats: StreamStats,
+    *,
+    name: str,
+) -> None:
+    """The ring of ``depth`` staging buffers: this thread starts each batch's copies
+    into a free slot (``submit(slot, batch)``), a feeder thread ``consume``s the
+    staged batches in order (waits for the copies, feeds the core) and frees
+    their slots. A slot is refilled only once consumed; the first error of
+    either side is raised here, and nothing is consumed after it."""
+    ready: queue.Queue[tuple[int, S] | None] = queue.Queue()
     free: queue.Queue[int] = queue.Queue()
     for slot in range(depth):
         free.put(slot)
@@ -238,31 +272,25 @@ def stream_into(
     def feeder() -> None:
         try:
             while (item := ready.get()) is not None:
-                slot, pieces, segments, event = item
+                slot, staged = item
                 if stop.is_set():
                     continue
-                t0 = time.perf_counter()
-                event.synchronize()
-                t1 = time.perf_counter()
-                syncer.feed(segments)  # GIL released: copies and pinning go on meanwhile
-                stats.copy_wait_s += t1 - t0
-                stats.feed_s += time.perf_counter() - t1
-                _count(stats, pieces, progress)
+                consume(staged)
                 free.put(slot)
         except BaseException as e:
             failed.append(e)
             stop.set()
             free.put(-1)  # wake the submitting thread
 
-    thread = threading.Thread(target=feeder, name="apollo-sync-feed", daemon=True)
+    thread = threading.Thread(target=feeder, name=name, daemon=True)
     thread.start()
     try:
-        for pieces in chunks:
+        for batch in batches:
             slot = free.get()
             if slot < 0:
                 break
             t0 = time.perf_counter()
-            ready.put((slot, pieces, *stager.submit(slot, pieces)))
+            ready.put((slot, submit(slot, batch)))
             stats.submit_s += time.perf_counter() - t0
     except BaseException:
         stop.set()
@@ -272,7 +300,6 @@ def stream_into(
         thread.join()
     if failed:
         raise failed[0]
-    return stats
 
 
 def _count(

@@ -46,8 +46,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +67,7 @@ from apollo_sync.stream import (
     Placement,
     StreamStats,
     interleave,
+    staging_ring,
     width,
 )
 
@@ -658,61 +657,34 @@ def stream_ranks(
         for _ in range(depth)
     ]
     stats.setup_s = time.perf_counter() - t0
-    ready: queue.Queue[_Staged | None] = queue.Queue()
-    free: queue.Queue[int] = queue.Queue()
-    for slot in range(depth):
-        free.put(slot)
-    failed: list[BaseException] = []
-    stop = threading.Event()
 
-    def feeder() -> None:
-        try:
-            while (item := ready.get()) is not None:
-                slot, n, segments, checks, events = item
-                if stop.is_set():
-                    continue
-                t0 = time.perf_counter()
-                for ev in events:
-                    ev.synchronize()
-                for source, a, b, view in checks:
-                    source.check_replicas(a, b, view)
-                t1 = time.perf_counter()
-                syncer.feed(segments)  # GIL released
-                stats.copy_wait_s += t1 - t0
-                stats.feed_s += time.perf_counter() - t1
-                stats.batches += 1
-                stats.bytes += n
-                if progress:
-                    progress(n)
-                free.put(slot)
-        except BaseException as e:
-            failed.append(e)
-            stop.set()
-            free.put(-1)  # wake the submitting thread
+    def submit(slot: int, parts: list[_Part]) -> _Staged:
+        return _stage(parts, buffers[slot], streams)
 
-    thread = threading.Thread(target=feeder, name="apollo-sync-ranks-feed", daemon=True)
-    thread.start()
-    try:
-        for parts in _parts(plan, chunk_bytes):
-            slot = free.get()
-            if slot < 0:
-                break
-            t0 = time.perf_counter()
-            ready.put((slot, *_stage(parts, buffers[slot], streams)))
-            stats.submit_s += time.perf_counter() - t0
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        ready.put(None)
-        thread.join()
-    if failed:
-        raise failed[0]
+    def consume(staged: _Staged) -> None:
+        n, segments, checks, events = staged
+        t0 = time.perf_counter()
+        for ev in events:
+            ev.synchronize()
+        for source, a, b, view in checks:
+            source.check_replicas(a, b, view)
+        t1 = time.perf_counter()
+        syncer.feed(segments)  # GIL released
+        stats.copy_wait_s += t1 - t0
+        stats.feed_s += time.perf_counter() - t1
+        stats.batches += 1
+        stats.bytes += n
+        if progress:
+            progress(n)
+
+    staging_ring(
+        depth, _parts(plan, chunk_bytes), submit, consume, stats, name="apollo-sync-ranks-feed"
+    )
     return stats
 
 
 _Check = tuple["ShardedSource", int, int, HostBytes]
-_Staged = tuple[int, int, list[tuple[int, int, Any, int]], list[_Check], list[Any]]
+_Staged = tuple[int, list[tuple[int, int, Any, int]], list[_Check], list[Any]]
 
 
 def _source(t: LiveTensor) -> ShardedSource:
@@ -722,7 +694,7 @@ def _source(t: LiveTensor) -> ShardedSource:
 
 def _stage(
     parts: list[_Part], buf: HostBytes, streams: Mapping[torch.device, torch.cuda.Stream]
-) -> tuple[int, list[tuple[int, int, Any, int]], list[_Check], list[Any]]:
+) -> _Staged:
     """Starts assembling ``parts`` into ``buf``; returns the byte count, the
     segments to feed, the replica checks to run and the events to wait for."""
     segments: list[tuple[int, int, Any, int]] = []
