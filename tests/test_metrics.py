@@ -11,8 +11,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from apollo_sync import journal as gens
 from apollo_sync.demo import Producer, make_demo_model
 from apollo_sync.metrics import BUCKETS, SyncMetrics
 from conftest import randn
+from watching import watch_process
 
 Factory = Callable[..., Path]
 
@@ -157,29 +157,15 @@ def free_port() -> int:
         return port
 
 
-@contextmanager
-def watcher(*args: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apollo_sync", "watch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
 def test_watch_serves_metrics_equal_to_its_results(tmp_path: Path) -> None:
     model = make_demo_model(tmp_path / "model", size_mb=8, shards=2)
     handles = tmp_path / "run" / "handles.pt"
     port = free_port()
     args = ("--handles", str(handles), "--json", "--interval", "3600", "--metrics-port", str(port))
-    with Producer(model, handles, fraction=0.01, step_counter=True) as prod, watcher(*args) as w:
+    with (
+        Producer(model, handles, fraction=0.01, step_counter=True) as prod,
+        watch_process(*args) as w,
+    ):
         assert w.stdout is not None
         results = [json.loads(w.stdout.readline())]
         for _ in range(2):

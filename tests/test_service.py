@@ -14,8 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +25,7 @@ from apollo_sync import journal as gens
 from apollo_sync.cli import build_parser
 from apollo_sync.demo import Producer, make_demo_model
 from apollo_sync.verify import mismatches
+from watching import watch_process
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 UNITS = DOCS / "systemd"
@@ -114,21 +114,8 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
 # --- signals ---------------------------------------------------------------------
 
 
-@contextmanager
-def watcher(*args: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apollo_sync", "watch", "--json", "--log-format", "json", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+def watcher(*args: str) -> AbstractContextManager[subprocess.Popen[str]]:
+    return watch_process("--json", "--log-format", "json", *args)
 
 
 def line(stream: IO[str] | None, timeout: float = 120.0) -> dict[str, Any]:

@@ -11,8 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -23,24 +21,7 @@ from apollo_sync import ModelDir, ProducerGoneError, history, load_handles, watc
 from apollo_sync.demo import Producer, make_demo_model
 from apollo_sync.handles import Handles, _process_start, check_producer_alive
 from apollo_sync.verify import mismatches
-
-
-@contextmanager
-def _watcher(*args: str) -> Iterator[subprocess.Popen[str]]:
-    """An ``apollo-sync watch`` process, killed if the test fails before it ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apollo_sync", "watch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+from watching import watch_process
 
 
 def _line(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
@@ -80,7 +61,7 @@ def test_watch_syncs_after_each_producer_step(tmp_path: Path) -> None:
     # an hour's interval: only the step counter can bring the syncs below
     args = ("--handles", str(handles), "--count", "3", "--json", "--interval", "3600")
     prod = Producer(model, handles, fraction=0.01, step_counter=True)
-    with prod, _watcher(*args) as proc:
+    with prod, watch_process(*args) as proc:
         first: dict[str, Any] = json.loads(_line(proc))
         assert first["total_changed"] == 0 and first["generation"] is None
         results = []
@@ -100,7 +81,7 @@ def test_watch_syncs_the_last_step_after_the_producer_exits(tmp_path: Path) -> N
     handles = tmp_path / "run" / "handles.pt"
     prod = Producer(model, handles, fraction=0.01, step_counter=True)
     try:
-        with _watcher("--handles", str(handles), "--interval", "3600") as proc:
+        with watch_process("--handles", str(handles), "--interval", "3600") as proc:
             assert "no change" in _line(proc)
             os.kill(proc.pid, signal.SIGSTOP)  # it cannot see the step before the exit
             try:
@@ -125,7 +106,7 @@ def test_watch_on_a_timer_stops_when_the_producer_exits(tmp_path: Path) -> None:
     handles = tmp_path / "run" / "handles.pt"
     prod = Producer(model, handles, fraction=0.01)  # no step counter: on a timer
     try:
-        with _watcher("--handles", str(handles), "--interval", "0.2") as proc:
+        with watch_process("--handles", str(handles), "--interval", "0.2") as proc:
             assert "no change" in _line(proc)
             prod.step()
             # a timer sync may overlap the step: read until one finds nothing more to do
