@@ -10,15 +10,20 @@ intermediate 12288, vocabulary 151936; HF-named, in shards of about 2 GB):
   worker extension, as ``collective_rpc("apollo_export_handles")`` does in vLLM;
 * this process is the consumer: it syncs from rank 0's handles path (tp 1: the
   single-GPU path, for comparison) once with nothing changed, then ``--steps``
-  times: every producer flips the lowest bit of the elements whose bits are 0
-  modulo ``--modulus`` (an element-wise rule, so K/V replicas stay equal, as a
-  training step keeps them), and the consumer syncs, timed;
+  times: every producer flips the lowest bit of the elements whose bits are the
+  step number modulo ``--modulus`` (an element-wise rule, so K/V replicas stay equal, as a
+  training step keeps them; at 1/50 every block changes), or with ``--density D``
+  that share of elements at positions drawn from a seed every rank shares (2.4e-6
+  changes about 0.5% of the 4 KiB blocks, the scattered pattern), and the consumer
+  syncs, timed;
 * checks the files against the live tensors (``verify.mismatches``: the ranks read
   through another path than the sync's staging) and prints a table: seconds, GB
-  compared per second, bytes changed and written, per tensor-parallel size.
+  compared per second, bytes changed, log bytes, per tensor-parallel size, next to
+  the device-to-host bandwidth of that many GPUs copying at once into pinned memory
+  (measured here, after the syncs) and the sync's share of it.
 
 Usage: ``python3 benches/tp.py [--tp 1,2,4] [--layers 8] [--steps 2] [--modulus 50]
-[--no-journal] [--out DIR]``. Needs as many CUDA devices as the largest size.
+[--density D] [--no-journal] [--out DIR]``. Needs as many CUDA devices as the largest size.
 """
 
 from __future__ import annotations
@@ -91,13 +96,28 @@ def make_checkpoint(root: Path, layers: int) -> None:
     (root / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
 
 
-def flip(t: torch.Tensor, modulus: int) -> None:
-    """Element-wise: the lowest bit of every element whose bits are 0 mod ``modulus``."""
+def flip(t: torch.Tensor, modulus: int, step: int) -> None:
+    """Element-wise: the lowest bit of every element whose bits are ``step`` mod ``modulus``.
+
+    The residue moves with the step: a flipped element leaves its residue, so a fixed
+    one would find nothing left to change at the next step.
+    """
     bits = t.view(torch.int16)
-    bits ^= (bits.remainder(modulus) == 0).to(torch.int16)
+    bits ^= (bits.remainder(modulus) == step % modulus).to(torch.int16)
 
 
-def producer(root: str, tp: int, index: int, handles: str, modulus: int, conn: Any) -> None:
+def scatter(t: torch.Tensor, density: float, step: int, salt: int) -> None:
+    """The lowest bit of a ``density`` share of the elements, at positions drawn from a
+    seed of (step, parameter): every rank draws the same local positions, so K/V
+    replicas stay equal."""
+    g = torch.Generator(device=t.device).manual_seed(step * 1_000_003 + salt)
+    mask = torch.rand(t.numel(), generator=g, device=t.device) < density
+    t.view(torch.int16).view(-1).bitwise_xor_(mask.to(torch.int16))
+
+
+def producer(
+    root: str, tp: int, index: int, handles: str, modulus: int, density: float, conn: Any
+) -> None:
     try:
         from types import SimpleNamespace
 
@@ -136,10 +156,13 @@ def producer(root: str, tp: int, index: int, handles: str, modulus: int, conn: A
         w.apollo_export_handles(handles)
         torch.cuda.synchronize()
         conn.send("ready")
-        while conn.recv() != "exit":
+        while (msg := conn.recv()) != "exit":
             with torch.no_grad():
-                for p in rank.model.parameters():
-                    flip(p.data, modulus)
+                for salt, p in enumerate(rank.model.parameters()):
+                    if density:
+                        scatter(p.data, density, msg, salt)
+                    else:
+                        flip(p.data, modulus, msg)
             torch.cuda.synchronize()
             conn.send("stepped")
     except BaseException as e:
@@ -147,14 +170,42 @@ def producer(root: str, tp: int, index: int, handles: str, modulus: int, conn: A
         raise
 
 
-def run(root: Path, tp: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def d2h(devices: int, gb: float = 2.0) -> float:
+    """GB/s of device-to-host copies into pinned memory, all ``devices`` GPUs at once."""
+    import threading
+
+    n = int(gb * 1e9) // 2
+    src = [torch.ones(n, dtype=torch.bfloat16, device=f"cuda:{i}") for i in range(devices)]
+    dst = [torch.empty(n, dtype=torch.bfloat16, pin_memory=True) for _ in range(devices)]
+
+    def copy(i: int) -> None:
+        with torch.cuda.device(i):
+            dst[i].copy_(src[i], non_blocking=True)
+            torch.cuda.synchronize(i)
+
+    best = 0.0
+    for _ in range(3):
+        threads = [threading.Thread(target=copy, args=(i,)) for i in range(devices)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, devices * n * 2 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def run(
+    root: Path, tp: int, args: argparse.Namespace, work: Path, first_step: int
+) -> dict[str, Any]:
     handles = work / f"tp{tp}" / "handles.pt"
     ctx = mp.get_context("spawn")
     conns, procs = [], []
     for i in range(tp):
         mine, theirs = ctx.Pipe()
         proc = ctx.Process(
-            target=producer, args=(str(root), tp, i, str(handles), args.modulus, theirs)
+            target=producer,
+            args=(str(root), tp, i, str(handles), args.modulus, args.density, theirs),
         )
         proc.start()
         conns.append(mine)
@@ -174,9 +225,9 @@ def run(root: Path, tp: int, args: argparse.Namespace, work: Path) -> dict[str, 
         r = sync(root, handles=handles, journal=journal)
         out["unchanged_s"] = time.perf_counter() - t0
         out["compared"] = r.total_compared
-        for _ in range(args.steps):
+        for k in range(args.steps):
             for c in conns:
-                c.send("step")
+                c.send(first_step + k)
             expect("stepped")
             t0 = time.perf_counter()
             r = sync(root, handles=handles, journal=journal)
@@ -202,12 +253,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--modulus", type=int, default=50)
+    ap.add_argument(
+        "--density",
+        type=float,
+        default=0.0,
+        help="flip this share of elements at seeded random positions instead of --modulus",
+    )
     ap.add_argument("--no-journal", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sizes = [int(x) for x in args.tp.split(",")]
     if max(sizes) > torch.cuda.device_count():
         sys.exit(f"needs {max(sizes)} GPUs, {torch.cuda.device_count()} here")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="apollo-tp-", dir=args.out))
     root = work / "model"
     t0 = time.perf_counter()
@@ -216,17 +275,21 @@ def main() -> None:
         f"checkpoint: {sum(f.stat().st_size for f in root.iterdir()) / 1e9:.2f} GB "
         f"in {time.perf_counter() - t0:.1f} s at {root}"
     )
-    results = [run(root, tp, args, work) for tp in sizes]
+    results = [run(root, tp, args, work, i * args.steps) for i, tp in enumerate(sizes)]
+    for r in results:
+        r["d2h_gbps"] = d2h(r["tp"])
+        torch.cuda.empty_cache()
     print(
         f"{'tp':>3} {'GB':>6} {'unchanged s':>12} {'changed s':>10} {'GB/s':>6} "
-        f"{'changed MB':>11} {'written MB':>11}"
+        f"{'changed MB':>11} {'log MB':>8} {'D2H GB/s':>9} {'of D2H':>7}"
     )
     for r in results:
         for st in r["steps"]:
             print(
                 f"{r['tp']:>3} {r['compared'] / 1e9:>6.2f} {r['unchanged_s']:>12.2f} "
                 f"{st['s']:>10.2f} {r['compared'] / st['s'] / 1e9:>6.2f} "
-                f"{st['changed'] / 1e6:>11.1f} {st['written'] / 1e6:>11.1f}"
+                f"{st['changed'] / 1e6:>11.1f} {st['log'] / 1e6:>8.1f} {r['d2h_gbps']:>9.1f} "
+                f"{r['compared'] / st['s'] / 1e9 / r['d2h_gbps']:>7.2f}"
             )
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results: {work / 'results.json'}")
