@@ -17,7 +17,7 @@ impl Committer {
     pub(super) fn spawn(
         shards: Arc<Vec<Shard>>,
         log: Arc<DeltaLog>,
-        spare: Arc<Spare>,
+        keep: usize,
         stop: AbortHandle,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
@@ -28,7 +28,7 @@ impl Committer {
                     continue; // drain without writing: the sync is being abandoned
                 }
                 match commit_batch(&shards, &log, batch, &halt) {
-                    Ok(written) => spare.put(written),
+                    Ok(written) => SPARE.put(written, keep),
                     Err(e) => fail(e),
                 }
             }

@@ -21,6 +21,38 @@ pub(super) struct Scratch {
     pub(super) enc: Encoder,
 }
 
+/// Scratch spaces of finished syncs, for the next sync of the process: their
+/// buffers (and the encoder's zstd contexts) are then warm, not faulted in
+/// afresh by every sync.
+static KEPT: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
+
+impl Scratch {
+    /// Most scratch spaces kept between syncs (one per worker thread of the
+    /// syncs a process runs at once).
+    const KEEP: usize = 64;
+
+    /// A kept scratch space, or a new one, with a read buffer of `read_len`
+    /// bytes (the diff reads that much per step).
+    pub(super) fn take(read_len: usize) -> Scratch {
+        let kept = KEPT.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut s = kept.unwrap_or_else(|| Scratch {
+            read: Vec::new(),
+            live: Vec::new(),
+            runs: Vec::new(),
+            enc: Encoder::new(),
+        });
+        s.read.resize(read_len, 0);
+        s
+    }
+
+    pub(super) fn give_back(self) {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < Self::KEEP {
+            kept.push(self);
+        }
+    }
+}
+
 /// Compares one job's live bytes with the file, a chunk at a time, and sends
 /// each changed run (with the file's old bytes for it) to `sink`.
 pub(super) fn diff_job<'a>(

@@ -18,21 +18,42 @@ pub(super) struct Held {
     pub(super) bytes: usize,
 }
 
-/// Buffers of held runs, handed back once written: a sync that holds
-/// gigabytes in turn reuses the pages of its first batches instead of faulting
-/// fresh zeroed ones in for every run (on two cores, page faults and
-/// `clear_page` were a sixth of a logged sync's time). Never more than the
-/// held batches in flight at once (two), so the pool needs no bound of its own.
-#[derive(Default)]
-pub(super) struct Spare(Mutex<Vec<Vec<u8>>>);
+/// Buffers of held runs, handed back once written and kept for the next
+/// batch and the next sync of the process: a sync that holds gigabytes in turn
+/// reuses the pages of its first batches, and a training loop's next sync
+/// reuses this one's, instead of faulting fresh zeroed pages in for every run
+/// (on two cores, page faults and `clear_page` were a sixth of a logged sync's
+/// time; a pool per sync still paid them once per sync). Process-wide, bounded
+/// by what the batches in flight hold (see [`Spare::put`]).
+pub(super) static SPARE: Spare = Spare(Mutex::new(Pool {
+    free: Vec::new(),
+    bytes: 0,
+}));
+
+pub(super) struct Spare(Mutex<Pool>);
+
+pub(super) struct Pool {
+    free: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `free`.
+    bytes: usize,
+}
 
 impl Spare {
     /// Smaller buffers come cheaply from the allocator's heap.
     const MIN: usize = 64 << 10;
 
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(super) fn copy_of(&self, bytes: &[u8]) -> Vec<u8> {
         let reused = match bytes.len() >= Self::MIN {
-            true => self.0.lock().unwrap_or_else(|e| e.into_inner()).pop(),
+            true => {
+                let mut p = self.pool();
+                let v = p.free.pop();
+                p.bytes -= v.as_ref().map_or(0, Vec::capacity);
+                v
+            }
             false => None,
         };
         let mut v = reused.unwrap_or_default();
@@ -41,12 +62,18 @@ impl Spare {
         v
     }
 
-    pub(super) fn put(&self, batch: Batch) {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        free.extend(batch.into_iter().filter_map(|r| match r.data {
-            Cow::Owned(v) if v.capacity() >= Self::MIN => Some(v),
-            _ => None,
-        }));
+    /// Keeps the batch's buffers, up to `keep` bytes in the pool (what the
+    /// batches a sync has in flight hold: more would only sit idle).
+    pub(super) fn put(&self, batch: Batch, keep: usize) {
+        let mut p = self.pool();
+        for r in batch {
+            if let Cow::Owned(v) = r.data {
+                if v.capacity() >= Self::MIN && p.bytes + v.capacity() <= keep {
+                    p.bytes += v.capacity();
+                    p.free.push(v);
+                }
+            }
+        }
     }
 }
 

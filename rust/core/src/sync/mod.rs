@@ -68,7 +68,7 @@ mod write;
 use commit::Committer;
 use diff::{diff_job, Job, Scratch};
 use flush::Flusher;
-use hold::{Batch, Held, Sink, Spare, WriteReq};
+use hold::{Batch, Held, Sink, WriteReq, SPARE};
 pub use worker::AbortHandle;
 use worker::{fail, Worker};
 use write::{
@@ -239,7 +239,6 @@ pub struct Syncer {
     held: Mutex<Held>,
     /// Bytes compared since the held runs were last released.
     since_release: u64,
-    spare: Arc<Spare>,
     /// With a log: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
     committer: Option<Committer>,
@@ -308,14 +307,7 @@ impl Syncer {
             .build()
             .map_err(|e| Error::Plan(format!("cannot start worker threads: {e}")))?;
         let scratch = (0..pool.current_num_threads())
-            .map(|_| {
-                Mutex::new(Scratch {
-                    read: vec![0u8; READ_BYTES.max(b)],
-                    live: Vec::new(),
-                    runs: Vec::new(),
-                    enc: Encoder::new(),
-                })
-            })
+            .map(|_| Mutex::new(Scratch::take(READ_BYTES.max(b))))
             .collect();
         let n_shards = shards.len();
         let shards = Arc::new(shards);
@@ -328,12 +320,12 @@ impl Syncer {
             false => Some(Flusher::spawn(shards.clone(), stop.clone())?),
             true => None,
         };
-        let spare = Arc::new(Spare::default());
         let committer = match &log {
+            // Three batches in flight at most: held, queued, being written.
             Some(log) => Some(Committer::spawn(
                 shards.clone(),
                 log.clone(),
-                spare.clone(),
+                3 * opts.hold_bytes,
                 stop.clone(),
             )?),
             None => None,
@@ -350,7 +342,6 @@ impl Syncer {
             enc: Encoder::new(),
             held: Mutex::new(Held::default()),
             since_release: 0,
-            spare,
             committer,
             flusher,
             flushed: vec![false; n_shards],
@@ -490,5 +481,10 @@ impl Syncer {
 impl Drop for Syncer {
     fn drop(&mut self) {
         self.join_threads();
+        for s in self.scratch.drain(..) {
+            s.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .give_back();
+        }
     }
 }

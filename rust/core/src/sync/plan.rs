@@ -78,7 +78,7 @@ impl Syncer {
             return diff_all(Sink::Dry);
         }
         if let Some(log) = &self.log {
-            diff_all(Sink::Hold(log, &self.held, &self.spare))?;
+            diff_all(Sink::Hold(log, &self.held, &SPARE))?;
             // Release the held runs when they grow large, or once the feed has
             // compared RELEASE_BYTES more: their barrier and writes then run
             // while the feed goes on, and `finish` is left with a short tail.
@@ -216,7 +216,7 @@ impl Syncer {
         }
         match &self.log {
             Some(log) => {
-                Sink::Hold(log, &self.held, &self.spare).emit(
+                Sink::Hold(log, &self.held, &SPARE).emit(
                     shard,
                     s,
                     p.start,
