@@ -113,7 +113,7 @@ impl LogFile {
     /// Reads records from `pos` on; returns where the valid ones end.
     fn scan(&mut self, mut pos: u64) -> Result<u64> {
         let mut body = Vec::new();
-        let mut sums = xxhash_rust::xxh3::Xxh3::new();
+        let mut sums = format::Xxh3::new();
         while let Some((frame, next)) = self.read_record(pos, &mut body)? {
             match frame.kind {
                 TYPE_DELTA if self.commit.is_none() => {
@@ -203,7 +203,7 @@ impl LogFile {
         } as usize;
         body.resize(keep, 0);
         self.read(body, pos + FRAME as u64)?;
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut h = format::Xxh3::new();
         h.update(&raw[..16]);
         h.update(body);
         let mut piece = vec![0u8; READ_BYTES.min(frame.body_len as usize - keep)];

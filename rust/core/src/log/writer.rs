@@ -15,8 +15,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use xxhash_rust::xxh3::Xxh3;
-
+use super::format::Xxh3;
 use super::format::{
     self, CommitHead, DeltaHead, FileHeader, Kind, ShardBinding, CODEC_DELTA, TYPE_BARRIER,
     TYPE_COMMIT, TYPE_DELTA, UNIT,
