@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.conftest import randn
 
 import apollo_sync
 from apollo_sync import journal as gens
 from apollo_sync._core import FAULTS
+from apollo_sync.errors import HandlesError, RefusedError
 from apollo_sync.group import Group, GroupError, read_group
 from apollo_sync.reshard import reshard
+from conftest import randn
 
 needs_faults = pytest.mark.skipif(not FAULTS, reason="needs the core's `faults` feature")
 
@@ -329,3 +330,27 @@ def test_mismatched_group_sizes_are_refused(tmp_path: Path) -> None:
         _, err = c.communicate(timeout=60)
         assert c.returncode != 0 and "every host needs the same --group-size" in err, err
     assert shards_digest(root) == before and not (root / ".apollo_sync").exists()
+
+
+def test_a_host_opens_the_complete_ranks_of_its_stages_only(tmp_path: Path) -> None:
+    from apollo_sync.ranks import open_handles
+    from test_tp import CONFIGS, make_model, serve
+
+    _, shape = CONFIGS["qwen3"]
+    root, hf = make_model(tmp_path, "qwen3")
+    handles = tmp_path / "run" / "handles.pt"
+    ranks = serve(root, hf, shape, handles, tp=2, pp=2)  # 0, 1: stage 0; 2, 3: stage 1
+    rank = [handles, *(handles.with_name(f"handles.pt.rank{n}") for n in (1, 2, 3))]
+    with open_handles(rank[2:], stages=True) as mine:  # host 1: stage 1's two ranks
+        assert mine.metadata["rank_set"] == 2
+        assert any(".layers.1." in n for n in mine.tensors)
+        assert not any(".layers.0." in n for n in mine.tensors)
+    with pytest.raises(RefusedError, match="pipeline stage 0 is split between hosts"):
+        open_handles(rank[1:], stages=True)  # one tensor-parallel rank of stage 0
+    with pytest.raises(HandlesError, match=r"lacks rank\(s\) 0, 1 of 4"):
+        open_handles(rank[2:])  # a single host's consumer wants the whole set
+    for p in rank[:2]:  # on host 1 only its own ranks' files exist: found from any of them
+        p.unlink()
+    with open_handles(rank[3], stages=True) as mine:
+        assert mine.metadata["rank_set"] == 2
+    del ranks  # held to here: their shared memory is what the handles map
