@@ -11,6 +11,7 @@ import logging
 from apollo_sync._core import __version__
 from apollo_sync.errors import (
     ApolloSyncError,
+    GroupError,
     HandlesError,
     HeaderError,
     JournalError,
@@ -27,6 +28,7 @@ from apollo_sync.errors import (
     UnsafeHandlesError,
     UnsafeShardError,
 )
+from apollo_sync.group import Group
 from apollo_sync.handles import Handles, default_handles_path, export_handles, load_handles
 from apollo_sync.hf_views import HFViews, hf_views
 from apollo_sync.journal import (
@@ -42,6 +44,7 @@ from apollo_sync.journal import (
 from apollo_sync.layouts import EXPERT_RULES, MERGED_RULES, PREFIX_RULES, map_tensors
 from apollo_sync.live import LiveTensor, from_torch
 from apollo_sync.model_dir import DiskTensor, ModelDir
+from apollo_sync.reshard import reshard
 from apollo_sync.status import Status, status
 from apollo_sync.steps import StepCounter
 from apollo_sync.sync import FileResult, SyncResult, checkpoint_sync, plan, sync
@@ -59,6 +62,8 @@ __all__ = [
     "DiskTensor",
     "FileResult",
     "Generation",
+    "Group",
+    "GroupError",
     "HFViews",
     "Handles",
     "HandlesError",
@@ -97,6 +102,7 @@ __all__ = [
     "prune",
     "reading",
     "recover",
+    "reshard",
     "rollback",
     "status",
     "sync",

@@ -144,8 +144,22 @@ def _sync_once(args: argparse.Namespace, sync: Any) -> SyncResult:
         lock_timeout=args.lock_timeout,
         private_copy=args.private_copy,
         durable=args.durable,
+        group=_group(args),
     )
     return result
+
+
+def _group(args: argparse.Namespace) -> Any:
+    """The group of hosts this consumer is one of (None unless --group-size)."""
+    if args.group_size is None:
+        if args.group_rank is not None or args.group_init is not None:
+            raise ValueError("--group-rank and --group-init need --group-size")
+        return None
+    if args.group_rank is None or args.group_init is None:
+        raise ValueError("--group-size needs --group-rank and --group-init")
+    from apollo_sync.group import Group
+
+    return Group(args.group_rank, args.group_size, args.group_init, args.group_timeout)
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -226,6 +240,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             undo_budget=args.undo_budget,
             lock_timeout=args.lock_timeout,
             durable=args.durable,
+            group=_group(args),
         )
     except Exception:
         if metrics is not None:
@@ -381,6 +396,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from apollo_sync.reshard import parse_stages, reshard
+
+    owners = reshard(args.model_dir, parse_stages(args.stages))
+    for name, host in sorted(owners.items(), key=lambda x: (x[1], x[0])):
+        print(f"host {host}  {name}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from apollo_sync.demo import run_demo
 
@@ -471,6 +495,26 @@ def build_parser() -> argparse.ArgumentParser:
             "first; a loader that starts at boot should too)",
         )
 
+    def grouped(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group(
+            "several hosts (pipeline stages on several hosts, one consumer each, committing "
+            "each generation together; docs/OPERATIONS.md)"
+        )
+        g.add_argument("--group-rank", type=int, default=None, help="this host's number, 0..H-1")
+        g.add_argument("--group-size", type=int, default=None, help="the number of hosts H")
+        g.add_argument(
+            "--group-init",
+            default=None,
+            metavar="tcp://HOST:PORT",
+            help="where the hosts meet: host 0's address and a free port",
+        )
+        g.add_argument(
+            "--group-timeout",
+            type=float,
+            default=300.0,
+            help="seconds a host waits for the others (default 300)",
+        )
+
     def source(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--model-dir",
@@ -536,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     retention(s)
     durability(s)
     lock(s)
+    grouped(s)
     s.set_defaults(func=_cmd_sync)
 
     w = sub.add_parser(
@@ -601,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     retention(w)
     durability(w)
     lock(w)
+    grouped(w)
     w.set_defaults(func=_cmd_watch)
 
     r = sub.add_parser(
@@ -652,6 +698,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--to", type=int, required=True, help="the generation to restore")
     lock(b)
     b.set_defaults(func=_cmd_rollback)
+
+    x = sub.add_parser(
+        "reshard",
+        help="split shards at pipeline stage boundaries, one file per host (before the "
+        "first group sync)",
+    )
+    x.add_argument("--model-dir", type=Path, required=True)
+    x.add_argument(
+        "--stages",
+        required=True,
+        metavar="FIRST-LAST,...",
+        help="the decoder layers each host holds, in host order, e.g. 0-17,18-35 "
+        "(embeddings go with the first, the final norm and head with the last)",
+    )
+    x.set_defaults(func=_cmd_reshard)
 
     q = sub.add_parser("prune", help="drop the logs of old generations")
     q.add_argument("--model-dir", type=Path, required=True)

@@ -18,6 +18,7 @@ from apollo_sync._core import (
 
 __all__ = [
     "ApolloSyncError",
+    "GroupError",
     "HandlesError",
     "HeaderError",
     "JournalError",
@@ -81,3 +82,9 @@ class RollbackError(ApolloSyncError):
 class TornSyncError(ApolloSyncError):
     """The producer stepped while the sync read its tensors, every time it was
     tried: the generation was not committed and the files were put back."""
+
+
+class GroupError(ApolloSyncError):
+    """The hosts of a group could not commit a generation together (a host failed
+    or refused, a peer died or timed out, the group was set up inconsistently),
+    or a single-host command was used on a directory a group writes."""

@@ -75,6 +75,8 @@ from apollo_sync.model_dir import ModelDir
 from apollo_sync.shards import check_shards
 
 STATE_DIRNAME = ".apollo_sync"
+#: The group file, in ``.apollo_sync/``, of a directory several hosts write together.
+GROUP_FILENAME = "group.json"
 FORMAT = 2
 #: Generations whose logs are kept, by default.
 DEFAULT_KEEP = 20
@@ -206,11 +208,16 @@ class History:
 
 
 class Layout:
-    """Where the generation files of one model directory live."""
+    """Where the generation files of one model directory live: under
+    ``.apollo_sync/``, or, for host ``host`` of a group of consumers that commit
+    together (:mod:`apollo_sync.group`), under ``.apollo_sync/hosts/<host>/``
+    (the same files, covering only the shards that host owns)."""
 
-    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, model_dir: str | os.PathLike[str], host: int | None = None) -> None:
         self.root = Path(model_dir)
-        self.meta = self.root / STATE_DIRNAME
+        self.host = host
+        self.top = self.root / STATE_DIRNAME
+        self.meta = self.top if host is None else self.top / "hosts" / str(host)
         self.log_dir = self.meta / "log"
         self.state_path = self.meta / "state.json"
         self.lock_path = self.meta / "lock"
@@ -218,6 +225,11 @@ class Layout:
     @property
     def last_sync_path(self) -> Path:
         return self.meta / "last_sync.json"
+
+    @property
+    def group_path(self) -> Path:
+        """The group file of a directory written by several hosts together."""
+        return self.top / GROUP_FILENAME
 
     def log_path(self, number: int) -> Path:
         return self.log_dir / f"{number}.xlog"
@@ -229,7 +241,10 @@ class Layout:
         """Creates the directories (private to the user), durably: their entries
         are fsynced every time, since a process killed between a mkdir and its
         fsync leaves a directory that exists but might not survive a power loss."""
-        for d in (self.meta, self.log_dir):
+        dirs = [self.meta, self.log_dir]
+        if self.host is not None:
+            dirs = [self.top, self.top / "hosts", *dirs]
+        for d in dirs:
             d.mkdir(mode=0o700, exist_ok=True)
             _fsync_dir(d.parent)
 
@@ -299,8 +314,9 @@ class ModelLock:
         timeout: float = DEFAULT_LOCK_TIMEOUT,
         *,
         shared: bool = False,
+        host: int | None = None,
     ):
-        self.layout = Layout(model_dir)
+        self.layout = Layout(model_dir, host)
         self.timeout = timeout
         self.shared = shared
         self._fd: int | None = None
@@ -554,7 +570,7 @@ _flushes: dict[str, list[_Flush]] = {}
 
 
 def _key(layout: Layout) -> str:
-    return os.path.realpath(layout.root)
+    return os.path.realpath(layout.meta)
 
 
 def start_flush(layout: Layout, number: int, paths: list[Path]) -> None:
@@ -671,19 +687,28 @@ def generation_of(info: LogInfo) -> Generation:
     )
 
 
-def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
+def recover_locked(layout: Layout, limit: int | None = None) -> tuple[Recovered | None, list[str]]:
     """Brings the directory to its last committed generation with the shards
     durable, whatever was interrupted, and cleans up leftovers. Returns what it
     did (None when there was nothing to do) and warnings (failed background
     flushes of this process, now redone). The caller holds the exclusive lock.
 
     The flush this process may still be running for the last generation is left
-    to go on (it will mark the checkpoint); any older one is waited for."""
+    to go on (it will mark the checkpoint); any older one is waited for.
+
+    ``limit`` (one host of a group, :mod:`apollo_sync.group`): the generation the
+    group committed. A generation this host committed past it was prepared but
+    never committed by the group: it is rolled back through its records like an
+    uncommitted one, and the checkpoint is taken as no later than ``limit``."""
     state = load_state(layout)
-    warnings = wait_flushes(layout, state.generation - 1)
-    if not _flush_running(layout):
-        warnings += wait_flushes(layout)  # finished: collect its error, if any
     logs = layout.logs()
+    ahead = limit is not None and (state.generation > limit or any(n > limit for n in logs))
+    if ahead:
+        warnings = wait_flushes(layout)  # none of this process's may go on
+    else:
+        warnings = wait_flushes(layout, state.generation - 1)
+        if not _flush_running(layout):
+            warnings += wait_flushes(layout)  # finished: collect its error, if any
     uncommitted: list[int] = []
     for n in sorted(x for x in logs if x > state.generation):
         if not _header_written(logs[n]):
@@ -692,17 +717,40 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
             del logs[n]
             continue
         info = read_log(logs[n])
-        if info.committed:  # committed, then killed before the state file said so
+        if info.committed and (limit is None or n <= limit):
+            # committed, then killed before the state file said so
             state = _with_generation(state, generation_of(info))
             save_state(layout, state)
         else:
             uncommitted.append(n)
-    own = _pending_flush(layout) == state.generation and not warnings
+    dropped = False
+    if limit is not None and state.generation > limit:
+        # prepared here, never committed by the group: undone like uncommitted work
+        uncommitted = sorted({*uncommitted, *(n for n in logs if limit < n <= state.generation)})
+        state = State(
+            generation=limit,
+            checkpoint=min(state.checkpoint, limit),
+            history=[g for g in state.history if g.number <= limit],
+        )
+        dropped = True
+    if limit is not None and state.generation < limit:
+        raise JournalError(
+            f"{layout.meta}: this host is at generation {state.generation}, but the group "
+            f"committed generation {limit}: its namespace was removed or replaced"
+        )
+    own = not ahead and _pending_flush(layout) == state.generation and not warnings
     if own:
         k = state.generation  # this process is flushing it: not a crash
     else:
         warnings += wait_flushes(layout)
         k = checkpoint(layout, state)
+    if limit is not None:
+        k = min(k, limit)
+        stale = [p for n, p in layout._numbered("*.flushed").items() if n > limit]
+        for p in stale:  # a marker of a generation the group did not commit
+            p.unlink()
+        if stale:
+            _fsync_dir(layout.log_dir)
     missing = [n for n in range(k + 1, state.generation + 1) if n not in logs]
     if missing:
         raise JournalError(
@@ -733,6 +781,8 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
                 "they were left as they are, and nothing else is lost: the logs stay for "
                 "inspection. Restore those files from a copy, or sync from the live weights."
             )
+        if dropped:
+            save_state(layout, state)
         for n in uncommitted:
             fault_point("recover")
             logs[n].unlink()
@@ -760,6 +810,8 @@ def recover_locked(layout: Layout) -> tuple[Recovered | None, list[str]]:
             done.torn,
             extra={"event": "recovered", "model_dir": str(layout.root), **vars(done)},
         )
+    elif dropped:  # a generation without a log (this host changed nothing in it)
+        save_state(layout, state)
     _clean_leftovers(layout, state)
     return done, warnings
 
@@ -809,6 +861,11 @@ def recover(
     layout = Layout(model_dir)
     if not layout.meta.is_dir():
         return None
+    from apollo_sync import group
+
+    g = group.read_group(model_dir)
+    if g is not None:  # every host's part, up to what the group committed
+        return group.recover(Path(model_dir), g, lock_timeout)
     with ModelLock(model_dir, lock_timeout):
         wait_flushes(layout)  # this process's own: then the markers say what is on disk
         done, warnings = recover_locked(layout)
@@ -828,6 +885,13 @@ def reading(
     ...     model = AutoModelForCausalLM.from_pretrained("/models/Qwen3-8B")
     """
     layout = Layout(model_dir)
+    from apollo_sync import group
+
+    g = group.read_group(model_dir)
+    if g is not None:
+        with group.reading(Path(model_dir), g, lock_timeout) as h:
+            yield h
+        return
     with ModelLock(model_dir, lock_timeout, shared=True):
         if not _needs_recovery(layout, min(lock_timeout, FLUSH_WAIT)):
             yield history(model_dir)
@@ -1038,6 +1102,9 @@ def prune(
 ) -> list[int]:
     """Drops old rollback points (see :func:`prune_locked`); ``max_bytes``
     defaults to :func:`default_budget`."""
+    from apollo_sync.group import refuse_single
+
+    refuse_single(model_dir, "prune (each host prunes its own logs after its syncs)")
     with ModelLock(model_dir, lock_timeout):
         layout = Layout(model_dir)
         _log_warnings(layout, recover_locked(layout)[1])
@@ -1049,6 +1116,11 @@ def history(model_dir: str | os.PathLike[str]) -> History:
     """The generations of ``model_dir`` (read without the lock: ``state.json`` is
     only ever replaced whole). A generation committed by a sync that was killed
     before it wrote ``state.json`` appears once the next writer has recovered."""
+    from apollo_sync import group
+
+    g = group.read_group(model_dir)
+    if g is not None:  # the hosts' entries merged (apollo_sync.group.history)
+        return group.history(Path(model_dir), g)
     layout = Layout(model_dir)
     state = load_state(layout)
     return History(replace(state, checkpoint=checkpoint(layout, state)))
@@ -1063,6 +1135,9 @@ def rollback(
     """Restores ``model_dir`` to generation ``to`` exactly, as a new logged
     generation (itself undoable). Needs the log of every generation after ``to``;
     checks every record and every byte it will touch before its first write."""
+    from apollo_sync.group import refuse_single
+
+    refuse_single(model_dir, "rollback (a group cannot roll back yet)")
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
         _log_warnings(layout, recover_locked(layout)[1])

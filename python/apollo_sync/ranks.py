@@ -16,6 +16,11 @@ saying it is that rank (``rank``, ``tensor_parallel_rank``,
 loaded), and the same model path, export (the engine's instance), parallel sizes,
 architecture, dtype and vLLM version in every file. Anything else is refused
 before a byte is read, naming the rank and what differs.
+
+One host of a group (:mod:`apollo_sync.group`, pipeline stages on several
+hosts) opens only its own ranks: ``stages=True`` accepts the complete set of
+ranks of the pipeline stages it holds (every tensor-parallel rank of each), and
+refuses a stage whose tensor-parallel ranks are split between hosts.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from apollo_sync.errors import HandlesError
+from apollo_sync.errors import HandlesError, RefusedError
 from apollo_sync.handles import Handles, check_producer_alive, default_handles_path, load_handles
 from apollo_sync.tp import PARTITIONS_KEY, assemble, parse_partitions
 
@@ -69,16 +74,18 @@ def world_size(meta: dict[str, Any]) -> tuple[int, int]:
     )
 
 
-def open_handles(handles: HandlesArg = None) -> Handles:
+def open_handles(handles: HandlesArg = None, *, stages: bool = False) -> Handles:
     """The live tensors of one producer (see the module docs): a handles path
-    (rank 0's finds the others), or every rank's path in a list."""
+    (rank 0's finds the others), or every rank's path in a list. With
+    ``stages``, the ranks of some pipeline stages only (one host of a group):
+    the files listed, or those of the set present here."""
     if isinstance(handles, Sequence) and not isinstance(handles, str | bytes):
         paths = [Path(p) for p in handles]
         if not paths:
             raise HandlesError("an empty list of handles files")
         if len(paths) == 1:
-            return open_handles(paths[0])
-        return _open_set(None, paths)
+            return open_handles(paths[0], stages=stages)
+        return _open_set(None, paths, stages=stages)
     path = Path(handles) if handles is not None else default_handles_path()
     first = load_handles(path)
     try:
@@ -92,6 +99,10 @@ def open_handles(handles: HandlesArg = None) -> Handles:
     except BaseException:
         first.close()
         raise
+    if stages:  # this host's ranks: the files of the set that exist here
+        first.close()
+        here = [rank_path(base, r) for r in range(tp * pp)]
+        return _open_set(None, [p for p in here if p.exists()], stages=True)
     if n != 0:  # another rank's file: the set is found from rank 0's path
         first.close()
         return _open_set(base, None)
@@ -99,7 +110,11 @@ def open_handles(handles: HandlesArg = None) -> Handles:
 
 
 def _open_set(
-    base: Path | None, listed: list[Path] | None, first: Handles | None = None
+    base: Path | None,
+    listed: list[Path] | None,
+    first: Handles | None = None,
+    *,
+    stages: bool = False,
 ) -> Handles:
     opened: list[Handles] = [] if first is None else [first]
     try:
@@ -113,7 +128,7 @@ def _open_set(
             tp, pp = world_size(opened[0].metadata)
             for n in range(1, tp * pp):
                 opened.append(_load_rank(base, n, (tp, pp)))
-        by_rank = _check_set(opened)
+        by_rank = _check_set(opened, stages=stages)
         specs = [
             parse_partitions(h.metadata, f"{h.path} (rank {r})") for r, h in enumerate(by_rank)
         ]
@@ -154,8 +169,9 @@ def _load_rank(base: Path, n: int, sizes: tuple[int, int] | None) -> Handles:
         raise type(e)(f"rank {n}: {e}") from None
 
 
-def _check_set(opened: list[Handles]) -> list[Handles]:
-    """The handles ordered by rank, once proven to be one complete, consistent set."""
+def _check_set(opened: list[Handles], *, stages: bool = False) -> list[Handles]:
+    """The handles ordered by rank, once proven to be one complete, consistent set
+    (with ``stages``: every rank of the pipeline stages present)."""
     head = opened[0]
     tp, pp = world_size(head.metadata)
     by_rank: dict[int, Handles] = {}
@@ -192,6 +208,20 @@ def _check_set(opened: list[Handles]) -> list[Handles]:
                     f"are not one producer: {key} {m.get(key)!r} != {head.metadata.get(key)!r}{why}"
                 )
         by_rank[rank] = h
+    if stages:
+        held = sorted({r // tp for r in by_rank})
+        for stage in held:
+            mine = [r % tp for r in range(stage * tp, (stage + 1) * tp) if r in by_rank]
+            if len(mine) < tp:
+                raise RefusedError(
+                    f"pipeline stage {stage} is split between hosts: this host has its "
+                    f"tensor-parallel rank(s) {', '.join(map(str, mine))} of {tp}. Tensor "
+                    "parallelism across hosts is refused: a row-parallel tensor's 4 KiB "
+                    "blocks hold pieces of every rank, so no host could write them alone. "
+                    "Place all tensor-parallel ranks of a stage on one host (pipeline "
+                    "parallelism across hosts)"
+                )
+        return [by_rank[r] for r in sorted(by_rank)]
     missing = [r for r in range(tp * pp) if r not in by_rank]
     if missing:
         raise HandlesError(

@@ -8,18 +8,21 @@ import fcntl
 import os
 import shutil
 import stat
+from collections.abc import Collection
 from pathlib import Path
 
 from apollo_sync.errors import UnsafeShardError
 from apollo_sync.model_dir import ModelDir
 
 
-def check_shards(md: ModelDir, private_copy: bool) -> ModelDir:
+def check_shards(md: ModelDir, private_copy: bool, only: Collection[str] | None = None) -> ModelDir:
     """Refuses shards that must not be written in place, or replaces them by
     private copies when asked. Returns the directory to sync (re-read when a
-    shard was replaced)."""
+    shard was replaced). ``only``: the file names to check (those this host
+    writes, in a group); all by default."""
+    headers = [h for h in md.headers if only is None or Path(h.path).name in only]
     shared: list[str] = []
-    for h in md.headers:
+    for h in headers:
         path = Path(h.path)
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
@@ -34,12 +37,12 @@ def check_shards(md: ModelDir, private_copy: bool) -> ModelDir:
             + ". Nothing was written. Pass --private-copy to replace them by private "
             "copies first (a reflink where the filesystem supports it)."
         )
-    for h in md.headers:
+    for h in headers:
         path = Path(h.path)
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode) or st.st_nlink > 1:
             _replace_by_copy(path)
-    for h in md.headers:
+    for h in headers:
         if not os.access(h.path, os.W_OK):
             raise UnsafeShardError(f"{h.path}: not writable by this user; nothing was written")
     return ModelDir.open(md.path) if shared else md

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from apollo_sync import journal as gens
+from apollo_sync.errors import GroupError
 from apollo_sync.handles import ProducerState, producer_state
 
 
@@ -86,6 +87,14 @@ def status(
     """Where ``model_dir`` stands (see :class:`Status`). The producer is looked up
     through ``handles`` (default: the default handles path) when
     ``look_for_producer``."""
+    from apollo_sync.group import read_group
+
+    g = read_group(model_dir)
+    if g is not None:
+        raise GroupError(
+            f"{model_dir} is written by a group of {g.hosts} hosts: `status` does not show "
+            "one yet; `apollo-sync history` and `report` show the hosts' generations merged"
+        )
     layout = gens.Layout(model_dir)
     state = gens.load_state(layout)
     k = gens.checkpoint(layout, state)

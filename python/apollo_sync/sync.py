@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +50,9 @@ from apollo_sync.steps import StepCounter
 from apollo_sync.stream import Placement, stream_into
 from apollo_sync.tp import is_sharded, stream_ranks
 from apollo_sync.upcast import resolve
+
+if TYPE_CHECKING:
+    from apollo_sync.group import Group
 
 DEFAULT_BLOCK_SIZE = 4096
 #: A sync whose disk wrote more than AMPLIFIED × what it asked (plus the slack,
@@ -211,6 +214,7 @@ def sync(
     step_counter: StepCounter | None = None,
     step_retries: int = 3,
     durable: bool = False,
+    group: Group | None = None,
 ) -> SyncResult:
     """Makes the safetensors files in ``model_dir`` equal to the live tensors.
 
@@ -250,6 +254,12 @@ def sync(
     evicts the whole cached folio around it (up to 2 MiB), so the next sync
     reads most of a scattered change's neighbourhood back from disk
     (BENCHMARKS.md has both measured, sync after sync).
+
+    With a ``group`` (:class:`apollo_sync.group.Group`), this is one host of
+    several that write one directory together: it writes only its own tensors
+    (handles: the complete ranks of the pipeline stages it holds), and the
+    generation is committed by every host or by none
+    (:mod:`apollo_sync.group`). Every host must call it, each time.
     """
     started = time.monotonic()
     if tensors is not None and handles is not None:
@@ -263,7 +273,11 @@ def sync(
     own_counter = False
     try:
         if tensors is None:
-            opened = handles if isinstance(handles, Handles) else open_handles(handles)
+            opened = (
+                handles
+                if isinstance(handles, Handles)
+                else open_handles(handles, stages=group is not None)
+            )
             live: dict[str, LiveTensor] = dict(opened.tensors)
             check_producer(opened.metadata, str(opened.path))
             if model_dir is None:
@@ -288,6 +302,26 @@ def sync(
             note = _pending_recovery(gens.Layout(model_dir))
             if note:
                 result = replace(result, warnings=[*result.warnings, note])
+            return log_result(result)
+        if group is not None:
+            if not journal:
+                raise PlanError("a group sync needs its log (--no-journal is refused)")
+            from apollo_sync.group import sync_group
+
+            result = sync_group(
+                Path(model_dir),
+                live,
+                options,
+                group,
+                keep=keep,
+                undo_budget=undo_budget,
+                lock_timeout=lock_timeout,
+                private_copy=private_copy,
+                counter=counter,
+                step_retries=step_retries,
+                durable=durable,
+                started=started,
+            )
             return log_result(result)
         result = _sync_locked(
             Path(model_dir),
@@ -410,6 +444,9 @@ def _sync_locked(
             f"{LOG_MIN_BLOCK} bytes (the log hashes whole 4 KiB units); use a larger "
             "--block-size or --no-journal"
         )
+    from apollo_sync.group import refuse_single
+
+    refuse_single(root, "sync")
     # Bad input is refused before the lock file (or anything else) is created;
     # under the lock the directory is read again, after any recovery.
     first = ModelDir.open(root)

@@ -105,7 +105,7 @@ def watch(
         on_check=on_check,
     )
     while True:
-        opened = open_handles(handles)
+        opened = open_handles(handles, stages=options.get("group") is not None)
         log.info(
             "opened %d live tensor(s) from %s",
             len(opened.tensors),
