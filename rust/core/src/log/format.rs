@@ -420,7 +420,9 @@ mod tests {
     /// long inputs (the long ones take the SIMD path chosen at run time).
     #[test]
     fn hashes_are_xxh3_64() {
-        let v: Vec<u8> = (0..100_000u32).map(|i| ((i * 31 + 7) % 251) as u8).collect();
+        let v: Vec<u8> = (0..100_000u32)
+            .map(|i| ((i * 31 + 7) % 251) as u8)
+            .collect();
         let known = [
             (0, 0x2d06_8005_38d3_94c2),
             (3, 0x15f7_093b_173d_005c),
