@@ -16,6 +16,8 @@ pub(super) struct WriteReq<'a> {
 pub(super) struct Held {
     pub(super) runs: Vec<WriteReq<'static>>,
     pub(super) bytes: usize,
+    /// The most bytes ever held at once in this sync (what the bound bounds).
+    pub(super) peak: usize,
 }
 
 /// Buffers of held runs, handed back once written and kept for the next
@@ -77,6 +79,40 @@ impl Spare {
     }
 }
 
+/// What a logged sync's diff workers share to hold new bytes.
+#[derive(Clone, Copy)]
+pub(super) struct Holding<'s> {
+    pub(super) log: &'s DeltaLog,
+    pub(super) held: &'s Mutex<Held>,
+    pub(super) committer: &'s Committer,
+    /// Held bytes that make a batch ([`Options::hold_bytes`]).
+    pub(super) bound: usize,
+}
+
+impl<'s> Holding<'s> {
+    /// `None` without a log (or in a dry run: no committer).
+    pub(super) fn of(
+        log: &'s Option<Arc<DeltaLog>>,
+        held: &'s Mutex<Held>,
+        committer: &'s Option<Committer>,
+        bound: usize,
+    ) -> Option<Self> {
+        Some(Holding {
+            log: log.as_deref()?,
+            held,
+            committer: committer.as_ref()?,
+            bound,
+        })
+    }
+
+    /// Takes every held run, for the committer.
+    pub(super) fn take(&self) -> Batch {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        h.bytes = 0;
+        std::mem::take(&mut h.runs)
+    }
+}
+
 /// Where the diff sends a changed run.
 #[derive(Clone, Copy)]
 pub(super) enum Sink<'s, 'a> {
@@ -86,8 +122,10 @@ pub(super) enum Sink<'s, 'a> {
     /// direct write evicts the cached folio around it, which the job may not
     /// have read yet).
     Queue(&'s SyncSender<WriteReq<'a>>),
-    /// The delta to the log, new bytes held for after the barrier.
-    Hold(&'s DeltaLog, &'s Mutex<Held>, &'s Spare),
+    /// The delta to the log, new bytes held for after the barrier; once
+    /// they pass the bound, handed to the committer from the worker that
+    /// crossed it.
+    Hold(Holding<'s>),
 }
 
 impl<'a> Sink<'_, 'a> {
@@ -118,19 +156,33 @@ impl<'a> Sink<'_, 'a> {
                 });
                 Ok(())
             }
-            Sink::Hold(log, held, spare) => {
-                let n = log.append_delta(enc, shard as u32, offset, width as usize, old, new)?;
+            Sink::Hold(hold) => {
+                let n =
+                    hold.log
+                        .append_delta(enc, shard as u32, offset, width as usize, old, new)?;
                 s.elements.fetch_add(n, Ordering::Relaxed);
                 // Copied before the lock: every diff worker holds runs here.
                 let run = WriteReq {
                     shard,
                     offset,
-                    data: Cow::Owned(spare.copy_of(new)),
+                    data: Cow::Owned(SPARE.copy_of(new)),
                 };
-                let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
-                h.bytes += new.len();
-                h.runs.push(run);
-                Ok(())
+                let full = {
+                    let mut h = hold.held.lock().unwrap_or_else(|e| e.into_inner());
+                    h.bytes += new.len();
+                    h.peak = h.peak.max(h.bytes);
+                    h.runs.push(run);
+                    h.bytes >= hold.bound
+                };
+                // Every held run's record is appended already, so the barrier
+                // of this batch covers them all. Batches are disjoint (a block
+                // is diffed once per sync), so their order does not matter.
+                // Waits while the committer has a batch queued: the bound on
+                // memory, whatever the size of the caller's feed.
+                match full {
+                    true => hold.committer.submit(hold.take()),
+                    false => Ok(()),
+                }
             }
         }
     }

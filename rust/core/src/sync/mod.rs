@@ -68,7 +68,7 @@ mod write;
 use commit::Committer;
 use diff::{diff_job, Job, Scratch};
 use flush::Flusher;
-use hold::{Batch, Held, Sink, WriteReq, SPARE};
+use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
 pub use worker::AbortHandle;
 use worker::{fail, Worker};
 use write::{
@@ -86,13 +86,17 @@ const JOB_BYTES: usize = 4 << 20;
 /// Bytes read from the page cache per step inside a job (stays in L2).
 const READ_BYTES: usize = 256 << 10;
 /// New bytes held back, with a log, before a barrier lets them be
-/// written. Bounds memory whatever the size of the change (two batches are
-/// in flight at most); a sync that changes less than this makes exactly one
-/// barrier. 32 MiB rather than 128: a process's first logged sync faults
-/// every held page in fresh, and with 128 MiB that made it ~2x the next
-/// (600 MB every-block change, 2 cores: 0.68 s -> 0.47-0.54 s); later syncs
-/// and an H200's 3 GB every-block sync were no slower (0.66-0.76 s against
-/// 0.70-1.09 s), the extra barriers overlapping the diff.
+/// written. Bounds memory whatever the size of the change or of the caller's
+/// feeds: the diff worker that crosses it hands the batch to the commit
+/// thread, and waits while another batch is queued there, so at most three
+/// are in memory (filling, queued, being written). A sync that changes less
+/// than this makes exactly one barrier. 32 MiB rather than 128: a process's
+/// first logged sync faults every held page in fresh, and with 128 MiB that
+/// made it ~2x the next (600 MB every-block change, 2 cores: 0.68 s -> 0.47-0.54
+/// s); later syncs and an H200's 3 GB every-block sync were no slower (0.66-0.76
+/// s against 0.70-1.09 s), the extra barriers overlapping the diff. (Until
+/// session 8 the bound was checked only between feeds, so a 128 MiB feed
+/// held up to 128 MiB per batch.)
 pub const HOLD_BYTES: usize = 32 << 20;
 
 /// With a log: held runs are also released once the feed has compared this
@@ -459,22 +463,28 @@ impl Syncer {
             .collect())
     }
 
+    /// The most new bytes held at once so far (with a log).
+    #[cfg(test)]
+    fn peak_held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).peak
+    }
+
+    /// What the diff workers of a logged sync share to hold new bytes.
+    fn holding(&self) -> Option<Holding<'_>> {
+        Holding::of(&self.log, &self.held, &self.committer, self.opts.hold_bytes)
+    }
+
     /// Hands the held runs to the committer (which makes the log durable,
-    /// then writes them). Blocks while it is still busy with the previous batch,
-    /// so at most two batches are held in memory.
+    /// then writes them). Blocks while another batch is queued there.
     fn release(&mut self) -> Result<()> {
-        let Some(c) = &self.committer else {
+        let Some(hold) = self.holding() else {
             return Ok(());
         };
-        let runs = {
-            let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            h.bytes = 0;
-            std::mem::take(&mut h.runs)
-        };
+        let runs = hold.take();
         if runs.is_empty() {
-            return c.check();
+            return hold.committer.check();
         }
-        c.submit(runs)
+        hold.committer.submit(runs)
     }
 }
 

@@ -77,8 +77,12 @@ impl Syncer {
         if self.opts.dry_run {
             return diff_all(Sink::Dry);
         }
-        if let Some(log) = &self.log {
-            diff_all(Sink::Hold(log, &self.held, &SPARE))?;
+        if self.log.is_some() {
+            // Logged, but the commit thread is gone (aborted): never in place unlogged.
+            let hold = self
+                .holding()
+                .ok_or_else(|| Error::Plan("the commit thread stopped".into()))?;
+            diff_all(Sink::Hold(hold))?;
             // Release the held runs when they grow large, or once the feed has
             // compared RELEASE_BYTES more: their barrier and writes then run
             // while the feed goes on, and `finish` is left with a short tail.
@@ -214,9 +218,12 @@ impl Syncer {
         if self.opts.dry_run {
             return Ok(());
         }
-        match &self.log {
-            Some(log) => {
-                Sink::Hold(log, &self.held, &SPARE).emit(
+        if self.log.is_none() {
+            return write_run(s, p.start, &p.new, &mut self.staging);
+        }
+        match Holding::of(&self.log, &self.held, &self.committer, self.opts.hold_bytes) {
+            Some(hold) => {
+                Sink::Hold(hold).emit(
                     shard,
                     s,
                     p.start,
@@ -240,11 +247,12 @@ impl Syncer {
                         })
                         .filter(|r| r.elements > 0)
                         .collect();
-                    log.split_summary(shard as u32, p.start, &pieces);
+                    hold.log.split_summary(shard as u32, p.start, &pieces);
                 }
                 Ok(())
             }
-            None => write_run(s, p.start, &p.new, &mut self.staging),
+            // Logged, but the commit thread is gone (aborted): never in place unlogged.
+            None => Err(Error::Plan("the commit thread stopped".into())),
         }
     }
 }

@@ -370,6 +370,52 @@ fn a_block_two_tensors_share_is_counted_per_tensor() {
     assert_eq!(per, vec![(0, 1), (4096, 3), (a_end as u64, 2), (8192, 1)]);
 }
 
+/// One feed that changes every block of 24 MiB, with 1 MiB held per batch: the
+/// held bytes never pass the bound by more than one run (the bound is kept
+/// inside a feed, not only between feeds), and the file ends equal to live.
+#[test]
+fn held_bytes_stay_bounded_inside_one_large_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 24 << 20;
+    let orig: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+    let live: Vec<u8> = orig.iter().map(|b| b ^ 1).collect();
+    let f = file_with(&orig);
+    let bound = 1 << 20;
+    let opts = Options {
+        log: Some(LogSpec {
+            path: dir.path().join("1.xlog"),
+            generation: 1,
+            kind: crate::log::Kind::Sync,
+        }),
+        hold_bytes: bound,
+        threads: 4,
+        ..Options::default()
+    };
+    let mut syncer = Syncer::new(vec![spec(&f, 0)], opts).unwrap();
+    syncer
+        .feed(&[Segment {
+            shard: 0,
+            offset: 0,
+            data: Live::Mem(&live),
+            width: 2,
+        }])
+        .unwrap();
+    let peak = syncer.peak_held();
+    let rep = syncer.finish().unwrap();
+    assert_eq!(rep[0].bytes_changed, len as u64);
+    assert_eq!(std::fs::read(f.path()).unwrap(), live);
+    // A run is at most one read step; each of the 4 workers may add one
+    // while another hands a batch over.
+    assert!(
+        peak >= bound,
+        "held {peak} bytes: the bound was never reached"
+    );
+    assert!(
+        peak <= bound + 4 * READ_BYTES,
+        "held {peak} bytes with a {bound}-byte bound"
+    );
+}
+
 #[test]
 fn changed_elements_counts_from_the_element_phase() {
     use super::plan::changed_elements;
