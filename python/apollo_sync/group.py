@@ -229,7 +229,7 @@ def write_group(model_dir: str | os.PathLike[str], group: GroupFile) -> None:
         os.fsync(f.fileno())
     gens.fault_point("group-file")
     os.replace(tmp, layout.group_path)
-    gens._fsync_dir(layout.top)
+    gens.fsync_dir(layout.top)
 
 
 def single_history(model_dir: str | os.PathLike[str]) -> bool:
@@ -568,32 +568,20 @@ def _commit_round(
             "files before reading them"
         )
     # committed by the group
+    from apollo_sync.sync import after_commit
+
     assert generation is not None
-    result = replace(
-        result,
-        generation=number,
-        log_bytes=generation.log_bytes,
-        elements_changed=generation.elements_changed,
-        durable=writer is None,
-    )
-    if writer is not None:
-        gens.start_flush(layout, number, [root / f for f in result.files_changed])
-        if durable:
-            failed = gens.wait_flushes(layout, number)
-            if failed:
-                raise JournalError(f"{root}: generation {number} is committed, but {failed[0]}")
-            result = replace(result, durable=True)
-    else:
-        result = replace(result, durable=True)
     budget = _budget(root, files) if undo_budget is None else undo_budget
-    try:
-        gens.prune_locked(layout, keep, budget)
-    except (ApolloSyncError, OSError) as e:
-        result = replace(
-            result, warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"]
-        )
-    gens.record_last_sync(layout, result, time.monotonic() - started)
-    return result
+    return after_commit(
+        layout,
+        result,
+        generation,
+        writer,
+        durable=durable,
+        keep=keep,
+        budget=budget,
+        started=started,
+    )
 
 
 def _budget(root: Path, files: Sequence[str]) -> int:

@@ -246,7 +246,7 @@ class Layout:
             dirs = [self.top, self.top / "hosts", *dirs]
         for d in dirs:
             d.mkdir(mode=0o700, exist_ok=True)
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
 
     def logs(self) -> dict[int, Path]:
         """Logs present, by generation number."""
@@ -466,7 +466,7 @@ def save_state(layout: Layout, state: State, *, durable: bool = True) -> None:
     fault_point("state")
     os.replace(tmp, layout.state_path)
     if durable:
-        _fsync_dir(layout.meta)
+        fsync_dir(layout.meta)
     old = layout.meta / "undo"
     if old.is_dir():  # apollo_sync 0.1's journals, unreadable now (see load_state)
         shutil.rmtree(old, ignore_errors=True)
@@ -511,8 +511,18 @@ def read_last_sync(layout: Layout) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes ``path``'s entries (created, renamed, removed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Makes ``path``'s bytes durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -522,7 +532,7 @@ def _fsync_dir(path: Path) -> None:
 def _touch_durably(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------
@@ -750,7 +760,7 @@ def recover_locked(layout: Layout, limit: int | None = None) -> tuple[Recovered 
         for p in stale:  # a marker of a generation the group did not commit
             p.unlink()
         if stale:
-            _fsync_dir(layout.log_dir)
+            fsync_dir(layout.log_dir)
     missing = [n for n in range(k + 1, state.generation + 1) if n not in logs]
     if missing:
         raise JournalError(
@@ -1077,7 +1087,7 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
         fault_point("prune")
         with contextlib.suppress(FileNotFoundError):
             layout.log_path(number).unlink()
-    _fsync_dir(layout.log_dir)
+    fsync_dir(layout.log_dir)
     log.info(
         "%s: dropped the logs of generation(s) %s",
         layout.root,
@@ -1241,7 +1251,7 @@ def undo_uncommitted(layout: Layout, number: int) -> str | None:
         if report.undecided:
             raise JournalError(f"{len(report.undecided)} unit(s) match no state")
         path.unlink()
-        _fsync_dir(layout.log_dir)
+        fsync_dir(layout.log_dir)
     except (ApolloSyncError, OSError) as e:
         return (
             f"could not yet put back what generation {number} wrote ({e}); its log "

@@ -94,37 +94,21 @@ def reshard(model_dir: str | os.PathLike[str], stages: Sequence[range]) -> dict[
                 new = f"{Path(name).stem}-host{h}.safetensors"
                 tmp = root / f".{new}.tmp"
                 save_file({n: f.get_tensor(n) for n in sorted(names)}, str(tmp), metadata=meta)
-                _fsync(tmp)
+                gens.fsync_file(tmp)
                 os.replace(tmp, root / new)
                 owners[new] = h
                 weight_map |= dict.fromkeys(names, new)
     if not split:
         return owners
-    _fsync_dir(root)
+    gens.fsync_dir(root)
     index_path = root / INDEX_NAME
     index = json.loads(index_path.read_text()) if index_path.exists() else {"metadata": {}}
     index["weight_map"] = dict(sorted(weight_map.items()))
     tmp = root / f".{INDEX_NAME}.tmp"
     tmp.write_text(json.dumps(index, indent=2))
-    _fsync(tmp)
+    gens.fsync_file(tmp)
     os.replace(tmp, index_path)  # the switch: loaders now read the new files
     for name in split:
         (root / name).unlink()
-    _fsync_dir(root)
+    gens.fsync_dir(root)
     return owners
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -532,30 +532,58 @@ def _sync_locked(
         except BaseException as e:
             gens.undo_unless_committed(layout, number, e)
             raise
+        budget = gens.default_budget(root) if undo_budget is None else undo_budget
+        return after_commit(
+            layout,
+            result,
+            generation,
+            writer,
+            durable=durable,
+            keep=keep,
+            budget=budget,
+            started=started,
+        )
+
+
+def after_commit(
+    layout: gens.Layout,
+    result: SyncResult,
+    generation: gens.Generation,
+    writer: LogWriter | None,
+    *,
+    durable: bool,
+    keep: int,
+    budget: int,
+    started: float,
+) -> SyncResult:
+    """What follows a generation's commit: the result names it, the shards it
+    wrote are flushed in the background (waited for when ``durable``), old logs
+    are pruned (a failure is a warning: the generation is committed all the
+    same), and the sync is recorded in ``last_sync.json``."""
+    root, number = layout.root, generation.number
+    result = replace(
+        result,
+        generation=number,
+        log_bytes=generation.log_bytes,
+        elements_changed=generation.elements_changed,
+        durable=writer is None,
+    )
+    if writer is not None:
+        gens.start_flush(layout, number, [root / f for f in result.files_changed])
+        if durable:
+            failed = gens.wait_flushes(layout, number)
+            if failed:
+                raise SyncIOError(f"{root}: generation {number} is committed, but {failed[0]}")
+            result = replace(result, durable=True)
+    try:
+        gens.prune_locked(layout, keep, budget)
+    except (ApolloSyncError, OSError) as e:
         result = replace(
             result,
-            generation=number,
-            log_bytes=generation.log_bytes,
-            elements_changed=generation.elements_changed,
-            durable=writer is None,
+            warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"],
         )
-        if writer is not None:
-            gens.start_flush(layout, number, [root / f for f in result.files_changed])
-            if durable:
-                failed = gens.wait_flushes(layout, number)
-                if failed:
-                    raise SyncIOError(f"{root}: generation {number} is committed, but {failed[0]}")
-                result = replace(result, durable=True)
-        budget = gens.default_budget(root) if undo_budget is None else undo_budget
-        try:
-            gens.prune_locked(layout, keep, budget)
-        except (ApolloSyncError, OSError) as e:  # committed all the same
-            result = replace(
-                result,
-                warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"],
-            )
-        gens.record_last_sync(layout, result, time.monotonic() - started)
-        return result
+    gens.record_last_sync(layout, result, time.monotonic() - started)
+    return result
 
 
 def _tensor_ranges(md: ModelDir) -> list[tuple[str, str, int, int]]:
