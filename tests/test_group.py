@@ -24,6 +24,7 @@ from apollo_sync._core import FAULTS
 from apollo_sync.errors import HandlesError, RefusedError
 from apollo_sync.group import Group, GroupError, read_group
 from apollo_sync.reshard import reshard
+from apollo_sync.status import group_status
 from conftest import randn
 
 needs_faults = pytest.mark.skipif(not FAULTS, reason="needs the core's `faults` feature")
@@ -177,6 +178,19 @@ def test_two_hosts_commit_each_generation_together(tmp_path: Path) -> None:
         assert gens.load_state(gens.Layout(root, host)).generation == 4
     with apollo_sync.reading(root) as view:
         assert view.generation == 4
+    # status: the group's commit point, then each host's part
+    gs = group_status(root, look_for_producer=False)
+    assert gs.committed == 4 and [h.generation for h in gs.hosts] == [4, 4]
+    assert all(not h.awaiting_recovery and not h.not_durable for h in gs.hosts)
+    assert gs.hosts[1].model_bytes == (root / "model-00002-of-00002.safetensors").stat().st_size
+    shown = subprocess.run(
+        [sys.executable, "-m", "apollo_sync", "status", "--model-dir", str(root)],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "group committed  generation 4" in shown.stdout
+    assert "host 1: model-00002-of-00002.safetensors" in shown.stdout
     # refused on a group's directory, changing nothing: a single-host sync, a
     # group of another size, a rollback
     before = shards_digest(root)
@@ -265,6 +279,9 @@ def test_a_host_killed_around_the_commit_leaves_one_generation_everywhere(
     # left to the next group sync: it recovers first (host 1's prepared part
     # rolled back, as the group file says), then completes the job
     assert shards_digest(root) != old and read_group(root).committed == 1  # type: ignore[union-attr]
+    # both hosts prepared 2, the group did not commit it: status says it awaits recovery
+    hosts = group_status(root, look_for_producer=False).hosts
+    assert [(h.generation, h.awaiting_recovery) for h in hosts] == [(1, [2]), (1, [2])]
     assert all(rc == 0 for rc, _, _ in run_pair(root, [second]))
     assert shards_digest(root) == new and apollo_sync.history(root).generation == 2
 

@@ -352,9 +352,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
         model_dir = producer.metadata.get("model_path")
         if not isinstance(model_dir, str):
             raise HandlesError(f"{producer.detail}; pass --model-dir")
-    st = status(
-        model_dir, handles=_rank0_handles(args), keep=args.keep, undo_budget=args.undo_budget
-    )
+    from apollo_sync.group import read_group
+
+    options = {"handles": _rank0_handles(args), "keep": args.keep, "undo_budget": args.undo_budget}
+    if read_group(model_dir) is not None:  # several hosts: one status each
+        from apollo_sync.status import group_status, render_group
+
+        gs = group_status(model_dir, **options)
+        print(json.dumps(gs.to_dict(), indent=2) if args.json else render_group(gs))
+        return 0
+    st = status(model_dir, **options)
     print(json.dumps(st.to_dict(), indent=2) if args.json else render(st))
     return 0
 

@@ -86,29 +86,123 @@ def status(
 ) -> Status:
     """Where ``model_dir`` stands (see :class:`Status`). The producer is looked up
     through ``handles`` (default: the default handles path) when
-    ``look_for_producer``."""
+    ``look_for_producer``. A directory several hosts write together has one
+    status per host: :func:`group_status`."""
     from apollo_sync.group import read_group
 
     g = read_group(model_dir)
     if g is not None:
         raise GroupError(
-            f"{model_dir} is written by a group of {g.hosts} hosts: `status` does not show "
-            "one yet; `apollo-sync history` and `report` show the hosts' generations merged"
+            f"{model_dir} is written by a group of {g.hosts} hosts: its status is one per "
+            "host (apollo_sync.status.group_status; `apollo-sync status` shows them all)"
         )
-    layout = gens.Layout(model_dir)
-    state = gens.load_state(layout)
-    k = gens.checkpoint(layout, state)
-    logs = layout.logs()
-    awaiting = sorted(n for n in logs if n > state.generation)
-    not_durable = [n for n in range(k + 1, state.generation + 1)]
     model_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    producer = producer_state(handles) if look_for_producer else None
+    return _of(
+        gens.Layout(model_dir), model_bytes, producer, None, keep=keep, undo_budget=undo_budget
+    )
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """The state of a directory several hosts write together
+    (:mod:`apollo_sync.group`): the group's commit point and each host's part."""
+
+    model_dir: str
+    #: The last generation every host committed together (``group.json``).
+    committed: int
+    #: Each host's status, by host number (its shard files, logs and lock).
+    hosts: list[Status]
+    #: The shard files each host owns.
+    owners: dict[str, int]
+    #: The producer behind the handles file given (this host's ranks).
+    producer: ProducerState | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_dir": self.model_dir,
+            "committed": self.committed,
+            "owners": self.owners,
+            "hosts": [h.to_dict() for h in self.hosts],
+            "producer": None
+            if self.producer is None
+            else {
+                "path": str(self.producer.path),
+                "alive": self.producer.alive,
+                "detail": self.producer.detail,
+            },
+        }
+
+
+def group_status(
+    model_dir: str | os.PathLike[str],
+    *,
+    handles: str | os.PathLike[str] | None = None,
+    look_for_producer: bool = True,
+    keep: int = gens.DEFAULT_KEEP,
+    undo_budget: int | None = None,
+) -> GroupStatus:
+    """Where a group's directory stands: each host's namespace read as
+    :func:`status` reads one, with its generation taken as far as the group
+    committed (a generation a host prepared past it awaits recovery)."""
+    from apollo_sync.group import read_group
+
+    g = read_group(model_dir)
+    if g is None:
+        raise GroupError(f"{model_dir} is not written by a group of hosts (no group.json)")
+    root = Path(model_dir)
+    hosts = []
+    for h in range(g.hosts):
+        owned = [root / f for f, o in g.owners.items() if o == h]
+        model_bytes = sum(p.stat().st_size for p in owned if p.exists())
+        layout = gens.Layout(root, h)
+        hosts.append(
+            _of(layout, model_bytes, None, g.committed, keep=keep, undo_budget=undo_budget)
+        )
+    producer = producer_state(handles) if look_for_producer else None
+    return GroupStatus(
+        model_dir=str(model_dir),
+        committed=g.committed,
+        hosts=hosts,
+        owners=dict(sorted(g.owners.items())),
+        producer=producer,
+    )
+
+
+def _of(
+    layout: gens.Layout,
+    model_bytes: int,
+    producer: ProducerState | None,
+    committed: int | None,
+    *,
+    keep: int,
+    undo_budget: int | None,
+) -> Status:
+    """One namespace's status; ``committed``: the group's commit point, for a
+    host of a group (what it committed past that awaits recovery)."""
+    state = gens.load_state(layout)
+    if committed is not None and state.generation > committed:
+        ahead = [g.number for g in state.history if g.number > committed]
+        state = gens.State(
+            generation=committed,
+            checkpoint=min(state.checkpoint, committed),
+            history=[g for g in state.history if g.number <= committed],
+        )
+    else:
+        ahead = []
+    k = gens.checkpoint(layout, state)
+    if committed is not None:
+        k = min(k, committed)
+    logs = layout.logs()
+    awaiting = sorted({*ahead, *(n for n in logs if n > state.generation)})
+    not_durable = [n for n in range(k + 1, state.generation + 1)]
     sizes = []
     for p in logs.values():
         with contextlib.suppress(FileNotFoundError):  # pruned meanwhile
             sizes.append(p.stat().st_size)
     history = gens.History(state)
-    producer = producer_state(handles) if look_for_producer else None
     notes = []
+    model_dir = layout.root
     if producer is not None and producer.alive is not None:
         target = producer.metadata.get("model_path")
         if isinstance(target, str) and os.path.realpath(target) != os.path.realpath(model_dir):
@@ -239,4 +333,21 @@ def render(st: Status, now: float | None = None) -> str:
         word = {True: "alive", False: "not running", None: "unknown"}[p.alive]
         lines.append(f"producer         {word}: {p.detail}")
     lines += [f"note             {n}" for n in st.notes]
+    return "\n".join(lines)
+
+
+def render_group(st: GroupStatus, now: float | None = None) -> str:
+    """One screen for a person: the group's commit point, then each host's."""
+    now = time.time() if now is None else now
+    lines = [
+        f"model dir        {st.model_dir}, written by a group of {len(st.hosts)} hosts",
+        f"group committed  generation {st.committed} (.apollo_sync/group.json)",
+    ]
+    if st.producer is not None:
+        word = {True: "alive", False: "not running", None: "unknown"}[st.producer.alive]
+        lines.append(f"producer         {word}: {st.producer.detail}")
+    for h, host in enumerate(st.hosts):
+        files = [f for f, o in st.owners.items() if o == h]
+        lines += ["", f"host {h}: {', '.join(files) or 'no files'}"]
+        lines += ["  " + line for line in render(host, now).splitlines()[1:]]
     return "\n".join(lines)
