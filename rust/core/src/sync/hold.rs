@@ -179,9 +179,11 @@ impl<'a> Sink<'_, 'a> {
                 // is diffed once per sync), so their order does not matter.
                 // Waits while the committer has a batch queued: the bound on
                 // memory, whatever the size of the caller's feed.
-                match full {
-                    true => hold.committer.submit(hold.take()),
-                    false => Ok(()),
+                // (Two workers may cross it at once: the second finds nothing.)
+                let batch = if full { hold.take() } else { Vec::new() };
+                match batch.is_empty() {
+                    true => Ok(()),
+                    false => hold.committer.submit(batch),
                 }
             }
         }
