@@ -17,6 +17,16 @@ fn spec(f: &tempfile::NamedTempFile, data_start: u64) -> ShardSpec {
     }
 }
 
+/// A segment of live bytes in memory.
+fn mem(shard: usize, offset: u64, data: &[u8], width: u8) -> Segment<'_> {
+    Segment {
+        shard,
+        offset,
+        data: Live::Mem(data),
+        width,
+    }
+}
+
 /// Bytes in aligned blocks where `a` and `b` differ.
 fn changed_block_bytes(a: &[u8], b: &[u8], block: usize) -> u64 {
     a.chunks(block)
@@ -157,41 +167,13 @@ fn out_of_order_and_out_of_range_segments_are_refused_before_any_write() {
     let f = file_with(&orig);
     let mut s = Syncer::new(vec![spec(&f, 16)], Options::default()).unwrap();
     let new = vec![1u8; 100];
-    let bad_order = [
-        Segment {
-            shard: 0,
-            offset: 5000,
-            data: Live::Mem(&new),
-            width: 1,
-        },
-        Segment {
-            shard: 0,
-            offset: 4000,
-            data: Live::Mem(&new),
-            width: 1,
-        },
-    ];
+    let bad_order = [mem(0, 5000, &new, 1), mem(0, 4000, &new, 1)];
     assert!(matches!(s.feed(&bad_order), Err(Error::Plan(_))));
-    let in_header = [Segment {
-        shard: 0,
-        offset: 0,
-        data: Live::Mem(&new),
-        width: 1,
-    }];
+    let in_header = [mem(0, 0, &new, 1)];
     assert!(matches!(s.feed(&in_header), Err(Error::Plan(_))));
-    let past_end = [Segment {
-        shard: 0,
-        offset: 9950,
-        data: Live::Mem(&new),
-        width: 1,
-    }];
+    let past_end = [mem(0, 9950, &new, 1)];
     assert!(matches!(s.feed(&past_end), Err(Error::Plan(_))));
-    let no_shard = [Segment {
-        shard: 3,
-        offset: 100,
-        data: Live::Mem(&new),
-        width: 1,
-    }];
+    let no_shard = [mem(3, 100, &new, 1)];
     assert!(matches!(s.feed(&no_shard), Err(Error::Plan(_))));
     s.finish().unwrap();
     assert_eq!(std::fs::read(f.path()).unwrap(), orig);
@@ -344,18 +326,8 @@ fn a_block_two_tensors_share_is_counted_per_tensor() {
     let log = syncer.log().unwrap();
     syncer
         .feed(&[
-            Segment {
-                shard: 0,
-                offset: start as u64,
-                data: Live::Mem(&live[start..a_end]),
-                width: 2,
-            },
-            Segment {
-                shard: 0,
-                offset: a_end as u64,
-                data: Live::Mem(&live[a_end..]),
-                width: 4,
-            },
+            mem(0, start as u64, &live[start..a_end], 2),
+            mem(0, a_end as u64, &live[a_end..], 4),
         ])
         .unwrap();
     syncer.finish().unwrap();
@@ -392,14 +364,7 @@ fn held_bytes_stay_bounded_inside_one_large_feed() {
         ..Options::default()
     };
     let mut syncer = Syncer::new(vec![spec(&f, 0)], opts).unwrap();
-    syncer
-        .feed(&[Segment {
-            shard: 0,
-            offset: 0,
-            data: Live::Mem(&live),
-            width: 2,
-        }])
-        .unwrap();
+    syncer.feed(&[mem(0, 0, &live, 2)]).unwrap();
     let peak = syncer.peak_held();
     let rep = syncer.finish().unwrap();
     assert_eq!(rep[0].bytes_changed, len as u64);
