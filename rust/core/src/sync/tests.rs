@@ -180,6 +180,36 @@ fn out_of_order_and_out_of_range_segments_are_refused_before_any_write() {
 }
 
 #[test]
+fn a_shard_truncated_during_a_sync_is_an_error_not_a_crash() {
+    // A file cut short behind the sync's back (by a tool that ignores the
+    // model lock) must come back as an I/O error and the feed must write
+    // nothing. Reading the old bytes through a mapping would turn it into
+    // SIGBUS, which kills the training process: one reason the diff reads
+    // with `pread` (BENCHMARKS.md, sessions 7 and 9).
+    let orig = vec![7u8; 3 << 20];
+    let f = file_with(&orig);
+    for dry_run in [true, false] {
+        let opts = Options {
+            dry_run,
+            ..Options::default()
+        };
+        let mut s = Syncer::new(vec![spec(&f, 0)], opts).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.path())
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let live = vec![8u8; 3 << 20];
+        let err = s.feed(&[mem(0, 0, &live, 1)]).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        let _ = s.finish();
+        assert_eq!(std::fs::read(f.path()).unwrap(), vec![7u8; 1 << 20]);
+        std::fs::write(f.path(), &orig).unwrap();
+    }
+}
+
+#[test]
 fn bad_block_size_and_changed_length_are_refused() {
     let f = file_with(&[0u8; 100]);
     for b in [0usize, 1000, 256, 32 << 20] {
