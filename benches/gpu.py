@@ -684,11 +684,13 @@ def sweep(model_dir: Path, live: dict[str, Any], threads: int) -> list[dict[str,
     specs = [(h.path, h.data_start, h.file_len) for h in md.headers]
     rows = []
     configs = [
-        (64 << 20, 3, 0),
-        (128 << 20, 2, 0),
-        (128 << 20, 3, 0),
-        (256 << 20, 2, 0),
+        (16 << 20, 8, 0),
+        (32 << 20, 6, 0),
         (64 << 20, 4, 0),
+        (128 << 20, 2, 0),
+        (128 << 20, 4, 0),
+        (256 << 20, 2, 0),
+        (256 << 20, 3, 0),
         (128 << 20, 2, threads // 2),
     ]
     for chunk, depth, th in configs:
