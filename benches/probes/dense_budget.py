@@ -1,0 +1,153 @@
+"""Where a logged sync's time goes on a step that changes every block: the
+floor, a page-cache write of every byte, a dry run, a sync without a log and a
+logged sync, each from the same files, in one process.
+
+``benches/train.py`` builds its Qwen3-style model (``--size-gb``), saves it,
+takes one step of ``--optimizer`` at ``--lr``, and keeps the model's new
+tensors. Then ``--rounds`` times, each contender on a fresh copy of the saved
+directory (page-cached, written back, an unchanged sync already made so the
+log exists):
+
+* **floor**: ``train.Floor``'s pass (the file's bytes read, XORed with the live
+  bytes; the issue's floor);
+* **write pass**: every byte of the shards ``pwrite``-n over a page-cached,
+  written-back copy of them (what rewriting every changed block costs the
+  kernel at least, whatever the engine does);
+* **dry run**: ``sync(dry_run=True)`` (compare only);
+* **no log**: ``sync(journal=False)`` (compare, then write the changed blocks);
+* **logged**: ``sync()`` (compare, encode the deltas, append and make the log
+  durable, write the blocks): what ``train.py`` times.
+
+Wall and process CPU seconds of each, and each wall as a multiple of the
+floor: "logged" minus "no log" is what encoding and logging the deltas cost,
+"no log" minus "write pass" what the compare adds to the writes.
+
+    python benches/probes/dense_budget.py --size-gb 0.6 --optimizer adamw --lr 1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # benches/ is not a package
+
+import apollo_sync
+from apollo_sync.journal import Layout, wait_flushes
+
+PIECE = 8 << 20
+
+
+def write_pass(src: list[Path], scratch: Path, threads: int) -> None:
+    """Writes the bytes of ``src`` over a page-cached, written-back copy of
+    them (``scratch``): an overwrite of cached pages, as a sync makes."""
+    data = [p.read_bytes() for p in src]
+    with open(scratch, "wb") as f:
+        for d in data:
+            f.write(d)
+        f.flush()
+        os.fsync(f.fileno())
+    scratch.read_bytes()
+    fd = os.open(scratch, os.O_RDWR)
+    try:
+        pieces, at = [], 0
+        for d in data:
+            view = memoryview(d)
+            pieces += [(view[o : o + PIECE], at + o) for o in range(0, len(d), PIECE)]
+            at += len(d)
+        t = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda p: os.pwrite(fd, p[0], p[1]), pieces))
+        write_pass.last = (time.perf_counter() - t[0], time.process_time() - t[1])  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)
+        os.unlink(scratch)  # before writeback: the disk need not see it
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=0.6)
+    ap.add_argument("--optimizer", default="adamw", choices=sorted(train.OPTIMIZERS))
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/apollo-dense-budget"))
+    args = ap.parse_args()
+    targs = train.parse_args(["--size-gb", str(args.size_gb), "--steps", "1", "--lr", str(args.lr)])
+    threads = args.threads or os.cpu_count() or 1
+    shutil.rmtree(args.dir, ignore_errors=True)
+    base, work = args.dir / "base", args.dir / "work"
+    model = train.build_model(targs, train.pick_layers(targs))
+    model.save_pretrained(base)
+    apollo_sync.sync(base, model.state_dict())  # the log made, nothing changed
+    optimizer = train.OPTIMIZERS[args.optimizer](model, args.lr, targs)
+    gen = torch.Generator(device="cpu").manual_seed(targs.seed + 1)
+    train.train_step(model, optimizer, targs, gen)
+    live = model.state_dict()
+    shards = sorted(base.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in shards)
+
+    def fresh() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(base, work)
+        os.sync()
+        for p in work.glob("*.safetensors"):  # page-cached, as after a load
+            p.read_bytes()
+
+    def timed(fn: object) -> tuple[float, float]:
+        t = time.perf_counter(), time.process_time()
+        fn()  # type: ignore[operator]
+        return time.perf_counter() - t[0], time.process_time() - t[1]
+
+    rows: dict[str, list[tuple[float, float]]] = {}
+    changed = log = 0
+    for _ in range(args.rounds):
+        fresh()
+        floor = train.Floor(work, torch.device("cpu"), threads)
+        floor._pass(live, count=False)  # threads and buffers warm
+        rows.setdefault("floor", []).append(timed(lambda: floor._pass(live, count=False)))
+        counted = floor._pass(live, count=True)
+        floor.close()
+        write_pass(shards, work / "scratch.bin", threads)
+        rows.setdefault("write pass", []).append(write_pass.last)  # type: ignore[attr-defined]
+        rows.setdefault("dry run", []).append(
+            timed(lambda: apollo_sync.sync(work, live, dry_run=True, threads=args.threads))
+        )
+        rows.setdefault("no log", []).append(
+            timed(lambda: apollo_sync.sync(work, live, journal=False, threads=args.threads))
+        )
+        wait_flushes(Layout(work))
+        fresh()
+        result: list[apollo_sync.SyncResult] = []
+        rows.setdefault("logged", []).append(
+            timed(lambda: result.append(apollo_sync.sync(work, live, threads=args.threads)))
+        )
+        wait_flushes(Layout(work))
+        changed, log = result[0].total_changed, result[0].log_bytes
+    print(
+        f"{size / 1e9:.2f} GB, {args.optimizer} lr {args.lr:g}, one step: "
+        f"{counted.elements_changed / counted.elements:.2%} of elements, "
+        f"{counted.blocks_changed / counted.blocks:.2%} of 4 KiB blocks, "
+        f"{changed / 1e6:.0f} MB of blocks changed, log {log / 1e6:.1f} MB "
+        f"({log / size:.1%}); {threads} threads; median of {args.rounds}"
+    )
+    floor_s = statistics.median(w for w, _ in rows["floor"])
+    print(f"{'':12} {'wall s':>8} {'cpu s':>8} {'x floor':>8}")
+    for name, vals in rows.items():
+        w = statistics.median(v[0] for v in vals)
+        c = statistics.median(v[1] for v in vals)
+        print(f"{name:12} {w:8.3f} {c:8.3f} {w / floor_s:8.2f}")
+    shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
