@@ -33,21 +33,22 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # benches/ is not a package
-
 import apollo_sync
+import train  # benches/ is not a package
 from apollo_sync.journal import Layout, wait_flushes
 
 PIECE = 8 << 20
 
 
-def write_pass(src: list[Path], scratch: Path, threads: int) -> None:
+def write_pass(src: list[Path], scratch: Path, threads: int) -> tuple[float, float]:
     """Writes the bytes of ``src`` over a page-cached, written-back copy of
     them (``scratch``): an overwrite of cached pages, as a sync makes."""
     data = [p.read_bytes() for p in src]
@@ -67,7 +68,7 @@ def write_pass(src: list[Path], scratch: Path, threads: int) -> None:
         t = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda p: os.pwrite(fd, p[0], p[1]), pieces))
-        write_pass.last = (time.perf_counter() - t[0], time.process_time() - t[1])  # type: ignore[attr-defined]
+        return time.perf_counter() - t[0], time.process_time() - t[1]
     finally:
         os.close(fd)
         os.unlink(scratch)  # before writeback: the disk need not see it
@@ -103,42 +104,42 @@ def main() -> None:
         for p in work.glob("*.safetensors"):  # page-cached, as after a load
             p.read_bytes()
 
-    def timed(fn: object) -> tuple[float, float]:
+    def timed(fn: Callable[..., Any], *a: Any, **k: Any) -> tuple[float, float, Any]:
         t = time.perf_counter(), time.process_time()
-        fn()  # type: ignore[operator]
-        return time.perf_counter() - t[0], time.process_time() - t[1]
+        out = fn(*a, **k)
+        return time.perf_counter() - t[0], time.process_time() - t[1], out
 
     rows: dict[str, list[tuple[float, float]]] = {}
-    changed = log = 0
+
+    def record(name: str, wall: float, cpu: float) -> None:
+        rows.setdefault(name, []).append((wall, cpu))
+
     for _ in range(args.rounds):
         fresh()
         floor = train.Floor(work, torch.device("cpu"), threads)
         floor._pass(live, count=False)  # threads and buffers warm
-        rows.setdefault("floor", []).append(timed(lambda: floor._pass(live, count=False)))
+        record("floor", *timed(floor._pass, live, count=False)[:2])
         counted = floor._pass(live, count=True)
         floor.close()
-        write_pass(shards, work / "scratch.bin", threads)
-        rows.setdefault("write pass", []).append(write_pass.last)  # type: ignore[attr-defined]
-        rows.setdefault("dry run", []).append(
-            timed(lambda: apollo_sync.sync(work, live, dry_run=True, threads=args.threads))
+        record("write pass", *write_pass(shards, work / "scratch.bin", threads))
+        record(
+            "dry run", *timed(apollo_sync.sync, work, live, dry_run=True, threads=args.threads)[:2]
         )
-        rows.setdefault("no log", []).append(
-            timed(lambda: apollo_sync.sync(work, live, journal=False, threads=args.threads))
+        record(
+            "no log", *timed(apollo_sync.sync, work, live, journal=False, threads=args.threads)[:2]
         )
         wait_flushes(Layout(work))
         fresh()
-        result: list[apollo_sync.SyncResult] = []
-        rows.setdefault("logged", []).append(
-            timed(lambda: result.append(apollo_sync.sync(work, live, threads=args.threads)))
-        )
+        wall, cpu, result = timed(apollo_sync.sync, work, live, threads=args.threads)
+        record("logged", wall, cpu)
         wait_flushes(Layout(work))
-        changed, log = result[0].total_changed, result[0].log_bytes
     print(
         f"{size / 1e9:.2f} GB, {args.optimizer} lr {args.lr:g}, one step: "
         f"{counted.elements_changed / counted.elements:.2%} of elements, "
         f"{counted.blocks_changed / counted.blocks:.2%} of 4 KiB blocks, "
-        f"{changed / 1e6:.0f} MB of blocks changed, log {log / 1e6:.1f} MB "
-        f"({log / size:.1%}); {threads} threads; median of {args.rounds}"
+        f"{result.total_changed / 1e6:.0f} MB of blocks changed, "
+        f"log {result.log_bytes / 1e6:.1f} MB ({result.log_bytes / size:.1%}); "
+        f"{threads} threads; median of {args.rounds}"
     )
     floor_s = statistics.median(w for w, _ in rows["floor"])
     print(f"{'':12} {'wall s':>8} {'cpu s':>8} {'x floor':>8}")
