@@ -478,7 +478,7 @@ def agree(said: list[dict[str, Any]], synced: int | None, may_sync: bool = True)
     waiting = ""
     if steps and not ready:
         waiting = ", ".join(
-            f"host {h} {'inside step ' + str(v // 2 + 1) if v % 2 else 'at step ' + str(v // 2)}"
+            f"host {h} {f'inside a step (at {v})' if v % 2 else f'at {v}'}"
             for h, v in enumerate(steps)
         )
     return Plan(sync=ready and new and may_sync, step=step, waiting=waiting)
