@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval",
         type=float,
         default=1.0,
-        help="seconds between syncs when the producer has no step counter (default 1)",
+        help="seconds between syncs when the producer has no step counter (default 1; "
+        "in a group, host 0's sets when every host syncs)",
     )
     w.add_argument(
         "--count",

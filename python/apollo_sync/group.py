@@ -43,6 +43,7 @@ generation C or every shard holds N, and N exactly when the group file says so.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
@@ -50,6 +51,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,6 +78,9 @@ if TYPE_CHECKING:
 GROUP_FORMAT = 1
 #: Seconds a host waits for the others (rendezvous, each exchange), by default.
 DEFAULT_TIMEOUT = 300.0
+#: Seconds a host that lost the group waits for the others to say (in the
+#: rendezvous store) that they are still there, to name the ones that are not.
+LOST_WAIT_S = 3.0
 _LAYER = re.compile(r"(?:^|\.)layers\.([0-9]+)\.")
 
 log = logging.getLogger(__name__)
@@ -103,9 +108,16 @@ class Group:
         self._pg: Any = None
         self._store: Any = None
         self._broken: str | None = None
+        #: After a failed exchange: the hosts that did not answer (None: not known).
+        self.lost: list[int] | None = None
 
     def __repr__(self) -> str:
         return f"Group(rank={self.rank}, size={self.size}, init={self.init!r})"
+
+    @property
+    def broken(self) -> bool:
+        """Whether an exchange failed (the group cannot be used again)."""
+        return self._broken is not None
 
     def connect(self) -> None:
         """Meets the other hosts (waits up to ``timeout`` for them); refuses a host
@@ -141,6 +153,9 @@ class Group:
                     )
             self._pg = dist.ProcessGroupGloo(store, self.rank, self.size, wait)
             self._store = store
+            # Left to the interpreter's teardown, gloo's threads abort the process
+            # (std::terminate) when a peer closed its side first: close it before.
+            atexit.register(_close_at_exit, weakref.ref(self))
         except GroupError:
             raise
         except (RuntimeError, OSError, ValueError) as e:
@@ -164,16 +179,49 @@ class Group:
             self._pg.allgather([outs], [buf]).wait()
         except RuntimeError as e:  # a peer died, or timed out (gloo's DistError)
             self._broken = str(e).splitlines()[0][:200]
+            self.lost = self._silent()
+            if self.lost is None:
+                who = "every other host still answers the rendezvous store"
+            elif self.lost == [0] and self.rank != 0 and self._store is None:
+                who = "host 0 is gone (its rendezvous store does not answer)"
+            else:
+                hosts = ", ".join(map(str, self.lost))
+                who = f"host {hosts} did not answer (exited, killed, or stuck)"
             raise GroupError(
-                f"host {self.rank}: lost contact with the group ({self._broken})"
+                f"host {self.rank}: lost contact with the group: {who} ({self._broken})"
             ) from e
         return [
             json.loads(bytes(o[: int(s.item())].numpy()).decode())
             for o, s in zip(outs, sizes, strict=True)
         ]
 
+    def _silent(self) -> list[int] | None:
+        """The hosts gone silent, once an exchange failed: each host that sees the
+        failure marks itself in the store (kept by host 0), and the others are
+        named after :data:`LOST_WAIT_S`. None when every host marked itself."""
+        store = self._store
+        try:
+            store.set(f"lost{self.rank}", "1")
+            deadline = time.monotonic() + min(LOST_WAIT_S, self.timeout)
+            while True:
+                silent = [
+                    h for h in range(self.size) if h != self.rank and not store.check([f"lost{h}"])
+                ]
+                if not silent or time.monotonic() >= deadline:
+                    return silent or None
+                time.sleep(0.05)
+        except RuntimeError:  # the store is in host 0's process: it is gone
+            self._store = None
+            return [0]
+
     def close(self) -> None:
         self._pg = self._store = None
+
+
+def _close_at_exit(ref: weakref.ref[Group]) -> None:
+    group = ref()
+    if group is not None:
+        group.close()
 
 
 # ---------------------------------------------------------------------------
@@ -313,12 +361,13 @@ def sync_group(
     private_copy: bool,
     counter: StepCounter | None,
     step_retries: int,
+    step: int | None = None,
     durable: bool,
     started: float,
 ) -> SyncResult:
     """One generation of ``root`` committed by every host of ``group`` together,
     or by none (see the module docs). This host writes its own ``live`` tensors."""
-    from apollo_sync.sync import _run, _tensor_ranges, check_mapping
+    from apollo_sync.sync import _run, _tensor_ranges, check_mapping, read_step, stepped_away
 
     me = group.rank
     # 1. who writes what: every host's answer, refused on every host alike
@@ -391,10 +440,13 @@ def sync_group(
             private_copy=private_copy,
             counter=counter,
             step_retries=step_retries,
+            step=step,
             durable=durable,
             started=started,
             run=_run,
             tensor_ranges=_tensor_ranges,
+            read_step=read_step,
+            stepped_away=stepped_away,
         )
 
 
@@ -412,10 +464,13 @@ def _commit_round(
     private_copy: bool,
     counter: StepCounter | None,
     step_retries: int,
+    step: int | None,
     durable: bool,
     started: float,
     run: Any,
     tensor_ranges: Any,
+    read_step: Any,
+    stepped_away: Any,
 ) -> SyncResult:
     me, committed = group.rank, gf.committed
     number = committed + 1
@@ -426,17 +481,20 @@ def _commit_round(
     recovered: gens.Recovered | None = None
     warnings: list[str] = []
     retries = 0
+    before: int | None = None
     try:
         recovered, warnings = gens.recover_locked(layout, committed)
         md = check_shards(ModelDir.open(root), private_copy, files)
         while True:
-            before = counter.wait_even(group.timeout) if counter is not None else None
+            before = read_step(root, counter, step, group.timeout, committed)
             result, writer = run(md, live, options, (layout.log_path(number), number))
             if counter is None or counter.value() == before:
                 break
             note = gens.undo_uncommitted(layout, number)
             if note:
                 raise JournalError(f"{root}: the producer stepped during the sync; {note}")
+            if step is not None:  # the step the group agreed on: no other will do
+                raise stepped_away(root, step, counter.value(), committed)
             retries += 1
             if retries > step_retries:
                 raise TornSyncError(
@@ -453,7 +511,11 @@ def _commit_round(
     changed = result is not None and result.total_changed > 0
     try:
         votes = group.exchange(
-            {"error": None if error is None else _why(error), "changed": changed}
+            {
+                "error": None if error is None else _why(error),
+                "torn": isinstance(error, TornSyncError),
+                "changed": changed,
+            }
         )
     except GroupError as e:
         _undo(layout, number, committed, e)  # not prepared: nobody can have committed
@@ -463,7 +525,9 @@ def _commit_round(
     bad = _failed(votes)
     if bad:
         _undo(layout, number, committed, None)
-        raise GroupError(
+        # only torn reads elsewhere: nothing is wrong but the timing; try again later
+        kind = TornSyncError if all(v.get("torn") for v in votes if v["error"]) else GroupError
+        raise kind(
             f"{root}: generation {number} was not committed (every host keeps generation "
             f"{committed}): {'; '.join(bad)}"
         )
@@ -472,6 +536,7 @@ def _commit_round(
         result,
         recovered=[] if recovered is None else recovered.rolled_back,
         retries=retries,
+        step=before,
         warnings=[*warnings, *result.warnings],
     )
     if not any(v["changed"] for v in votes):

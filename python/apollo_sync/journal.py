@@ -490,6 +490,7 @@ def record_last_sync(layout: Layout, result: Any, wall_seconds: float) -> None:
         "elements_changed": result.elements_changed,
         "files_changed": len(result.files_changed),
         "retries": result.retries,
+        "step": getattr(result, "step", None),
         "warnings": len(result.warnings),
     }
     tmp = layout.meta / f"last_sync.json.{os.getpid()}.tmp"

@@ -126,6 +126,9 @@ class SyncResult:
     recovered: list[int] = field(default_factory=list)
     #: Times the sync was redone because the producer stepped during it.
     retries: int = 0
+    #: The producer's step counter when the tensors were read (even: between
+    #: two steps), unchanged until they all were; None without a counter.
+    step: int | None = None
     #: Things to know: a failed background flush of an earlier sync (redone),
     #: a failed prune after the commit, layout notes.
     warnings: list[str] = field(default_factory=list)
@@ -215,6 +218,7 @@ def sync(
     step_retries: int = 3,
     durable: bool = False,
     group: Group | None = None,
+    step: int | None = None,
 ) -> SyncResult:
     """Makes the safetensors files in ``model_dir`` equal to the live tensors.
 
@@ -237,7 +241,11 @@ def sync(
     With a ``step_counter`` (the producer's, from the handles metadata by
     default), a sync during which the producer stepped is undone and redone, up
     to ``step_retries`` times (without a journal it cannot be undone: it raises
-    :class:`TornSyncError` at once).
+    :class:`TornSyncError` at once). ``step`` (a value of that counter) asks for
+    that step and no other: a sync that finds the counter elsewhere, or sees it
+    move, commits nothing and raises :class:`TornSyncError` without trying
+    again (what a group's :func:`apollo_sync.watch` passes: the step every host
+    agreed on).
 
     **What a reader can rely on.** When a logged sync returns, its generation is
     committed (its log is durable) and the files are current through the page
@@ -268,6 +276,8 @@ def sync(
         raise PlanError(
             f"block size {block_size} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
         )
+    if step is not None and (step < 0 or step % 2):
+        raise PlanError(f"step {step}: a finished step is an even value of the step counter")
     opened: Handles | None = None
     counter: StepCounter | None = step_counter
     own_counter = False
@@ -296,6 +306,11 @@ def sync(
             }
         if model_dir is None:
             raise TypeError("model_dir is required when live tensors are passed directly")
+        if step is not None and (counter is None or dry_run):
+            raise PlanError(
+                f"step {step} asked for, but "
+                + ("a dry run reads no step" if dry_run else "the producer has no step counter")
+            )
         options = _Options(block_size, dry_run, direct_io, threads, allow_unmatched, progress)
         if dry_run:  # writes nothing, so takes no lock and recovers nothing
             result, _ = _run(ModelDir.open(model_dir), live, options, None)
@@ -319,6 +334,7 @@ def sync(
                 private_copy=private_copy,
                 counter=counter,
                 step_retries=step_retries,
+                step=step,
                 durable=durable,
                 started=started,
             )
@@ -334,6 +350,7 @@ def sync(
             private_copy=private_copy,
             counter=counter,
             step_retries=step_retries,
+            step=step,
             durable=durable,
             started=started,
         )
@@ -435,6 +452,7 @@ def _sync_locked(
     private_copy: bool,
     counter: StepCounter | None,
     step_retries: int,
+    step: int | None,
     durable: bool,
     started: float,
 ) -> SyncResult:
@@ -473,7 +491,7 @@ def _sync_locked(
         spec = (layout.log_path(number), number) if journal else None
         retries = 0
         while True:
-            before = counter.wait_even(lock_timeout) if counter is not None else None
+            before = read_step(root, counter, step, lock_timeout, state.generation)
             try:
                 result, writer = _run(md, live, options, spec, mapping)
             except BaseException as e:
@@ -491,6 +509,8 @@ def _sync_locked(
             note = gens.undo_uncommitted(layout, number)
             if note:
                 raise JournalError(f"{root}: the producer stepped during the sync; {note}")
+            if step is not None:
+                raise stepped_away(root, step, counter.value(), state.generation)
             retries += 1
             if retries > step_retries:
                 raise TornSyncError(
@@ -501,6 +521,7 @@ def _sync_locked(
             result,
             recovered=[] if recovered is None else recovered.rolled_back,
             retries=retries,
+            step=before,
             warnings=[*warnings, *result.warnings],
         )
         if result.total_changed == 0:
@@ -543,6 +564,30 @@ def _sync_locked(
             budget=budget,
             started=started,
         )
+
+
+def read_step(
+    root: Path, counter: StepCounter | None, step: int | None, wait: float, committed: int
+) -> int | None:
+    """The step counter's value before a sync reads the tensors: a finished step
+    (waiting up to ``wait`` seconds for one), or, when ``step`` is asked for,
+    that step now (else :class:`TornSyncError`)."""
+    if counter is None:
+        return None
+    if step is None:
+        return counter.wait_even(wait)
+    now = counter.value()
+    if now != step:
+        raise stepped_away(root, step, now, committed)
+    return now
+
+
+def stepped_away(root: Path, step: int, now: int, committed: int) -> TornSyncError:
+    where = "inside a step" if now % 2 else f"at step {now}"
+    return TornSyncError(
+        f"{root}: the sync was to read the producer at step {step}, but it is now {where}; "
+        f"nothing was committed (still generation {committed})"
+    )
 
 
 def after_commit(
