@@ -343,6 +343,18 @@ def check_generations(tmp: Path, p: Pair) -> list[tuple[int, int]]:
     return seen[0]
 
 
+def quit_producer(p: Pair, host: int) -> list[dict[str, Any]]:
+    """Ends ``host``'s producer and checks that both watches stop cleanly, that
+    host for its producer and the other naming it; returns their last lines."""
+    p.producers[host].send("quit")
+    ends = [w.finish() for w in p.watches]
+    assert [rc for rc, _, _ in ends] == [0, 0], [err[-3000:] for _, _, err in ends]
+    stops = [w.lines[-1] for w in p.watches]
+    assert stops[host]["stopped"] == "producer exited", stops
+    assert stops[1 - host]["stopped"] == f"host {host}: producer exited", stops
+    return stops
+
+
 def test_hosts_sync_only_the_step_every_producer_finished(tmp_path: Path) -> None:
     t0 = time.monotonic()
     with pair(tmp_path) as p:
@@ -365,12 +377,7 @@ def test_hosts_sync_only_the_step_every_producer_finished(tmp_path: Path) -> Non
         # 6, then host 1's producer exits: both watches stop, step 6 synced
         p.step(0), p.step(1)
         p.stepped(0), p.stepped(1)
-        p.producers[1].send("quit")
-        ends = [w.finish() for w in p.watches]
-        assert [rc for rc, _, _ in ends] == [0, 0], [err[-3000:] for _, _, err in ends]
-        stops = [w.lines[-1] for w in p.watches]
-        assert stops[1]["stopped"] == "producer exited", stops
-        assert stops[0]["stopped"] == "host 1: producer exited", stops
+        stops = quit_producer(p, 1)
         assert stops[0]["step"] == stops[1]["step"] == 12
         gens_ = check_generations(tmp_path, p)
     steps = [s for _, s in gens_]
@@ -403,12 +410,7 @@ def test_a_step_during_the_sync_on_one_host_commits_nothing_anywhere(tmp_path: P
         # host 0's producer catches up: step 3 is the next agreed one
         p.step(0), p.stepped(0)
         p.until(3)
-        p.producers[0].send("quit")
-        ends = [w.finish() for w in p.watches]
-        assert [rc for rc, _, _ in ends] == [0, 0], [err[-3000:] for _, _, err in ends]
-        stops = [w.lines[-1] for w in p.watches]
-        assert stops[0]["stopped"] == "producer exited", stops
-        assert stops[1]["stopped"] == "host 0: producer exited", stops
+        stops = quit_producer(p, 0)
         assert stops[0]["torn"] == stops[1]["torn"] == 1
         assert check_generations(tmp_path, p) == [(1, 1), (2, 3)]
     assert digests(p.root) == truth(tmp_path, 3)
@@ -426,12 +428,7 @@ def test_on_a_timer_every_host_follows_host_0s_schedule(tmp_path: Path) -> None:
                 if r.get("digests") and r["generation"] is None and len(w.lines) > 2:
                     break
         assert digests(p.root) == truth(tmp_path, 1)
-        p.producers[0].send("quit")
-        ends = [w.finish() for w in p.watches]
-        assert [rc for rc, _, _ in ends] == [0, 0], [err[-3000:] for _, _, err in ends]
-        stops = [w.lines[-1] for w in p.watches]
-        assert stops[0]["stopped"] == "producer exited", stops
-        assert stops[1]["stopped"] == "host 0: producer exited", stops
+        quit_producer(p, 0)
         syncs = [[r["generation"] for r in w.lines if r.get("digests")] for w in p.watches]
         assert syncs[0] == syncs[1] and len(syncs[1]) >= 3, syncs  # the same syncs, together
         g = read_group(p.root)
