@@ -710,6 +710,17 @@ def test_a_sync_during_training_steps_is_redone_or_refused(model_factory: Factor
         assert shards_digest(root) == before and gens.history(root).generation == 0
         r = apollo_sync.sync(root, live, step_counter=counter)
         assert r.generation == 1 and r.retries == 0
+        # without a log a torn write cannot be undone: no retry, and it says so
+        step(live, seed=2)
+        stop.clear()
+        t = threading.Thread(target=train)
+        t.start()
+        try:
+            with pytest.raises(TornSyncError, match="during a sync without a log"):
+                apollo_sync.sync(root, live, step_counter=counter, journal=False)
+        finally:
+            stop.set()
+            t.join()
     finally:
         counter.close()
         counter.unlink()

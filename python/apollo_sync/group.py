@@ -367,7 +367,7 @@ def sync_group(
 ) -> SyncResult:
     """One generation of ``root`` committed by every host of ``group`` together,
     or by none (see the module docs). This host writes its own ``live`` tensors."""
-    from apollo_sync.sync import _run, _tensor_ranges, check_mapping, read_step, stepped_away
+    from apollo_sync.sync import _run, _tensor_ranges, check_mapping, read_one_step
 
     me = group.rank
     # 1. who writes what: every host's answer, refused on every host alike
@@ -445,8 +445,7 @@ def sync_group(
             started=started,
             run=_run,
             tensor_ranges=_tensor_ranges,
-            read_step=read_step,
-            stepped_away=stepped_away,
+            read_one_step=read_one_step,
         )
 
 
@@ -469,8 +468,7 @@ def _commit_round(
     started: float,
     run: Any,
     tensor_ranges: Any,
-    read_step: Any,
-    stepped_away: Any,
+    read_one_step: Any,
 ) -> SyncResult:
     me, committed = group.rank, gf.committed
     number = committed + 1
@@ -485,22 +483,16 @@ def _commit_round(
     try:
         recovered, warnings = gens.recover_locked(layout, committed)
         md = check_shards(ModelDir.open(root), private_copy, files)
-        while True:
-            before = read_step(root, counter, step, group.timeout, committed)
-            result, writer = run(md, live, options, (layout.log_path(number), number))
-            if counter is None or counter.value() == before:
-                break
-            note = gens.undo_uncommitted(layout, number)
-            if note:
-                raise JournalError(f"{root}: the producer stepped during the sync; {note}")
-            if step is not None:  # the step the group agreed on: no other will do
-                raise stepped_away(root, step, counter.value(), committed)
-            retries += 1
-            if retries > step_retries:
-                raise TornSyncError(
-                    f"{root}: the producer stepped during each of {retries} tries; "
-                    f"nothing was committed (still generation {committed})"
-                )
+        result, writer, before, retries = read_one_step(
+            root,
+            layout,
+            number,
+            lambda: run(md, live, options, (layout.log_path(number), number)),
+            counter=counter,
+            step=step,
+            wait=group.timeout,
+            step_retries=step_retries,
+        )
     except BaseException as e:
         error = e
         note = gens.undo_uncommitted(layout, number)

@@ -20,7 +20,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -489,34 +489,27 @@ def _sync_locked(
         state = gens.load_state(layout)
         number = state.generation + 1
         spec = (layout.log_path(number), number) if journal else None
-        retries = 0
-        while True:
-            before = read_step(root, counter, step, lock_timeout, state.generation)
+
+        def attempt() -> tuple[SyncResult, LogWriter | None]:
             try:
-                result, writer = _run(md, live, options, spec, mapping)
+                return _run(md, live, options, spec, mapping)
             except BaseException as e:
                 note = gens.undo_uncommitted(layout, number)
                 if note:
                     e.add_note(note)
                 raise
-            if counter is None or counter.value() == before:
-                break
-            if not journal:
-                raise TornSyncError(
-                    f"{root}: the producer stepped during a sync without a log; the "
-                    "files may mix two training steps until the next sync"
-                )
-            note = gens.undo_uncommitted(layout, number)
-            if note:
-                raise JournalError(f"{root}: the producer stepped during the sync; {note}")
-            if step is not None:
-                raise stepped_away(root, step, counter.value(), state.generation)
-            retries += 1
-            if retries > step_retries:
-                raise TornSyncError(
-                    f"{root}: the producer stepped during each of {retries} tries; "
-                    f"nothing was committed (still generation {state.generation})"
-                )
+
+        result, writer, before, retries = read_one_step(
+            root,
+            layout,
+            number,
+            attempt,
+            counter=counter,
+            step=step,
+            wait=lock_timeout,
+            step_retries=step_retries,
+            logged=journal,
+        )
         result = replace(
             result,
             recovered=[] if recovered is None else recovered.rolled_back,
@@ -564,6 +557,49 @@ def _sync_locked(
             budget=budget,
             started=started,
         )
+
+
+def read_one_step(
+    root: Path,
+    layout: gens.Layout,
+    number: int,
+    attempt: Callable[[], tuple[SyncResult, LogWriter | None]],
+    *,
+    counter: StepCounter | None,
+    step: int | None,
+    wait: float,
+    step_retries: int,
+    logged: bool = True,
+) -> tuple[SyncResult, LogWriter | None, int | None, int]:
+    """Runs ``attempt`` (the sync of generation ``number``) until the producer's
+    step counter shows the same finished step before and after it; returns the
+    result, its log writer, that step (None without a counter) and the retries.
+    A torn attempt's generation is undone before the next; with ``step`` asked
+    for (a group's agreed step), or without a log (nothing to undo), a torn
+    attempt raises :class:`TornSyncError` instead of trying again."""
+    committed = number - 1
+    retries = 0
+    while True:
+        before = read_step(root, counter, step, wait, committed)
+        result, writer = attempt()
+        if counter is None or counter.value() == before:
+            return result, writer, before, retries
+        if not logged:
+            raise TornSyncError(
+                f"{root}: the producer stepped during a sync without a log; the "
+                "files may mix two training steps until the next sync"
+            )
+        note = gens.undo_uncommitted(layout, number)
+        if note:
+            raise JournalError(f"{root}: the producer stepped during the sync; {note}")
+        if step is not None:  # the step asked for (a group's): no other will do
+            raise stepped_away(root, step, counter.value(), committed)
+        retries += 1
+        if retries > step_retries:
+            raise TornSyncError(
+                f"{root}: the producer stepped during each of {retries} tries; "
+                f"nothing was committed (still generation {committed})"
+            )
 
 
 def read_step(
