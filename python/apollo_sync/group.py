@@ -367,7 +367,7 @@ def sync_group(
 ) -> SyncResult:
     """One generation of ``root`` committed by every host of ``group`` together,
     or by none (see the module docs). This host writes its own ``live`` tensors."""
-    from apollo_sync.sync import _run, _tensor_ranges, check_mapping, read_one_step
+    from apollo_sync.sync import check_mapping
 
     me = group.rank
     # 1. who writes what: every host's answer, refused on every host alike
@@ -443,9 +443,6 @@ def sync_group(
             step=step,
             durable=durable,
             started=started,
-            run=_run,
-            tensor_ranges=_tensor_ranges,
-            read_one_step=read_one_step,
         )
 
 
@@ -466,10 +463,10 @@ def _commit_round(
     step: int | None,
     durable: bool,
     started: float,
-    run: Any,
-    tensor_ranges: Any,
-    read_one_step: Any,
 ) -> SyncResult:
+    # sync.py imports this module: its engine is imported here, when a group syncs
+    from apollo_sync.sync import _run, _tensor_ranges, read_one_step
+
     me, committed = group.rank, gf.committed
     number = committed + 1
     # 2. recover to the group's generation, then write this host's part
@@ -487,7 +484,7 @@ def _commit_round(
             root,
             layout,
             number,
-            lambda: run(md, live, options, (layout.log_path(number), number)),
+            lambda: _run(md, live, options, (layout.log_path(number), number)),
             counter=counter,
             step=step,
             wait=group.timeout,
@@ -541,7 +538,7 @@ def _commit_round(
     try:
         if writer is not None:
             md = ModelDir.open(root)
-            tensors = gens.tensor_elements(writer.runs(), writer.shards, tensor_ranges(md))
+            tensors = gens.tensor_elements(writer.runs(), writer.shards, _tensor_ranges(md))
             state, generation = gens.commit_logged(
                 layout,
                 state,
