@@ -3,8 +3,9 @@
 //! zstd when that helps. The byte layout, and why it is this one, is in the
 //! module doc of [`crate::delta`].
 //!
-//! Encoding marks the nonzero elements of the XOR in a bitmap, a word of
-//! lanes at a time, then walks its set bits. Decoding
+//! Encoding marks the nonzero elements of the XOR in a bitmap and gathers
+//! their byte planes in one pass (eight two-byte elements per SSSE3 shuffle),
+//! then writes the gaps from the bitmap when they are smaller. Decoding
 //! checks the whole payload (header, zstd frame, every position, every value)
 //! before it writes one byte of the target, and allocates nothing beyond
 //! about 1.125 × the target's length.
@@ -22,6 +23,13 @@ const MODE_ZSTD: u8 = 0b10;
 /// zstd level: 1 compresses these bodies better than 3 (fewer useless matches
 /// on entropy-like data) and faster; see the measurements in the module doc.
 const ZSTD_LEVEL: i32 = 1;
+/// The smallest match-finder table (64 entries, in L1) and the longest
+/// minimum match: matches rarely pay on these bodies, so looking for them
+/// less often makes zstd faster and the payload a little smaller (one real
+/// AdamW step, 14% of elements changed: 6.88% → 6.73% of the model, encode
+/// 1.4× faster; see the module doc).
+const ZSTD_HASH_LOG: u32 = 6;
+const ZSTD_MIN_MATCH: u32 = 7;
 
 /// Why a payload could not be made or read. `Display` is what users see.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +72,8 @@ struct Scratch {
     first: Vec<u8>,
     /// The remaining LEB128 bytes of the gaps, in order.
     cont: Vec<u8>,
-    /// The positions as a bitmap, built only when it is smaller than the gaps.
+    /// The positions as a bitmap (the scan's output; the section written
+    /// when it is smaller than the gaps).
     bitmap: Vec<u8>,
     /// `planes[j]`: byte `j` of each nonzero element's XOR value.
     planes: [Vec<u8>; 8],
@@ -107,11 +116,6 @@ impl Codec {
             });
         }
         let s = &mut self.scratch;
-        s.first.clear();
-        s.cont.clear();
-        for p in &mut s.planes[..width] {
-            p.clear();
-        }
         let k = match width {
             1 => s.scan::<1>(old, new),
             2 => s.scan::<2>(old, new),
@@ -126,11 +130,11 @@ impl Codec {
             put_varint(out, 0);
             return Ok(0);
         }
-        let n = old.len().div_ceil(width);
-        let bitmap_len = n.div_ceil(8);
+        let bitmap_len = s.bitmap.len();
         let mut mode = 0;
-        let positions: [&[u8]; 2] = if s.first.len() + s.cont.len() > bitmap_len {
-            s.build_bitmap(n);
+        // The gaps take at least one byte an element: above one element in
+        // eight they are longer than the bitmap, and are not made at all.
+        let positions: [&[u8]; 2] = if k > bitmap_len || !s.gaps(k, bitmap_len) {
             mode |= MODE_BITMAP;
             [&s.bitmap, &[]]
         } else {
@@ -350,38 +354,85 @@ fn xor_into<const W: usize>(checked: &Checked, body: &[u8], target: &mut [u8]) {
 }
 
 impl Scratch {
-    /// Collects the gaps and the byte planes of the nonzero `W`-byte elements
-    /// of `old XOR new`; returns how many there are.
+    /// Marks the nonzero `W`-byte elements of `old XOR new` in `self.bitmap`
+    /// (the positions section's bitmap, `ceil(n / 8)` bytes) and collects
+    /// their byte planes; returns how many there are.
     ///
-    /// Three passes over each stretch of 2048 elements, none with a branch
-    /// per element: mark the nonzero elements in a bitmap (16 bytes compared
-    /// at a time, [`changed_lanes`]), list the set bits ([`flatten`]), then
-    /// encode the listed elements. On a
-    /// training step (1-10% of the elements changed, spread over every block)
-    /// a branch per word or element mispredicts about as often as it is
-    /// taken; here one branch per 64 elements does.
+    /// One pass, no branch per element: on a training step (1-15% of the
+    /// elements changed, spread over every block) a branch per element
+    /// mispredicts about as often as it is taken. Two-byte elements (bf16,
+    /// fp16: the common case) take [`simd2::scan`], which marks and gathers
+    /// eight elements per shuffle; other widths mark 64 elements at a time
+    /// ([`mark`]), list the set bits ([`flatten`]) and gather those.
     fn scan<const W: usize>(&mut self, old: &[u8], new: &[u8]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if W == 2 && simd2::available() {
+            return self.scan_simd2(old, new);
+        }
+        self.scan_lanes::<W>(old, new)
+    }
+
+    /// Empties the sections for a scan of `n` elements.
+    fn start(&mut self, n: usize, width: usize) {
+        self.bitmap.clear();
+        self.bitmap.resize(n.div_ceil(8), 0);
+        for p in &mut self.planes[..width] {
+            p.clear();
+        }
+    }
+
+    /// [`Self::scan`] of two-byte elements with [`simd2::scan`]: SSSE3 and
+    /// POPCNT must be present.
+    #[cfg(target_arch = "x86_64")]
+    fn scan_simd2(&mut self, old: &[u8], new: &[u8]) -> usize {
+        assert!(simd2::available());
+        let n = old.len().div_ceil(2);
+        self.start(n, 2);
+        let [lo, hi, ..] = &mut self.planes;
+        // Every element may be listed, and a store writes 8 bytes.
+        lo.reserve(n + 8);
+        hi.reserve(n + 8);
+        let whole = old.len() / simd2::BLOCK * simd2::BLOCK;
+        // SAFETY: SSSE3 and POPCNT are present; `lo` and `hi` have room
+        // for `n + 8 >= whole / 2 + 8` bytes, the bitmap for `whole / 16`.
+        let k = unsafe {
+            simd2::scan(
+                &old[..whole],
+                &new[..whole],
+                &mut self.bitmap,
+                lo.as_mut_ptr(),
+                hi.as_mut_ptr(),
+            )
+        };
+        // SAFETY: `scan` wrote the first `k` bytes of both.
+        unsafe {
+            lo.set_len(k);
+            hi.set_len(k);
+        }
+        k + self.scan_tail::<2>(old, new, whole)
+    }
+
+    /// [`Self::scan`] for any width, 64 elements at a time.
+    fn scan_lanes<const W: usize>(&mut self, old: &[u8], new: &[u8]) -> usize {
+        self.start(old.len().div_ceil(W), W);
         let mut k = 0;
-        let mut next = 0;
-        // Stretches small enough that the last pass finds their bytes still
-        // in L1 (the first pass brought them there).
         let stretch = MASK_WORDS * 64 * W;
         let mut found = [0u16; MASK_WORDS * 64 + 8];
-        for (s, (o, n)) in old.chunks(stretch).zip(new.chunks(stretch)).enumerate() {
+        for (s, (o, nw)) in old.chunks(stretch).zip(new.chunks(stretch)).enumerate() {
             let mut mask = [0u64; MASK_WORDS];
-            mark::<W>(o, n, &mut mask);
+            mark::<W>(o, nw, &mut mask);
+            let base = s * MASK_WORDS * 8;
+            let bytes = (o.len().div_ceil(W)).div_ceil(8);
+            for (i, b) in self.bitmap[base..base + bytes].iter_mut().enumerate() {
+                *b = (mask[i / 8] >> (8 * (i % 8))) as u8;
+            }
             let count = flatten(&mask, &mut found);
-            let base = s * MASK_WORDS * 64;
             for &i in &found[..count] {
-                let i = i as usize;
-                let e = base + i;
-                put_split_varint(&mut self.first, &mut self.cont, (e - next) as u64);
-                next = e + 1;
-                let at = i * W;
+                let at = i as usize * W;
                 let value = if at + W <= o.len() {
-                    word_of::<W>(&o[at..at + W]) ^ word_of::<W>(&n[at..at + W])
+                    word_of::<W>(&o[at..at + W]) ^ word_of::<W>(&nw[at..at + W])
                 } else {
-                    padded(&o[at..]) ^ padded(&n[at..])
+                    padded(&o[at..]) ^ padded(&nw[at..])
                 };
                 for (j, plane) in self.planes[..W].iter_mut().enumerate() {
                     plane.push((value >> (8 * j)) as u8);
@@ -392,15 +443,168 @@ impl Scratch {
         k
     }
 
-    /// Turns the gaps into a bitmap of `n` elements.
-    fn build_bitmap(&mut self, n: usize) {
-        self.bitmap.clear();
-        self.bitmap.resize(n.div_ceil(8), 0);
-        let bitmap = &mut self.bitmap;
-        // The gaps were written by `scan`: the walk cannot fail.
-        let _ = walk_gaps(&self.first, &self.cont, n, |_, e| {
-            bitmap[e / 8] |= 1 << (e % 8)
-        });
+    /// [`Self::scan`] from byte `from` (a multiple of 8 elements) to the end,
+    /// element by element.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn scan_tail<const W: usize>(&mut self, old: &[u8], new: &[u8], from: usize) -> usize {
+        let mut k = 0;
+        for (i, (o, n)) in old[from..].chunks(W).zip(new[from..].chunks(W)).enumerate() {
+            let value = padded(o) ^ padded(n);
+            if value != 0 {
+                let e = from / W + i;
+                self.bitmap[e / 8] |= 1 << (e % 8);
+                for (j, plane) in self.planes[..W].iter_mut().enumerate() {
+                    plane.push((value >> (8 * j)) as u8);
+                }
+                k += 1;
+            }
+        }
+        k
+    }
+
+    /// Writes the positions of the `k` set bits of the bitmap as split
+    /// gaps, unless they grow past `limit` bytes; returns whether they fit.
+    fn gaps(&mut self, k: usize, limit: usize) -> bool {
+        // Every gap has a first byte: written by index into a slice of
+        // exactly `k` (the lengths stay in registers); the rare longer gaps
+        // (128 elements or more) push their continuation bytes.
+        self.first.clear();
+        self.first.resize(k, 0);
+        self.cont.clear();
+        let first = &mut self.first[..];
+        let cont = &mut self.cont;
+        let (mut i, mut next) = (0, 0);
+        let words = self.bitmap.chunks_exact(8);
+        let last = padded(words.remainder());
+        let words = words.map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        for (w, mut bits) in words.chain([last]).enumerate() {
+            if bits == 0 {
+                continue; // most words, when the gaps are worth making
+            }
+            while bits != 0 {
+                let e = w * 64 + bits.trailing_zeros() as usize;
+                let gap = (e - next) as u64;
+                if gap < 0x80 {
+                    first[i] = gap as u8;
+                } else {
+                    first[i] = gap as u8 | 0x80;
+                    put_varint(cont, gap >> 7);
+                }
+                i += 1;
+                next = e + 1;
+                bits &= bits - 1;
+            }
+            if i + cont.len() > limit {
+                return false;
+            }
+        }
+        debug_assert_eq!(i, k);
+        k + cont.len() <= limit
+    }
+}
+
+/// Two-byte elements with SSSE3: each 16 bytes of `old XOR new` (eight
+/// elements) give one byte of the bitmap, and one `pshufb` moves the low
+/// bytes of their nonzero elements to the front of the low plane and the
+/// high bytes to the front of the high plane.
+#[cfg(target_arch = "x86_64")]
+mod simd2 {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi16, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+        _mm_packs_epi16, _mm_setzero_si128, _mm_shuffle_epi8, _mm_storel_epi64, _mm_unpackhi_epi64,
+        _mm_xor_si128,
+    };
+
+    /// Bytes handled per round: 64 elements, one branch to skip them when
+    /// none changed.
+    pub(super) const BLOCK: usize = 128;
+
+    /// `SHUFFLE[m]`: the `pshufb` control that gathers the low bytes of the
+    /// lanes set in `m` into bytes 0.. and their high bytes into bytes 8..
+    static SHUFFLE: [[u8; 16]; 256] = shuffles();
+
+    const fn shuffles() -> [[u8; 16]; 256] {
+        let mut table = [[0x80u8; 16]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut lane, mut c) = (0, 0);
+            while lane < 8 {
+                if m & (1 << lane) != 0 {
+                    table[m][c] = 2 * lane as u8;
+                    table[m][8 + c] = 2 * lane as u8 + 1;
+                    c += 1;
+                }
+                lane += 1;
+            }
+            m += 1;
+        }
+        table
+    }
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("ssse3") && is_x86_feature_detected!("popcnt")
+    }
+
+    /// Marks and gathers `old.len() / 2` elements (`old.len()` a multiple of
+    /// [`BLOCK`]): bitmap byte `i` for bytes `[16 i, 16 i + 16)`, the planes'
+    /// bytes from `lo` and `hi` on; returns how many elements were listed.
+    ///
+    /// # Safety
+    /// SSSE3 and POPCNT must be present; `bitmap` must hold `old.len() / 16`
+    /// bytes, `lo` and `hi` must be valid for writes of `old.len() / 2 + 8`
+    /// bytes (each store writes 8, of which the first `count` are kept).
+    #[target_feature(enable = "ssse3,popcnt")]
+    pub(super) unsafe fn scan(
+        old: &[u8],
+        new: &[u8],
+        bitmap: &mut [u8],
+        lo: *mut u8,
+        hi: *mut u8,
+    ) -> usize {
+        debug_assert!(old.len() % BLOCK == 0 && new.len() == old.len());
+        debug_assert!(bitmap.len() >= old.len() / 16);
+        let zero = _mm_setzero_si128();
+        let mut k = 0;
+        for ((o, n), marks) in old
+            .chunks_exact(BLOCK)
+            .zip(new.chunks_exact(BLOCK))
+            .zip(bitmap.chunks_exact_mut(BLOCK / 16))
+        {
+            let mut x = [zero; BLOCK / 16];
+            let mut any = zero;
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: `o` and `n` hold BLOCK bytes; `loadu` needs no alignment.
+                *xv = unsafe {
+                    _mm_xor_si128(
+                        _mm_loadu_si128(o[16 * v..].as_ptr().cast::<__m128i>()),
+                        _mm_loadu_si128(n[16 * v..].as_ptr().cast::<__m128i>()),
+                    )
+                };
+                any = _mm_or_si128(any, *xv);
+            }
+            if _mm_movemask_epi8(_mm_cmpeq_epi8(any, zero)) == 0xffff {
+                continue; // untouched: the bitmap bytes are already zero
+            }
+            for (xv, mark) in x.into_iter().zip(marks) {
+                let eq = _mm_cmpeq_epi16(xv, zero);
+                let m = !_mm_movemask_epi8(_mm_packs_epi16(eq, eq)) as usize & 0xff;
+                *mark = m as u8;
+                // SAFETY: `m < 256`; the table rows are 16 bytes.
+                let control = unsafe { _mm_loadu_si128(SHUFFLE[m].as_ptr().cast::<__m128i>()) };
+                let gathered = _mm_shuffle_epi8(xv, control);
+                // SAFETY: `k` is at most the elements before this group, so
+                // `k + 8 <= old.len() / 2 + 8`: inside the caller's room.
+                unsafe {
+                    _mm_storel_epi64(lo.add(k).cast::<__m128i>(), gathered);
+                    _mm_storel_epi64(
+                        hi.add(k).cast::<__m128i>(),
+                        _mm_unpackhi_epi64(gathered, gathered),
+                    );
+                }
+                k += m.count_ones() as usize;
+            }
+        }
+        k
     }
 }
 
@@ -611,6 +815,10 @@ fn compress(
     cctx.reset(ResetDirective::SessionOnly).map_err(err)?;
     cctx.set_parameter(CParameter::CompressionLevel(ZSTD_LEVEL))
         .map_err(err)?;
+    cctx.set_parameter(CParameter::HashLog(ZSTD_HASH_LOG))
+        .map_err(err)?;
+    cctx.set_parameter(CParameter::MinMatch(ZSTD_MIN_MATCH))
+        .map_err(err)?;
     cctx.set_pledged_src_size(Some(body_len as u64))
         .map_err(err)?;
     out.reserve(zstd_safe::compress_bound(body_len) + 64);
@@ -674,17 +882,6 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
-}
-
-/// LEB128 with the first byte in `first` and the rest in `cont`.
-#[inline(always)]
-fn put_split_varint(first: &mut Vec<u8>, cont: &mut Vec<u8>, v: u64) {
-    if v < 0x80 {
-        first.push(v as u8);
-    } else {
-        first.push(v as u8 | 0x80);
-        put_varint(cont, v >> 7);
-    }
 }
 
 fn get_varint(buf: &[u8], at: &mut usize) -> Result<u64, CodecError> {
@@ -871,6 +1068,43 @@ mod tests {
         check::<2>(&mut rng);
         check::<4>(&mut rng);
         check::<8>(&mut rng);
+    }
+
+    /// The SSSE3 scan of two-byte elements and the portable one find the
+    /// same bitmap and planes, whatever the length, density and alignment.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_and_portable_scans_of_two_byte_elements_agree() {
+        if !simd2::available() {
+            return;
+        }
+        let mut rng = Rng(7);
+        for len in [
+            0, 1, 2, 15, 16, 17, 127, 128, 129, 255, 4095, 4096, 8193, 70_001,
+        ] {
+            for permille in [0, 1, 30, 150, 500, 1000] {
+                for (skew, small) in [(0, true), (1, true), (0, false)] {
+                    let (old, new) = pair(rng.next(), len + skew, 2, permille, small);
+                    let (old, new) = (&old[skew..], &new[skew..]);
+                    let mut a = Scratch::default();
+                    let mut b = Scratch::default();
+                    let ka = a.scan_simd2(old, new);
+                    let kb = b.scan_lanes::<2>(old, new);
+                    assert_eq!(
+                        ka as u64,
+                        changed(old, new, 2),
+                        "len {len} permille {permille}"
+                    );
+                    assert_eq!(ka, kb);
+                    assert_eq!(a.bitmap, b.bitmap, "len {len} permille {permille}");
+                    assert_eq!(
+                        a.planes[..2],
+                        b.planes[..2],
+                        "len {len} permille {permille}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
