@@ -142,11 +142,12 @@ def main() -> None:
         f"{threads} threads; median of {args.rounds}"
     )
     floor_s = statistics.median(w for w, _ in rows["floor"])
-    print(f"{'':12} {'wall s':>8} {'cpu s':>8} {'x floor':>8}")
+    print(f"{'':12} {'wall s':>8} {'cpu s':>8} {'x floor':>8}   walls (s)")
     for name, vals in rows.items():
         w = statistics.median(v[0] for v in vals)
         c = statistics.median(v[1] for v in vals)
-        print(f"{name:12} {w:8.3f} {c:8.3f} {w / floor_s:8.2f}")
+        every = " ".join(f"{v[0]:.3f}" for v in vals)
+        print(f"{name:12} {w:8.3f} {c:8.3f} {w / floor_s:8.2f}   {every}")
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

@@ -637,10 +637,15 @@ def after_commit(
     budget: int,
     started: float,
 ) -> SyncResult:
-    """What follows a generation's commit: the result names it, the shards it
-    wrote are flushed in the background (waited for when ``durable``), old logs
-    are pruned (a failure is a warning: the generation is committed all the
-    same), and the sync is recorded in ``last_sync.json``."""
+    """What follows a generation's commit: old logs are pruned (a failure is a
+    warning: the generation is committed all the same), the shards it wrote are
+    flushed in the background (waited for when ``durable``), and the sync is
+    recorded in ``last_sync.json``.
+
+    Pruning comes first: it drops only logs at or before the checkpoint, which
+    this generation's flush does not move, and its ``fsync`` of the state
+    would otherwise queue behind that flush on the device (0.10-0.13 s after
+    a 586 MB step on the CPU machine, against 1 ms before it)."""
     root, number = layout.root, generation.number
     result = replace(
         result,
@@ -649,13 +654,6 @@ def after_commit(
         elements_changed=generation.elements_changed,
         durable=writer is None,
     )
-    if writer is not None:
-        gens.start_flush(layout, number, [root / f for f in result.files_changed])
-        if durable:
-            failed = gens.wait_flushes(layout, number)
-            if failed:
-                raise SyncIOError(f"{root}: generation {number} is committed, but {failed[0]}")
-            result = replace(result, durable=True)
     try:
         gens.prune_locked(layout, keep, budget)
     except (ApolloSyncError, OSError) as e:
@@ -663,6 +661,13 @@ def after_commit(
             result,
             warnings=[*result.warnings, f"pruning old logs failed ({e}); retried next time"],
         )
+    if writer is not None:
+        gens.start_flush(layout, number, [root / f for f in result.files_changed])
+        if durable:
+            failed = gens.wait_flushes(layout, number)
+            if failed:
+                raise SyncIOError(f"{root}: generation {number} is committed, but {failed[0]}")
+            result = replace(result, durable=True)
     gens.record_last_sync(layout, result, time.monotonic() - started)
     return result
 
