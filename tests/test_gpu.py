@@ -184,7 +184,11 @@ def test_handles_older_than_the_producers_restart_are_refused(tmp_path: Path) ->
     handles = tmp_path / "h" / "handles.pt"
     with Producer(model, handles, device="cuda") as prod:
         prod.step()
-    time.sleep(1.5)  # the restarted producer starts after the file was written
+    # The restarted producer starts well after the file was written: its start
+    # time is known to within 1 s (/proc's boot time is whole seconds), and the
+    # check allows 1 s of slack on top, so 1.5 s here was flaky (refused or not
+    # by where the boot time's second fell).
+    time.sleep(3.5)
     restarted = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         # The same pid now names a process that started later (a producer restarted in
