@@ -423,8 +423,8 @@ impl Scratch {
             mark::<W>(o, nw, &mut mask);
             let base = s * MASK_WORDS * 8;
             let bytes = (o.len().div_ceil(W)).div_ceil(8);
-            for (i, b) in self.bitmap[base..base + bytes].iter_mut().enumerate() {
-                *b = (mask[i / 8] >> (8 * (i % 8))) as u8;
+            for (dst, word) in self.bitmap[base..base + bytes].chunks_mut(8).zip(mask) {
+                dst.copy_from_slice(&word.to_le_bytes()[..dst.len()]);
             }
             let count = flatten(&mask, &mut found);
             for &i in &found[..count] {
@@ -498,8 +498,9 @@ impl Scratch {
                 return false;
             }
         }
+        // Checked after every word with a set bit: the gaps fit.
         debug_assert_eq!(i, k);
-        k + cont.len() <= limit
+        true
     }
 }
 
