@@ -13,7 +13,7 @@ install: ## install dependencies (torch only if missing) and build the package i
 	$(PIP) "maturin>=1.7,<2" "safetensors>=0.4" "numpy>=1.26" "tqdm>=4.66" typing_extensions \
 		"prometheus_client>=0.20" "matplotlib>=3.8" \
 		"pytest>=8" "pytest-timeout>=2.3" "pytest-benchmark>=4" "ruff>=0.6" "mypy>=1.11" \
-		"transformers>=5"
+		"transformers>=5" "mfusepy>=3.1"
 	MATURIN_PEP517_ARGS="--features faults" $(PIP) --no-build-isolation --no-deps -e .
 
 test: install lint test-rust test-python ## everything: lints, Rust tests, Python tests
