@@ -1,15 +1,19 @@
 //! Stage 4, with a log: the commit thread, which makes each batch of held
-//! records durable (a log barrier), then writes their bytes in place.
+//! records durable (a log barrier), then hands the batch to the writers, which
+//! write its bytes in place while the next batch is made durable.
+
+use std::sync::Condvar;
+use std::thread::JoinHandle;
 
 use super::*;
 
 /// The background thread of a logged sync: for each batch, a log barrier,
-/// then the in-place writes (through the page cache: the caller makes them
-/// durable after the commit).
+/// then the batch handed to the [`Writers`] (writes through the page cache:
+/// the caller makes them durable after the commit).
 pub(super) struct Committer {
     pub(super) tx: Option<SyncSender<Batch>>,
     pub(super) worker: Worker,
-    /// Set to stop: batches not yet started are dropped, writers stop between runs.
+    /// Set to stop: batches not yet queued are dropped, writers stop between runs.
     pub(super) stop: AbortHandle,
 }
 
@@ -17,20 +21,25 @@ impl Committer {
     pub(super) fn spawn(
         shards: Arc<Vec<Shard>>,
         log: Arc<DeltaLog>,
-        keep: usize,
+        hold_bytes: usize,
         stop: AbortHandle,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let halt = stop.clone();
+        let writers = Writers::spawn(shards, hold_bytes, stop.clone())?;
         let worker = Worker::spawn("commit", stop.clone(), move |fail| {
+            let mut writers = writers;
             for batch in rx {
                 if halt.is_aborted() {
                     continue; // drain without writing: the sync is being abandoned
                 }
-                match commit_batch(&shards, &log, batch, &halt) {
-                    Ok(written) => SPARE.put(written, keep),
+                match writers.check().and_then(|()| log.barrier()) {
+                    Ok(_) => writers.queue(batch),
                     Err(e) => fail(e),
                 }
+            }
+            if let Err(e) = writers.finish() {
+                fail(e);
             }
         })?;
         Ok(Committer {
@@ -75,50 +84,143 @@ impl Drop for Committer {
     }
 }
 
-/// A log barrier, then the batch's in-place writes in file order (the runs
-/// come back, for their buffers to be reused). Direct
-/// writes go out from [`IO_THREADS`] threads, run by run; writes through the
-/// page cache from one thread per shard (writes to one file serialize on its
-/// inode lock, so more threads on one file only wait for each other, but
-/// shards write in parallel).
-pub(super) fn commit_batch(
-    shards: &[Shard],
-    log: &DeltaLog,
-    mut runs: Batch,
-    stop: &AbortHandle,
-) -> Result<Batch> {
-    log.barrier()?;
-    runs.sort_unstable_by_key(|r| (r.shard, r.offset));
-    let groups: Vec<&[WriteReq<'static>]> = if io_threads(shards) == CACHED_IO_THREADS {
-        runs.chunk_by(|a, b| a.shard == b.shard).collect()
-    } else {
-        runs.chunks(1).collect()
-    };
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
-    let failed: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..IO_THREADS.min(groups.len()) {
-            scope.spawn(|| {
-                let mut staging = Staging::default();
-                while !abort.load(Ordering::Relaxed) {
-                    let Some(group) = groups.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        return;
-                    };
-                    for r in group.iter() {
-                        match writer_write(shards, r, &mut staging, stop) {
-                            None => return, // aborted
-                            Some(Err(e)) => return fail(&failed, &abort, e),
-                            Some(Ok(())) => {}
-                        }
-                    }
-                }
-            });
+/// The in-place writers of a logged sync. A batch's runs are queued here once
+/// its barrier is done, and the commit thread goes on to the next barrier while
+/// they are written, so writes to several shards, and the next barrier,
+/// overlap. (A scattered change writes each changed block into a large
+/// page-cache folio for tens of microseconds, `benches/probes/folio_writes.py`:
+/// a batch's writes can take longer than diffing it, and one batch at a time
+/// put them all on one thread.) Each shard's runs go to one thread, in file
+/// order: writes through the page cache to one file serialize on its inode
+/// lock, so more threads on one file only wait for each other. Direct writes,
+/// which each wait for the device, go to every thread in turn. The bytes
+/// queued and not yet written are bounded by a batch.
+struct Writers {
+    txs: Vec<Sender<WriteReq<'static>>>,
+    threads: Vec<JoinHandle<()>>,
+    queued: Arc<Queued>,
+    failed: Arc<Mutex<Option<Error>>>,
+    /// Direct writes: the thread the next run goes to.
+    direct: Option<usize>,
+}
+
+/// Bytes queued for the writers and not yet written.
+struct Queued {
+    bytes: Mutex<usize>,
+    written: Condvar,
+    limit: usize,
+}
+
+impl Queued {
+    /// Waits until `n` more bytes fit (or nothing is queued: a run larger than
+    /// the limit still goes, alone).
+    fn add(&self, n: usize) {
+        let mut q = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        while *q > 0 && *q + n > self.limit {
+            q = self.written.wait(q).unwrap_or_else(|e| e.into_inner());
         }
-    });
-    drop(groups);
-    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(runs),
+        *q += n;
+    }
+
+    fn done(&self, n: usize) {
+        *self.bytes.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        self.written.notify_all();
+    }
+}
+
+impl Writers {
+    /// Batches' worth of buffers kept for reuse: the one being held, the one
+    /// queued for the commit thread, the one it is queuing, the bytes queued.
+    const KEEP_BATCHES: usize = 4;
+
+    fn spawn(shards: Arc<Vec<Shard>>, hold_bytes: usize, stop: AbortHandle) -> Result<Self> {
+        let direct = shards.iter().any(|s| s.io.writes_direct());
+        let n = match direct {
+            true => IO_THREADS,
+            false => IO_THREADS.min(shards.len()).max(1),
+        };
+        let queued = Arc::new(Queued {
+            bytes: Mutex::new(0),
+            written: Condvar::new(),
+            limit: hold_bytes,
+        });
+        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
+        let keep = Self::KEEP_BATCHES * hold_bytes;
+        let mut txs = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = channel::<WriteReq<'static>>();
+            let (shards, queued, failed, stop) =
+                (shards.clone(), queued.clone(), failed.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("apollo-sync-write-{i}"))
+                .spawn(move || {
+                    let mut staging = Staging::default();
+                    for run in rx {
+                        let len = run.data.len();
+                        if let Some(Err(e)) = writer_write(&shards, &run, &mut staging, &stop) {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                            stop.abort(); // the other writers stop too
+                        }
+                        SPARE.put(run, keep);
+                        queued.done(len);
+                    }
+                })
+                .map_err(|e| Error::Plan(format!("cannot start a writer thread: {e}")))?;
+            txs.push(tx);
+            threads.push(thread);
+        }
+        Ok(Writers {
+            txs,
+            threads,
+            queued,
+            failed,
+            direct: direct.then_some(0),
+        })
+    }
+
+    /// The first error of a writer so far, if any.
+    fn check(&self) -> Result<()> {
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a batch whose records are durable, in file order.
+    fn queue(&mut self, mut runs: Batch) {
+        runs.sort_unstable_by_key(|r| (r.shard, r.offset));
+        let n = self.txs.len();
+        for run in runs {
+            self.queued.add(run.data.len());
+            let to = match &mut self.direct {
+                Some(next) => {
+                    *next = (*next + 1) % n;
+                    *next
+                }
+                None => run.shard % n,
+            };
+            // A writer drains its queue until it closes, so the send cannot fail.
+            let _ = self.txs[to].send(run);
+        }
+    }
+
+    /// Waits for every queued write, then returns the first error.
+    fn finish(&mut self) -> Result<()> {
+        self.txs.clear();
+        for t in self.threads.drain(..) {
+            t.join()
+                .map_err(|_| Error::Plan("a writer thread panicked".into()))?;
+        }
+        self.check()
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }

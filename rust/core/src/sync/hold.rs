@@ -64,16 +64,14 @@ impl Spare {
         v
     }
 
-    /// Keeps the batch's buffers, up to `keep` bytes in the pool (what the
+    /// Keeps a written run's buffer, up to `keep` bytes in the pool (what the
     /// batches a sync has in flight hold: more would only sit idle).
-    pub(super) fn put(&self, batch: Batch, keep: usize) {
-        let mut p = self.pool();
-        for r in batch {
-            if let Cow::Owned(v) = r.data {
-                if v.capacity() >= Self::MIN && p.bytes + v.capacity() <= keep {
-                    p.bytes += v.capacity();
-                    p.free.push(v);
-                }
+    pub(super) fn put(&self, run: WriteReq<'static>, keep: usize) {
+        if let Cow::Owned(v) = run.data {
+            let mut p = self.pool();
+            if v.capacity() >= Self::MIN && p.bytes + v.capacity() <= keep {
+                p.bytes += v.capacity();
+                p.free.push(v);
             }
         }
     }

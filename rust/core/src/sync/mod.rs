@@ -30,7 +30,8 @@
 //! 2. `diff.rs`: each job's live bytes read and compared with the file's;
 //! 3. `hold.rs`: with a log, each changed run's delta encoded and appended,
 //!    its new bytes held (`crate::log` holds the format and the writer);
-//! 4. `commit.rs` (with a log: a barrier, then the held runs written) or
+//! 4. `commit.rs` (with a log: a barrier, then the held runs written by
+//!    writer threads while the next batch's barrier goes on) or
 //!    `write.rs` (without: writer threads beside the diff);
 //! 5. `flush.rs`: without a log, shards made durable in the background (with
 //!    one, the caller flushes after the commit).
@@ -41,7 +42,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -71,10 +72,7 @@ use flush::Flusher;
 use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
 pub use worker::AbortHandle;
 use worker::{fail, Worker};
-use write::{
-    io_threads, queue, write_loop, write_run, writer_write, CACHED_IO_THREADS, IO_THREADS,
-    WRITE_QUEUE,
-};
+use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -88,8 +86,10 @@ const READ_BYTES: usize = 256 << 10;
 /// New bytes held back, with a log, before a barrier lets them be
 /// written. Bounds memory whatever the size of the change or of the caller's
 /// feeds: the diff worker that crosses it hands the batch to the commit
-/// thread, and waits while another batch is queued there, so at most three
-/// are in memory (filling, queued, being written). A sync that changes less
+/// thread, and waits while another batch is queued there; the commit thread
+/// queues a batch for the writers only while less than this is waiting to
+/// be written. So at most four are in memory (filling, queued, being queued,
+/// being written). A sync that changes less
 /// than this makes exactly one barrier. 32 MiB rather than 128: a process's
 /// first logged sync faults every held page in fresh, and with 128 MiB that
 /// made it ~2x the next (600 MB every-block change, 2 cores: 0.68 s -> 0.47-0.54
@@ -325,11 +325,10 @@ impl Syncer {
             true => None,
         };
         let committer = match &log {
-            // Three batches in flight at most: held, queued, being written.
             Some(log) => Some(Committer::spawn(
                 shards.clone(),
                 log.clone(),
-                3 * opts.hold_bytes,
+                opts.hold_bytes,
                 stop.clone(),
             )?),
             None => None,
