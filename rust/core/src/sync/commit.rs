@@ -86,15 +86,14 @@ impl Drop for Committer {
 
 /// The in-place writers of a logged sync. A batch's runs are queued here once
 /// its barrier is done, and the commit thread goes on to the next barrier while
-/// they are written, so writes to several shards, and the next barrier,
-/// overlap. (A scattered change writes each changed block into a large
-/// page-cache folio for tens of microseconds, `benches/probes/folio_writes.py`:
-/// a batch's writes can take longer than diffing it, and one batch at a time
-/// put them all on one thread.) Each shard's runs go to one thread, in file
-/// order: writes through the page cache to one file serialize on its inode
-/// lock, so more threads on one file only wait for each other. Direct writes,
-/// which each wait for the device, go to every thread in turn. The bytes
-/// queued and not yet written are bounded by a batch.
+/// they are written: barriers and writes no longer take turns (an H200's
+/// every-block AdamW sync of 5.5 GB: 0.94-1.10 s, against 1.22-1.35 s when
+/// they did; BENCHMARKS.md, session 11). Each shard's runs go to one thread,
+/// in file order: writes through the page cache to one file serialize on its
+/// inode lock, so more threads on one file only wait for each other, while
+/// several shards write at once. Direct writes, which each wait for the
+/// device, go to every thread in turn. The bytes queued and not yet written
+/// are bounded by a batch.
 struct Writers {
     txs: Vec<Sender<WriteReq<'static>>>,
     threads: Vec<JoinHandle<()>>,
