@@ -13,6 +13,11 @@ journal), ``recover`` runs, and the shards must equal one whole generation: neve
 a mix, never older than a call that had returned before the cut, and the
 generation the log says it is.
 
+The same holds for two hosts committing one generation together
+(:mod:`apollo_sync.group`, the consumers of ``tests/test_group.py``) on the
+recording disk as their shared storage: after ``recover`` every shard holds the
+generation the group file names, and every host's namespace agrees.
+
 ``APOLLO_SYNC_CRASH_STATES``: how many random cut points (default 80); ``all``
 replays every prefix of the stream, each also with its unflushed writes shuffled.
 """
@@ -25,6 +30,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,4 +206,110 @@ def test_every_recorded_power_cut_recovers_to_one_whole_generation(
     print(
         f"\n{writes} writes and {len(flushes)} flushes recorded; {sum(seen.values())} crash "
         f"states, recovered to generations {dict(sorted(seen.items()))}"
+    )
+
+
+# --- two hosts committing together (apollo_sync.group) -------------------------------
+
+
+def record_group(work: Path) -> Recording:
+    """Two consumer processes (the hosts of tests/test_group.py, over loopback gloo)
+    run three group syncs on one model directory of the recording disk."""
+    import test_group as tg
+
+    rec = Recording(b"", [], [], [], {}, [])
+    with recording_ext4(work, size=32 << 20) as (disk, mnt):
+        root = mnt / "model"
+        live = tg.base(rows=512)
+        tg.write_split(root, live)
+        tg.step(live, seed=1)
+        first = tg.save_live(work / "live1.safetensors", live)
+        assert all(rc == 0 for rc, _, _ in tg.run_pair(root, [first]))
+        rec.digests[1] = shards_digest(root)
+        lives = []
+        for gen, seed in enumerate((2, 3, 4), start=2):
+            tg.step(live, seed=seed, hosts=(0, 1) if seed != 3 else (1,))
+            lives.append(tg.save_live(work / f"live{gen}.safetensors", live))
+            rec.digests[gen] = shards_digest(tg.write_split(work / f"truth{gen}", live))
+        os.sync()
+        rec.base = disk.start()
+        rec.returned.append(0)
+        rec.generations.append(1)
+        rec.ops.append("group generation 1 (before the recording)")
+        port = tg.free_port()
+        children = [tg.spawn(root, port, h, lives) for h in range(2)]
+        seen: list[dict[int, int]] = [{}, {}]  # per host: generation -> mark
+        errors: list[str] = ["", ""]
+
+        def read(h: int) -> None:
+            c = children[h]
+            assert c.stdout is not None and c.stderr is not None
+            with c.stdout, c.stderr:
+                for line in c.stdout:
+                    if line.startswith("{"):
+                        seen[h][json.loads(line)["generation"]] = disk.mark()
+                errors[h] = c.stderr.read()
+
+        readers = [threading.Thread(target=read, args=(h,)) for h in range(2)]
+        for t in readers:
+            t.start()
+        for h, c in enumerate(children):
+            assert c.wait(timeout=120) == 0, errors[h]
+        for t in readers:
+            t.join()
+        assert sorted(seen[0]) == sorted(seen[1]) == [2, 3, 4], seen
+        for gen in (2, 3, 4):  # returned on both hosts by then
+            rec.returned.append(max(seen[0][gen], seen[1][gen]))
+            rec.generations.append(gen)
+            rec.ops.append(f"group sync -> generation {gen}")
+        os.sync()
+        rec.stream = disk.stop()
+    return rec
+
+
+@pytest.mark.timeout(900)
+def test_power_cuts_under_two_hosts_leave_one_generation_everywhere(tmp_path: Path) -> None:
+    """Shared storage loses power while two hosts sync one directory: after
+    ``recover``, every shard holds the generation the group file says, every
+    host's namespace agrees, and nothing a group sync had returned is lost."""
+    from apollo_sync.group import read_group
+
+    try:
+        rec = record_group(tmp_path / "rec")
+    except Unavailable as e:
+        pytest.skip(f"this machine cannot run a recording disk: {e}")
+    stream = rec.stream
+    flushes = [i for i, e in enumerate(stream) if e is FLUSH]
+    rng = random.Random(21)
+    image = tmp_path / "crash.img"
+    seen: dict[int, int] = {}
+    last_prefix_gen = 0
+    for upto, shuffled in cut_points(len(stream), flushes, rng):
+        image.write_bytes(crash_image(rec.base, stream, upto, rng if shuffled else None))
+        where = f"cut after {upto} of {len(stream)} entries{' (tail shuffled)' if shuffled else ''}"
+        with mounted(image, tmp_path / "replay") as mnt:
+            root = mnt / "model"
+            apollo_sync.recover(root)
+            group = read_group(root)
+            assert group is not None, f"{where}: the group file is gone"
+            gen = group.committed
+            assert shards_digest(root) == rec.digests[gen], (
+                f"{where}: the shards are not group generation {gen}"
+            )
+            for host in range(2):
+                layout = gens.Layout(root, host)
+                assert gens.load_state(layout).generation == gen, f"{where}: host {host}"
+                assert max(layout.logs(), default=0) <= gen, f"{where}: host {host}: a log left"
+            assert apollo_sync.history(root).checkpoint == gen, f"{where}: not durable"
+            must = rec.generations[bisect_right(rec.returned, upto) - 1]
+            assert gen >= must, f"{where}: generation {gen}, {must} had returned"
+        if not shuffled:
+            assert gen >= last_prefix_gen, f"{where}: went back in time"
+            last_prefix_gen = gen
+        seen[gen] = seen.get(gen, 0) + 1
+    assert last_prefix_gen == 4
+    assert set(seen) == {1, 2, 3, 4}, f"generations reached: {seen}"
+    print(
+        f"\n{len(stream) - len(flushes)} writes and {len(flushes)} flushes recorded; "
+        f"{sum(seen.values())} crash states, recovered to generations {dict(sorted(seen.items()))}"
     )
