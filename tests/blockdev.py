@@ -8,7 +8,8 @@ this process (``mfusepy`` over libfuse 3, single-threaded, ``direct_io``: every
 write reaches :meth:`RecordingDisk.write` in the order the loop driver completed
 it), attached to a loop device that carries ext4. The loop driver turns a cache
 flush (ext4's journal commits, every ``fsync``) into an ``fsync`` of the file,
-recorded as :data:`FLUSH`.
+recorded as :data:`FLUSH`; it advertises no FUA (``queue/fua`` is 0), so the
+block layer sends a FUA write as the write and then a flush.
 
 A crash state is the disk as it was before recording plus some of the recorded
 writes (:func:`crash_image`): every write before the last flush (the device
