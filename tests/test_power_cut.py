@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,46 @@ def cut_points(n: int, flushes: list[int], rng: random.Random) -> list[tuple[int
     return sorted(points)
 
 
+def replay(
+    rec: Recording, work: Path, rng: random.Random, recovered: Callable[[Path, str], int]
+) -> None:
+    """Rebuilds the disk at each cut point, mounts it, runs ``recover`` and asks
+    ``recovered`` (the test's own checks) which generation the directory holds.
+    That generation's shards must be there whole, no older than the last call that
+    had returned before the cut; a longer prefix never recovers to an older one, and
+    the cuts reach every generation the workload made."""
+    stream = rec.stream
+    flushes = [i for i, e in enumerate(stream) if e is FLUSH]
+    assert flushes, "the recording holds no flush"
+    image = work / "crash.img"
+    seen: dict[int, int] = {}
+    last_prefix_gen = 0
+    for upto, shuffled in cut_points(len(stream), flushes, rng):
+        image.write_bytes(crash_image(rec.base, stream, upto, rng if shuffled else None))
+        where = f"cut after {upto} of {len(stream)} entries{' (tail shuffled)' if shuffled else ''}"
+        with mounted(image, work / "replay") as mnt:
+            root = mnt / "model"
+            apollo_sync.recover(root)
+            gen = recovered(root, where)
+            assert gen in rec.digests, f"{where}: generation {gen} was never made"
+            assert shards_digest(root) == rec.digests[gen], (
+                f"{where}: the shards are not generation {gen} ({rec.ops})"
+            )
+            # what a call that had returned before the cut committed is never lost
+            must = rec.generations[bisect_right(rec.returned, upto) - 1]
+            assert gen >= must, f"{where}: generation {gen}, but {must} had returned"
+        if not shuffled:
+            assert gen >= last_prefix_gen, f"{where}: went back in time"
+            last_prefix_gen = gen
+        seen[gen] = seen.get(gen, 0) + 1
+    assert last_prefix_gen == rec.generations[-1]
+    assert set(seen) == set(rec.generations), f"generations reached: {seen}"
+    print(
+        f"\n{len(stream) - len(flushes)} writes and {len(flushes)} flushes recorded; "
+        f"{sum(seen.values())} crash states, recovered to generations {dict(sorted(seen.items()))}"
+    )
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("writes", ["cached", "direct"])
 def test_every_recorded_power_cut_recovers_to_one_whole_generation(
@@ -172,41 +213,16 @@ def test_every_recorded_power_cut_recovers_to_one_whole_generation(
         rec = record(tmp_path / "rec", writes)
     except Unavailable as e:
         pytest.skip(f"this machine cannot run a recording disk: {e}")
-    stream = rec.stream
-    flushes = [i for i, e in enumerate(stream) if e is FLUSH]
-    writes = len(stream) - len(flushes)
-    assert flushes and writes > 100, f"the recording caught too little: {len(stream)} entries"
-    rng = random.Random(12)
-    image = tmp_path / "crash.img"
-    seen: dict[int, int] = {}
-    last_prefix_gen = 0
-    for upto, shuffled in cut_points(len(stream), flushes, rng):
-        image.write_bytes(crash_image(rec.base, stream, upto, rng if shuffled else None))
-        where = f"cut after {upto} of {len(stream)} entries{' (tail shuffled)' if shuffled else ''}"
-        with mounted(image, tmp_path / "replay") as mnt:
-            root = mnt / "model"
-            apollo_sync.recover(root)
-            h = gens.history(root)
-            assert h.generation in rec.digests, f"{where}: generation {h.generation} never made"
-            assert shards_digest(root) == rec.digests[h.generation], (
-                f"{where}: the shards are not generation {h.generation} ({rec.ops})"
-            )
-            # what a call that had returned before the cut committed is never lost
-            must = rec.generations[bisect_right(rec.returned, upto) - 1]
-            assert h.generation >= must, f"{where}: generation {h.generation}, {must} had returned"
-            assert h.checkpoint == h.generation, f"{where}: recovered but not durable"
-            assert max(gens.Layout(root).logs(), default=0) <= h.generation, f"{where}: a log left"
-        if not shuffled:  # a longer prefix never recovers to an older generation
-            assert h.generation >= last_prefix_gen, f"{where}: went back in time"
-            last_prefix_gen = h.generation
-        seen[h.generation] = seen.get(h.generation, 0) + 1
-    assert last_prefix_gen == rec.generations[-1]
-    # the cuts reached every generation the workload made, not just the two ends
-    assert set(seen) == set(rec.generations), f"generations reached: {seen}"
-    print(
-        f"\n{writes} writes and {len(flushes)} flushes recorded; {sum(seen.values())} crash "
-        f"states, recovered to generations {dict(sorted(seen.items()))}"
-    )
+    writes = sum(e is not FLUSH for e in rec.stream)
+    assert writes > 100, f"the recording caught too little: {len(rec.stream)} entries"
+
+    def recovered(root: Path, where: str) -> int:
+        h = gens.history(root)
+        assert h.checkpoint == h.generation, f"{where}: recovered but not durable"
+        assert max(gens.Layout(root).logs(), default=0) <= h.generation, f"{where}: a log left"
+        return h.generation
+
+    replay(rec, tmp_path, random.Random(12), recovered)
 
 
 # --- two hosts committing together (apollo_sync.group) -------------------------------
@@ -278,38 +294,16 @@ def test_power_cuts_under_two_hosts_leave_one_generation_everywhere(tmp_path: Pa
         rec = record_group(tmp_path / "rec")
     except Unavailable as e:
         pytest.skip(f"this machine cannot run a recording disk: {e}")
-    stream = rec.stream
-    flushes = [i for i, e in enumerate(stream) if e is FLUSH]
-    rng = random.Random(21)
-    image = tmp_path / "crash.img"
-    seen: dict[int, int] = {}
-    last_prefix_gen = 0
-    for upto, shuffled in cut_points(len(stream), flushes, rng):
-        image.write_bytes(crash_image(rec.base, stream, upto, rng if shuffled else None))
-        where = f"cut after {upto} of {len(stream)} entries{' (tail shuffled)' if shuffled else ''}"
-        with mounted(image, tmp_path / "replay") as mnt:
-            root = mnt / "model"
-            apollo_sync.recover(root)
-            group = read_group(root)
-            assert group is not None, f"{where}: the group file is gone"
-            gen = group.committed
-            assert shards_digest(root) == rec.digests[gen], (
-                f"{where}: the shards are not group generation {gen}"
-            )
-            for host in range(2):
-                layout = gens.Layout(root, host)
-                assert gens.load_state(layout).generation == gen, f"{where}: host {host}"
-                assert max(layout.logs(), default=0) <= gen, f"{where}: host {host}: a log left"
-            assert apollo_sync.history(root).checkpoint == gen, f"{where}: not durable"
-            must = rec.generations[bisect_right(rec.returned, upto) - 1]
-            assert gen >= must, f"{where}: generation {gen}, {must} had returned"
-        if not shuffled:
-            assert gen >= last_prefix_gen, f"{where}: went back in time"
-            last_prefix_gen = gen
-        seen[gen] = seen.get(gen, 0) + 1
-    assert last_prefix_gen == 4
-    assert set(seen) == {1, 2, 3, 4}, f"generations reached: {seen}"
-    print(
-        f"\n{len(stream) - len(flushes)} writes and {len(flushes)} flushes recorded; "
-        f"{sum(seen.values())} crash states, recovered to generations {dict(sorted(seen.items()))}"
-    )
+
+    def recovered(root: Path, where: str) -> int:
+        group = read_group(root)
+        assert group is not None, f"{where}: the group file is gone"
+        gen = group.committed
+        for host in range(2):  # every host's namespace at the group's generation
+            layout = gens.Layout(root, host)
+            assert gens.load_state(layout).generation == gen, f"{where}: host {host}"
+            assert max(layout.logs(), default=0) <= gen, f"{where}: host {host}: a log left"
+        assert apollo_sync.history(root).checkpoint == gen, f"{where}: not durable"
+        return gen
+
+    replay(rec, tmp_path, random.Random(21), recovered)
