@@ -24,7 +24,6 @@ replays every prefix of the stream, each also with its unflushed writes shuffled
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -41,6 +40,7 @@ import pytest
 import apollo_sync
 from apollo_sync import journal as gens
 from blockdev import FLUSH, Entry, Unavailable, crash_image, missing, mounted, recording_ext4
+from test_journal import shards_digest
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -96,13 +96,6 @@ gens.rollback(root, 2); report("rollback to 2")
 dense(4); apollo_sync.sync(root, live, keep=2); report("sync that prunes")
 scattered(5); apollo_sync.sync(root, live, direct_io=direct); report("sync, scattered")
 """
-
-
-def shards_digest(root: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.glob("*.safetensors"))
-    }
 
 
 @dataclass
