@@ -518,6 +518,8 @@ def sync_figures(r: Any, call_s: float) -> dict[str, Any]:
         "bytes_written_device": r.bytes_written_device,
         "disk_bytes_written": r.disk_bytes_written,
         "fallbacks": [f.direct_io_fallback for f in r.files if f.direct_io_fallback],
+        # where the time went (an older wheel's result has none)
+        "stages": {k: round(v, 6) for k, v in getattr(r, "stages", {}).items()},
     }
 
 

@@ -176,6 +176,30 @@ def test_dry_run_changes_nothing(model_factory: Factory) -> None:
     assert dir_digest(root) == digest
 
 
+def test_stages_say_where_the_time_went(model_factory: Factory) -> None:
+    orig = base_tensors(torch.bfloat16)
+    root = model_factory(orig, shards=2)
+    live = {k: v + 1 for k, v in orig.items()}
+    dry = sync(root, live, dry_run=True).stages
+    assert dry["barriers"] == 0 and dry["write"] == 0 and "commit" not in dry
+    assert 0 < dry["feed"] <= dry["stream"]
+
+    logged = sync(root, live)
+    st = logged.stages
+    assert logged.generation is not None
+    assert st["barriers"] >= 1 and st["barrier"] > 0
+    # both shards changed: two writer threads, each busy for part of the total
+    assert 0 < st["write_busiest"] < st["write"]
+    assert 0 < st["feed"] <= st["stream"] <= logged.seconds
+    assert st["finish"] > 0 and st["commit"] > 0 and "after_commit" in st
+    assert_files_equal_live(root, live)
+
+    again = {k: v + 1 for k, v in live.items()}
+    unlogged = sync(root, again, journal=False).stages
+    assert unlogged["barriers"] == 0 and unlogged["write"] > 0
+    assert unlogged["finish"] > 0  # the fdatasync of the written shards
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 def test_write_modes_write_the_same_bytes(model_factory: Factory, direct: bool) -> None:
     orig = base_tensors(torch.float16)

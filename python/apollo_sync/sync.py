@@ -132,6 +132,17 @@ class SyncResult:
     #: Things to know: a failed background flush of an earlier sync (redone),
     #: a failed prune after the commit, layout notes.
     warnings: list[str] = field(default_factory=list)
+    #: Where the time went, in seconds of wall clock (``barriers`` is a count):
+    #: ``open`` (planning and opening the shards), ``stream`` (reading the live
+    #: bytes and feeding the core: ``seconds`` is ``stream`` + ``finish``), and
+    #: inside it the core's ``feed`` (read, compare, encode) and
+    #: ``release_wait`` (the diff waiting for the commit thread); on other
+    #: threads, log ``barrier`` time and in-place ``write`` time (summed and
+    #: ``write_busiest``, the busiest writer thread); ``finish`` (the last
+    #: batch and the writers' tail); ``commit`` and ``after_commit`` (pruning,
+    #: and starting or, when durable, waiting for the flush). Threads overlap:
+    #: the stages do not add up.
+    stages: dict[str, float] = field(default_factory=dict)
 
     def seeds_dict(self) -> dict[str, Any]:
         """The dict the seed script's ``checkpoint_sync`` returned."""
@@ -382,6 +393,7 @@ def log_result(result: SyncResult) -> SyncResult:
         "retries": result.retries,
         "recovered": result.recovered,
         "durable": result.durable,
+        "stages": {k: round(v, 6) for k, v in result.stages.items()},
     }
     if result.dry_run:
         log.info(
@@ -405,6 +417,16 @@ def log_result(result: SyncResult) -> SyncResult:
             result.log_bytes,
             result.seconds,
             extra=fields,
+        )
+    if result.stages:
+        log.debug(
+            "%s: stages (s): %s",
+            result.model_dir,
+            ", ".join(
+                f"{k} {int(v)}" if k == "barriers" else f"{k} {v:.3f}"
+                for k, v in result.stages.items()
+            ),
+            extra={"event": "sync_stages", "model_dir": result.model_dir},
         )
     return result
 
@@ -520,6 +542,7 @@ def _sync_locked(
         if result.total_changed == 0:
             gens.record_last_sync(layout, result, time.monotonic() - started)
             return result
+        committing = time.perf_counter()
         try:
             if writer is not None:
                 tensors = gens.tensor_elements(writer.runs(), writer.shards, _tensor_ranges(md))
@@ -547,6 +570,9 @@ def _sync_locked(
             gens.undo_unless_committed(layout, number, e)
             raise
         budget = gens.default_budget(root) if undo_budget is None else undo_budget
+        result = replace(
+            result, stages={**result.stages, "commit": time.perf_counter() - committing}
+        )
         return after_commit(
             layout,
             result,
@@ -649,6 +675,7 @@ def after_commit(
     it is waited for. With ``durable`` the flush is waited for first, so pruning
     already sees this generation on disk."""
     root, number = layout.root, generation.number
+    t0 = time.perf_counter()
     result = replace(
         result,
         generation=number,
@@ -672,6 +699,7 @@ def after_commit(
         )
     if flush and not durable:
         gens.start_flush(layout, number, [root / f for f in result.files_changed])
+    result = replace(result, stages={**result.stages, "after_commit": time.perf_counter() - t0})
     gens.record_last_sync(layout, result, time.monotonic() - started)
     return result
 
@@ -691,6 +719,7 @@ def _run(
     """Streams the live bytes into the core; returns the result and the log to
     commit (None without one, or when nothing changed)."""
     block_size, dry_run = options.block_size, options.dry_run
+    opened = time.perf_counter()
     mapping, placements = plan(md, live, allow_unmatched=options.allow_unmatched, mapping=mapping)
     used = sorted({p.shard for p in placements})
     local = {shard: i for i, shard in enumerate(used)}
@@ -717,6 +746,7 @@ def _run(
             progress=bar.update if bar else None,
             parallel_shards=log is not None,
         )
+        streamed = time.perf_counter()
         reports = syncer.finish()
     except BaseException:
         syncer.abort()  # nothing it queued is written once this returns
@@ -725,6 +755,7 @@ def _run(
         if bar:
             bar.close()
     seconds = time.perf_counter() - t0
+    stages = {"open": t0 - opened, "stream": streamed - t0, **dict(syncer.timings())}
     device = (resource.getrusage(resource.RUSAGE_SELF).ru_oublock - before) * 512
     disk_after = _disk_sectors_written(md.path)
     disk = None if disk_before is None or disk_after is None else (disk_after - disk_before) * 512
@@ -784,6 +815,7 @@ def _run(
         files=files,
         missing=missing,
         elements_changed=sum(f.elements_changed for f in files),
+        stages=stages,
     )
     return result, (writer if logged else None)
 

@@ -26,4 +26,4 @@ pub use error::{Error, Result};
 pub use header::{Header, TensorEntry};
 pub use live::Live;
 pub use log::{DeltaLog, Kind, LogFile, LogSpec};
-pub use sync::{AbortHandle, Options, Segment, ShardReport, ShardSpec, Syncer};
+pub use sync::{AbortHandle, Options, Segment, ShardReport, ShardSpec, Syncer, Timings};

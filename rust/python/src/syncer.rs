@@ -108,6 +108,8 @@ pub struct Syncer {
     /// thread is inside `feed`.
     stop: core::AbortHandle,
     log: Option<std::sync::Arc<core::DeltaLog>>,
+    /// Filled in by the sync's threads; read without the lock.
+    timings: std::sync::Arc<core::Timings>,
 }
 
 #[pymethods]
@@ -153,10 +155,12 @@ impl Syncer {
             .map_err(to_py)?;
         let stop = inner.abort_handle();
         let log = inner.log();
+        let timings = inner.timings();
         Ok(Syncer {
             inner: Mutex::new(Some(inner)),
             stop,
             log,
+            timings,
         })
     }
 
@@ -215,6 +219,14 @@ impl Syncer {
                 }
             }
         });
+    }
+
+    /// Wall-clock seconds per stage so far (`feed`, `release_wait`,
+    /// `barrier`, `write`, `write_busiest`, `finish`) and the number of log
+    /// `barriers`. Stages overlap (they run on different threads); complete
+    /// once `finish` has returned.
+    fn timings(&self) -> Vec<(&'static str, f64)> {
+        self.timings.stages()
     }
 
     /// The log this sync appends to (None without one, or in a dry run).

@@ -23,18 +23,26 @@ impl Committer {
         log: Arc<DeltaLog>,
         hold_bytes: usize,
         stop: AbortHandle,
+        timings: Arc<Timings>,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let halt = stop.clone();
-        let writers = Writers::spawn(shards, hold_bytes, stop.clone())?;
+        let writers = Writers::spawn(shards, hold_bytes, stop.clone(), timings.clone())?;
         let worker = Worker::spawn("commit", stop.clone(), move |fail| {
             let mut writers = writers;
             for batch in rx {
                 if halt.is_aborted() {
                     continue; // drain without writing: the sync is being abandoned
                 }
+                let start = Instant::now();
                 match writers.check().and_then(|()| log.barrier()) {
-                    Ok(_) => writers.queue(batch),
+                    Ok(made) => {
+                        if made {
+                            Timings::add(&timings.barrier_ns, start);
+                            timings.barriers.fetch_add(1, Ordering::Relaxed);
+                        }
+                        writers.queue(batch)
+                    }
                     Err(e) => fail(e),
                 }
             }
@@ -132,7 +140,12 @@ impl Writers {
     /// queued for the commit thread, the one it is queuing, the bytes queued.
     const KEEP_BATCHES: usize = 4;
 
-    fn spawn(shards: Arc<Vec<Shard>>, hold_bytes: usize, stop: AbortHandle) -> Result<Self> {
+    fn spawn(
+        shards: Arc<Vec<Shard>>,
+        hold_bytes: usize,
+        stop: AbortHandle,
+        timings: Arc<Timings>,
+    ) -> Result<Self> {
         let direct = shards.iter().any(|s| s.io.writes_direct());
         let n = match direct {
             true => IO_THREADS,
@@ -149,15 +162,23 @@ impl Writers {
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = channel::<WriteReq<'static>>();
-            let (shards, queued, failed, stop) =
-                (shards.clone(), queued.clone(), failed.clone(), stop.clone());
+            let (shards, queued, failed, stop, timings) = (
+                shards.clone(),
+                queued.clone(),
+                failed.clone(),
+                stop.clone(),
+                timings.clone(),
+            );
             let thread = std::thread::Builder::new()
                 .name(format!("apollo-sync-write-{i}"))
                 .spawn(move || {
                     let mut staging = Staging::default();
+                    let mut busy = 0;
                     for run in rx {
                         let len = run.data.len();
-                        if let Some(Err(e)) = writer_write(&shards, &run, &mut staging, &stop) {
+                        if let Some(Err(e)) =
+                            writer_write(&shards, &run, &mut staging, &stop, &mut busy)
+                        {
                             failed
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
@@ -167,6 +188,7 @@ impl Writers {
                         SPARE.put(run, keep);
                         queued.done(len);
                     }
+                    timings.writer_done(busy);
                 })
                 .map_err(|e| Error::Plan(format!("cannot start a writer thread: {e}")))?;
             txs.push(tx);

@@ -37,7 +37,8 @@
 //!    one, the caller flushes after the commit).
 //!
 //! `worker.rs` holds the threads' plumbing: the background worker, the abort
-//! handle and the first-error slot.
+//! handle and the first-error slot; `timings.rs` the wall clock each stage
+//! took, for reports.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -45,6 +46,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -63,6 +65,7 @@ mod hold;
 mod plan;
 #[cfg(test)]
 mod tests;
+mod timings;
 mod worker;
 mod write;
 
@@ -70,6 +73,7 @@ use commit::Committer;
 use diff::{diff_job, Job, Scratch};
 use flush::Flusher;
 use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
+pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
 use worker::{fail, Worker};
 use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
@@ -252,6 +256,7 @@ pub struct Syncer {
     /// Shards handed to the flusher by a feed without a log.
     flushed: Vec<bool>,
     stop: AbortHandle,
+    timings: Arc<Timings>,
 }
 
 impl Syncer {
@@ -320,6 +325,7 @@ impl Syncer {
             _ => None,
         };
         let stop = AbortHandle::default();
+        let timings = Arc::new(Timings::default());
         let flusher = match opts.dry_run || logged {
             false => Some(Flusher::spawn(shards.clone(), stop.clone())?),
             true => None,
@@ -330,6 +336,7 @@ impl Syncer {
                 log.clone(),
                 opts.hold_bytes,
                 stop.clone(),
+                timings.clone(),
             )?),
             None => None,
         };
@@ -349,12 +356,19 @@ impl Syncer {
             flusher,
             flushed: vec![false; n_shards],
             stop,
+            timings,
         })
     }
 
     /// The log this sync appends to (to commit it once the sync is done).
     pub fn log(&self) -> Option<Arc<DeltaLog>> {
         self.log.clone()
+    }
+
+    /// Where this sync's time goes, filled in as it runs (read it after
+    /// [`finish`](Self::finish)).
+    pub fn timings(&self) -> Arc<Timings> {
+        self.timings.clone()
     }
 
     /// Number of shards.
@@ -374,7 +388,9 @@ impl Syncer {
     pub fn feed<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
         self.usable()?;
         self.check(segments)?;
+        let start = Instant::now();
         let result = self.feed_checked(segments);
+        Timings::add(&self.timings.feed_ns, start);
         // A batch that failed halfway leaves blocks of it written and others
         // not: refuse to go on as if it had not happened.
         if result.is_err() {
@@ -419,6 +435,7 @@ impl Syncer {
     /// (`fdatasync`) and reports per shard.
     pub fn finish(mut self) -> Result<Vec<ShardReport>> {
         self.usable()?;
+        let start = Instant::now();
         for i in 0..self.shards.len() {
             self.flush_pending(i)?;
         }
@@ -441,6 +458,7 @@ impl Syncer {
                 })
             })?;
         }
+        Timings::add(&self.timings.finish_ns, start);
         Ok(self
             .shards
             .iter()
@@ -483,7 +501,10 @@ impl Syncer {
         if runs.is_empty() {
             return hold.committer.check();
         }
-        hold.committer.submit(runs)
+        let start = Instant::now();
+        let sent = hold.committer.submit(runs);
+        Timings::add(&self.timings.release_wait_ns, start);
+        sent
     }
 }
 

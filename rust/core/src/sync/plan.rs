@@ -103,7 +103,7 @@ impl Syncer {
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|scope| {
             for _ in 0..io_threads(shards) {
-                scope.spawn(|| write_loop(shards, &rx, &failed, &abort, &self.stop));
+                scope.spawn(|| write_loop(shards, &rx, &failed, &abort, &self.stop, &self.timings));
             }
             let diffed = diff_all(Sink::Queue(&tx));
             drop(tx); // writers finish the queue, then stop

@@ -57,35 +57,42 @@ pub(super) fn write_loop(
     failed: &Mutex<Option<Error>>,
     abort: &AtomicBool,
     stop: &AbortHandle,
+    timings: &Timings,
 ) {
     let mut staging = Staging::default();
+    let mut busy = 0;
     loop {
         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok(req) = next else { return };
+        let Ok(req) = next else { break };
         if abort.load(Ordering::Relaxed) {
             continue;
         }
         // Aborted: drain without writing (the diff must never block on a
         // queue nobody drains).
-        if let Some(Err(e)) = writer_write(shards, &req, &mut staging, stop) {
+        if let Some(Err(e)) = writer_write(shards, &req, &mut staging, stop, &mut busy) {
             fail(failed, abort, e);
         }
     }
+    timings.writer_done(busy);
 }
 
 /// One run written by a writer thread; `None` once the sync is aborted. A
 /// panic becomes an error like any other, so a writer never leaves the others
-/// (or the diff) waiting.
+/// (or the diff) waiting. Adds the time it took to `busy_ns`.
 pub(super) fn writer_write(
     shards: &[Shard],
     r: &WriteReq<'_>,
     staging: &mut Staging,
     stop: &AbortHandle,
+    busy_ns: &mut u64,
 ) -> Option<Result<()>> {
-    stop.guard(|| {
+    let start = Instant::now();
+    let done = stop.guard(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             write_run(&shards[r.shard], r.offset, &r.data, staging)
         }))
         .unwrap_or_else(|_| Err(Error::Plan("a writer thread panicked".into())))
-    })
+    });
+    *busy_ns += start.elapsed().as_nanos() as u64;
+    done
 }
