@@ -577,6 +577,8 @@ def run_one(
                 "blocks_changed_engine": engine_blocks,
                 "generation": res.generation,
                 "warnings": list(res.warnings),
+                # where the sync's time went (an older wheel's result has none)
+                "stages": dict(getattr(res, "stages", {})),
             }
             rows.append(row)
             check_row(row)

@@ -148,6 +148,9 @@ def main() -> None:
         c = statistics.median(v[1] for v in vals)
         every = " ".join(f"{v[0]:.3f}" for v in vals)
         print(f"{name:12} {w:8.3f} {c:8.3f} {w / floor_s:8.2f}   {every}")
+    stages = getattr(result, "stages", {})  # an older wheel's result has none
+    if stages:
+        print("last logged sync, stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     shutil.rmtree(args.dir, ignore_errors=True)
 
 
