@@ -121,3 +121,17 @@ def test_demo_sparse_mode(tmp_path: Path) -> None:
     ).stdout
     assert "sparse updates to 0.50% of the 4 KiB blocks" in out
     assert "and forward to 2 again: yes" in out
+
+
+@pytest.mark.parametrize("args", [[], ["sync"]], ids=["top", "sync"])
+def test_help_states_the_readers_contract(args: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "apollo_sync", *args, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    text = " ".join(out.split())
+    assert "current through this host's page cache" in text
+    assert "apollo-sync recover" in text and "at boot" in text
+    assert "apollo_sync.reading(model_dir)" in text

@@ -457,11 +457,24 @@ def logging_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+#: What a reader of the files may rely on, printed under ``--help``.
+READERS_CONTRACT = """\
+what readers of the model directory may rely on:
+  When a sync returns, the files are current through this host's page cache; they
+  reach the disk in the background (--durable waits for it). After a power cut they
+  are one whole generation only once `apollo-sync recover` has run: a service that
+  loads the model at boot runs it first. A loader or rsync that must see one
+  generation reads inside `with apollo_sync.reading(model_dir):` (recovers if needed
+  and holds syncs off while it reads). See README.md and docs/FORMAT.md."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apollo-sync",
         description="Keep a model's safetensors files equal to its live weights, "
         "writing only the blocks that changed.",
+        epilog=READERS_CONTRACT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     logging_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
@@ -540,7 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
             ".rank<N>) or every rank's",
         )
 
-    s = sub.add_parser("sync", help="write the live weights' changed blocks into the files")
+    s = sub.add_parser(
+        "sync",
+        help="write the live weights' changed blocks into the files",
+        description="Write the live weights' changed blocks into the files, as one "
+        "logged generation.",
+        epilog=READERS_CONTRACT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source(s)
     s.add_argument(
         "--block-size",

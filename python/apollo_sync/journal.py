@@ -80,9 +80,9 @@ GROUP_FILENAME = "group.json"
 FORMAT = 2
 #: Generations whose logs are kept, by default.
 DEFAULT_KEEP = 20
-#: Log bytes kept, by default, as a fraction of the model's size. A real optimizer
-#: step logs 0.5-7% of the model (BENCHMARKS.md), so this keeps 10-20 rollback
-#: points.
+#: Log bytes kept, by default, as a fraction of the model's size. An APOLLO step
+#: logs 0.6-3.4% of the model, so this keeps the DEFAULT_KEEP newest; an AdamW step
+#: at lr 1e-5 logs 5.4-7.9%, so 6-9 of them (BENCHMARKS.md).
 DEFAULT_BUDGET_FRACTION = 0.5
 #: Seconds a writer waits for another one to finish, by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
