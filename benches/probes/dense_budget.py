@@ -150,7 +150,8 @@ def main() -> None:
         print(f"{name:12} {w:8.3f} {c:8.3f} {w / floor_s:8.2f}   {every}")
     stages = getattr(result, "stages", {})  # an older wheel's result has none
     if stages:
-        print("last logged sync, stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+        every = ", ".join(f"{k} {v:.3f}" for k, v in stages.items())
+        print(f"last logged sync, stages (s): {every}")
     shutil.rmtree(args.dir, ignore_errors=True)
 
 
