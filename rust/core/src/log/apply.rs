@@ -560,6 +560,44 @@ mod tests {
     }
 
     #[test]
+    fn records_of_another_epoch_end_the_log_even_when_whole() {
+        // Space reused from an older log (a retried generation, a log file
+        // written over) holds whole records with valid checksums, down to a
+        // commit; their epoch is not this log's, so none of them counts.
+        let dir = tempfile::tempdir().unwrap();
+        let a = bytes(200_000, 4);
+        let p = shard(dir.path(), &a);
+        let mut b = a.clone();
+        for unit in [2, 10, 20, 30, 40] {
+            b[unit * UNIT + 100] ^= 1; // units apart: a record each
+        }
+        let path = sync_gen(&p, &b, 1, true);
+        let log = open(&path);
+        assert!(log.is_committed() && log.records.len() == 5);
+        let mut raw = std::fs::read(&path).unwrap();
+        let keep = 2; // records of this log left before the reused space
+        let mut at = log.records[keep].hashes_at as usize - format::FRAME - format::DELTA_HEAD;
+        let cut = at;
+        let stale = log.header.epoch ^ 0x5a5a_5a5a_5a5a_5a5a;
+        while at + format::FRAME <= raw.len() {
+            // Every frame from here on: re-stamped with the other epoch, its
+            // checksum made valid again.
+            let body_len = u32::from_le_bytes(raw[at + 4..at + 8].try_into().unwrap()) as usize;
+            let end = at + format::FRAME + body_len;
+            raw[at + 8..at + 16].copy_from_slice(&stale.to_le_bytes());
+            let sum = format::checksum(&raw[at..at + 16], &[&raw[at + format::FRAME..end]]);
+            raw[at + 16..at + 24].copy_from_slice(&sum.to_le_bytes());
+            at = end;
+        }
+        assert_eq!(at, raw.len(), "walked every frame");
+        std::fs::write(&path, &raw).unwrap();
+        let l = open(&path);
+        assert!(!l.is_committed(), "a commit of another epoch committed this log");
+        assert_eq!(l.records.len(), keep);
+        assert_eq!(l.torn_tail, (raw.len() - cut) as u64);
+    }
+
+    #[test]
     fn records_past_a_torn_piece_without_a_barrier_after_them_are_a_torn_tail() {
         // Pieces of the log reach the disk in any order before a barrier: a later
         // record can survive a power cut that lost an earlier one. Nothing acted
