@@ -107,6 +107,27 @@ def test_syncs_make_generations_and_rollback_restores_each_exactly(model_factory
         gens.rollback(root, 6)
 
 
+def test_rollback_refuses_a_damaged_record_in_its_chain_before_writing(
+    model_factory: Factory,
+) -> None:
+    live = base()
+    root = model_factory(live, shards=2)
+    for n in (1, 2, 3):
+        step(live, seed=n)
+        apollo_sync.sync(root, live)
+    third = shards_digest(root)
+    log = gens.Layout(root).log_path(2)
+    raw = bytearray(log.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # inside a record of generation 2, before its commit
+    log.write_bytes(bytes(raw))
+    with pytest.raises(JournalError, match="damaged record"):
+        gens.rollback(root, 1)  # walks generation 3's log, then 2's
+    assert shards_digest(root) == third  # checked before the first write
+    assert gens.history(root).generation == 3
+    gens.rollback(root, 2)  # generation 3's log alone is whole: that one goes
+    assert gens.history(root).generation == 4
+
+
 def test_the_log_records_the_changed_elements_of_each_tensor(model_factory: Factory) -> None:
     live = base()
     root = model_factory(live, shards=3)
