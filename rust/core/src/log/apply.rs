@@ -592,7 +592,10 @@ mod tests {
         assert_eq!(at, raw.len(), "walked every frame");
         std::fs::write(&path, &raw).unwrap();
         let l = open(&path);
-        assert!(!l.is_committed(), "a commit of another epoch committed this log");
+        assert!(
+            !l.is_committed(),
+            "a commit of another epoch committed this log"
+        );
         assert_eq!(l.records.len(), keep);
         assert_eq!(l.torn_tail, (raw.len() - cut) as u64);
     }

@@ -22,20 +22,23 @@ impl Committer {
         shards: Arc<Vec<Shard>>,
         log: Arc<DeltaLog>,
         hold_bytes: usize,
-        stop: AbortHandle,
+        errors: FirstError,
         timings: Arc<Timings>,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
+        let stop = errors.stop.clone();
         let halt = stop.clone();
-        let writers = Writers::spawn(shards, hold_bytes, stop.clone(), timings.clone())?;
-        let worker = Worker::spawn("commit", stop.clone(), move |fail| {
+        let writers = Writers::spawn(shards, hold_bytes, errors.clone(), timings.clone())?;
+        let worker = Worker::spawn("commit", errors, move |fail| {
             let mut writers = writers;
             for batch in rx {
                 if halt.is_aborted() {
-                    continue; // drain without writing: the sync is being abandoned
+                    // the sync is being abandoned, or a writer failed: drain
+                    // without a barrier or a write
+                    continue;
                 }
                 let start = Instant::now();
-                match writers.check().and_then(|()| log.barrier()) {
+                match log.barrier() {
                     Ok(made) => {
                         if made {
                             Timings::add(&timings.barrier_ns, start);
@@ -57,7 +60,7 @@ impl Committer {
         })
     }
 
-    /// The first error of an earlier batch, if any.
+    /// The sync's first error so far (an earlier batch's), if any.
     pub(super) fn check(&self) -> Result<()> {
         self.worker.check()
     }
@@ -106,7 +109,6 @@ struct Writers {
     txs: Vec<Sender<WriteReq<'static>>>,
     threads: Vec<JoinHandle<()>>,
     queued: Arc<Queued>,
-    failed: Arc<Mutex<Option<Error>>>,
     /// Direct writes: the thread the next run goes to.
     direct: Option<usize>,
 }
@@ -143,7 +145,7 @@ impl Writers {
     fn spawn(
         shards: Arc<Vec<Shard>>,
         hold_bytes: usize,
-        stop: AbortHandle,
+        errors: FirstError,
         timings: Arc<Timings>,
     ) -> Result<Self> {
         let direct = shards.iter().any(|s| s.io.writes_direct());
@@ -156,17 +158,15 @@ impl Writers {
             written: Condvar::new(),
             limit: hold_bytes,
         });
-        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
         let keep = Self::KEEP_BATCHES * hold_bytes;
         let mut txs = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = channel::<WriteReq<'static>>();
-            let (shards, queued, failed, stop, timings) = (
+            let (shards, queued, errors, timings) = (
                 shards.clone(),
                 queued.clone(),
-                failed.clone(),
-                stop.clone(),
+                errors.clone(),
                 timings.clone(),
             );
             let thread = std::thread::Builder::new()
@@ -177,13 +177,9 @@ impl Writers {
                     for run in rx {
                         let len = run.data.len();
                         if let Some(Err(e)) =
-                            writer_write(&shards, &run, &mut staging, &stop, &mut busy)
+                            writer_write(&shards, &run, &mut staging, &errors.stop, &mut busy)
                         {
-                            failed
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
-                            stop.abort(); // the other writers stop too
+                            errors.set(e); // the other writers stop too
                         }
                         SPARE.put(run, keep);
                         queued.done(len);
@@ -198,17 +194,8 @@ impl Writers {
             txs,
             threads,
             queued,
-            failed,
             direct: direct.then_some(0),
         })
-    }
-
-    /// The first error of a writer so far, if any.
-    fn check(&self) -> Result<()> {
-        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 
     /// Queues a batch whose records are durable, in file order.
@@ -229,14 +216,15 @@ impl Writers {
         }
     }
 
-    /// Waits for every queued write, then returns the first error.
+    /// Waits for every queued write (their errors are the sync's
+    /// [`FirstError`]'s).
     fn finish(&mut self) -> Result<()> {
         self.txs.clear();
         for t in self.threads.drain(..) {
             t.join()
                 .map_err(|_| Error::Plan("a writer thread panicked".into()))?;
         }
-        self.check()
+        Ok(())
     }
 }
 

@@ -14,10 +14,10 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    pub(super) fn spawn(shards: Arc<Vec<Shard>>, stop: AbortHandle) -> Result<Self> {
+    pub(super) fn spawn(shards: Arc<Vec<Shard>>, errors: FirstError) -> Result<Self> {
         let (tx, rx) = channel::<usize>();
-        let halt = stop.clone();
-        let worker = Worker::spawn("flush", stop, move |fail| {
+        let halt = errors.stop.clone();
+        let worker = Worker::spawn("flush", errors, move |fail| {
             for i in rx {
                 if halt.is_aborted() {
                     continue;

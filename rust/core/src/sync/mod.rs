@@ -37,13 +37,13 @@
 //!    one, the caller flushes after the commit).
 //!
 //! `worker.rs` holds the threads' plumbing: the background worker, the abort
-//! handle and the first-error slot; `timings.rs` the wall clock each stage
+//! handle and the sync's one first-error slot, which every thread reports to; `timings.rs` the wall clock each stage
 //! took, for reports.
 
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -75,7 +75,7 @@ use flush::Flusher;
 use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
 pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
-use worker::{fail, Worker};
+use worker::{FirstError, Worker};
 use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
 
 /// Smallest and largest accepted block sizes.
@@ -256,6 +256,8 @@ pub struct Syncer {
     /// Shards handed to the flusher by a feed without a log.
     flushed: Vec<bool>,
     stop: AbortHandle,
+    /// The first error of any of the sync's threads.
+    errors: FirstError,
     timings: Arc<Timings>,
 }
 
@@ -325,9 +327,10 @@ impl Syncer {
             _ => None,
         };
         let stop = AbortHandle::default();
+        let errors = FirstError::new(stop.clone());
         let timings = Arc::new(Timings::default());
         let flusher = match opts.dry_run || logged {
-            false => Some(Flusher::spawn(shards.clone(), stop.clone())?),
+            false => Some(Flusher::spawn(shards.clone(), errors.clone())?),
             true => None,
         };
         let committer = match &log {
@@ -335,7 +338,7 @@ impl Syncer {
                 shards.clone(),
                 log.clone(),
                 opts.hold_bytes,
-                stop.clone(),
+                errors.clone(),
                 timings.clone(),
             )?),
             None => None,
@@ -356,6 +359,7 @@ impl Syncer {
             flusher,
             flushed: vec![false; n_shards],
             stop,
+            errors,
             timings,
         })
     }

@@ -61,12 +61,14 @@ impl Syncer {
         let block = self.opts.block_size;
         let scratch = &self.scratch;
         let pool = &self.pool;
-        let abort = AtomicBool::new(false);
+        let stop = &self.stop;
         let diff_all = |sink: Sink<'_, 'd>| {
             pool.install(|| {
                 jobs.par_iter().try_for_each(|job| {
-                    if abort.load(Ordering::Relaxed) {
-                        return Ok(()); // a writer failed: its error is returned below
+                    if stop.is_aborted() {
+                        // a writer failed (the sync's first error, returned
+                        // below), or the caller abandoned the sync
+                        return Err(Error::Plan("the sync was aborted".into()));
                     }
                     let i = rayon::current_thread_index().expect("inside the pool");
                     let mut s = scratch[i].lock().expect("poisoned");
@@ -82,7 +84,9 @@ impl Syncer {
             let hold = self
                 .holding()
                 .ok_or_else(|| Error::Plan("the commit thread stopped".into()))?;
-            diff_all(Sink::Hold(hold))?;
+            let diffed = diff_all(Sink::Hold(hold));
+            self.errors.take()?;
+            diffed?;
             // Release the held runs when they grow large, or once the feed has
             // compared RELEASE_BYTES more: their barrier and writes then run
             // while the feed goes on, and `finish` is left with a short tail.
@@ -100,18 +104,16 @@ impl Syncer {
         // concurrently. Runs borrow the fed buffers, which outlive the scope.
         let (tx, rx) = sync_channel::<WriteReq<'d>>(WRITE_QUEUE);
         let rx = Mutex::new(rx);
-        let failed: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|scope| {
+        let diffed = std::thread::scope(|scope| {
             for _ in 0..io_threads(shards) {
-                scope.spawn(|| write_loop(shards, &rx, &failed, &abort, &self.stop, &self.timings));
+                scope.spawn(|| write_loop(shards, &rx, &self.errors, &self.timings));
             }
             let diffed = diff_all(Sink::Queue(&tx));
             drop(tx); // writers finish the queue, then stop
             diffed
-        })?;
-        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
-        }
+        });
+        self.errors.take()?; // a writer's error first: it is why the diff stopped
+        diffed?;
         // The feed has moved past the shards before the last one it touched:
         // their writes are done (but for a pending block, which `finish`
         // writes and flushes), so they can reach the disk now.

@@ -490,3 +490,22 @@ fn logged_batches_over_several_shards_land_whole_and_undo_whole() {
         );
     }
 }
+
+#[test]
+fn the_first_error_of_any_thread_wins_and_stops_the_writes() {
+    let stop = AbortHandle::default();
+    let errors = FirstError::new(stop.clone());
+    for i in 0..4 {
+        let e = errors.clone();
+        std::thread::spawn(move || e.set(Error::Plan(format!("error {i}"))))
+            .join()
+            .unwrap();
+    }
+    assert!(stop.is_aborted(), "an error stops the sync's writes");
+    assert!(stop.guard(|| ()).is_none());
+    match errors.take() {
+        Err(Error::Plan(m)) => assert_eq!(m, "error 0"),
+        other => panic!("{other:?}"),
+    }
+    assert!(errors.take().is_ok(), "handed out once");
+}

@@ -1,5 +1,5 @@
-//! The threads' plumbing: a background worker that keeps its first error,
-//! the abort handle every writer honours, and the writers' first-error slot.
+//! The threads' plumbing: a background worker, the abort handle every writer
+//! honours, and the sync's one first-error slot.
 
 use super::*;
 
@@ -27,13 +27,48 @@ impl AbortHandle {
     }
 }
 
-/// A thread that works through a queue in the background and keeps its first
-/// error for whoever waits for it. Reporting an error also aborts the sync's
-/// writes.
+/// The first error of a sync, whichever of its threads met it: the diff, the
+/// commit thread, a writer or the flusher. The first one set wins and later
+/// ones are dropped; setting it also aborts the sync's writes, so the other
+/// threads stop. One per sync, shared by all of them.
+#[derive(Clone)]
+pub(super) struct FirstError {
+    slot: Arc<Mutex<Option<Error>>>,
+    pub(super) stop: AbortHandle,
+}
+
+impl FirstError {
+    pub(super) fn new(stop: AbortHandle) -> Self {
+        FirstError {
+            slot: Arc::default(),
+            stop,
+        }
+    }
+
+    /// Keeps `e` unless an earlier error is kept, and stops the writes.
+    pub(super) fn set(&self, e: Error) {
+        self.stop.abort();
+        self.slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+    }
+
+    /// The kept error, handed out once (the sync fails with it, then aborts).
+    pub(super) fn take(&self) -> Result<()> {
+        match self.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A thread that works through a queue in the background, reporting its
+/// errors to the sync's [`FirstError`].
 pub(super) struct Worker {
     pub(super) name: &'static str,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
-    pub(super) failed: Arc<Mutex<Option<Error>>>,
+    pub(super) errors: FirstError,
 }
 
 impl Worker {
@@ -41,39 +76,28 @@ impl Worker {
     /// through the function it is given.
     pub(super) fn spawn(
         name: &'static str,
-        stop: AbortHandle,
+        errors: FirstError,
         body: impl FnOnce(&dyn Fn(Error)) + Send + 'static,
     ) -> Result<Self> {
-        let failed: Arc<Mutex<Option<Error>>> = Arc::default();
-        let slot = failed.clone();
+        let slot = errors.clone();
         let thread = std::thread::Builder::new()
             .name(format!("apollo-sync-{name}"))
-            .spawn(move || {
-                body(&|e| {
-                    stop.abort();
-                    slot.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert(e);
-                })
-            })
+            .spawn(move || body(&|e| slot.set(e)))
             .map_err(|e| Error::Plan(format!("cannot start the {name} thread: {e}")))?;
         Ok(Worker {
             name,
             thread: Some(thread),
-            failed,
+            errors,
         })
     }
 
-    /// The first error so far, if any.
+    /// The sync's first error so far, if any.
     pub(super) fn check(&self) -> Result<()> {
-        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.errors.take()
     }
 
     /// Waits for the thread (whose queue the caller has closed), then
-    /// returns its first error.
+    /// returns the sync's first error.
     pub(super) fn join(&mut self) -> Result<()> {
         if let Some(t) = self.thread.take() {
             t.join()
@@ -85,13 +109,4 @@ impl Worker {
     pub(super) fn joined(&self) -> bool {
         self.thread.is_none()
     }
-}
-
-/// Records a writer's failure (the first one wins) and stops the other writers.
-pub(super) fn fail(failed: &Mutex<Option<Error>>, abort: &AtomicBool, e: Error) {
-    abort.store(true, Ordering::Relaxed);
-    failed
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert(e);
 }

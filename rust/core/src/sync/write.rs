@@ -49,14 +49,12 @@ pub(super) fn queue<'a>(
 }
 
 /// A writer thread: takes queued runs and writes them until the queue closes.
-/// After the first failure it keeps draining (so the diff never blocks on a
-/// full queue) but writes nothing more.
+/// After the sync's first failure (which aborts it) it keeps draining, so the
+/// diff never blocks on a full queue, but writes nothing more.
 pub(super) fn write_loop(
     shards: &[Shard],
     rx: &Mutex<Receiver<WriteReq<'_>>>,
-    failed: &Mutex<Option<Error>>,
-    abort: &AtomicBool,
-    stop: &AbortHandle,
+    errors: &FirstError,
     timings: &Timings,
 ) {
     let mut staging = Staging::default();
@@ -64,13 +62,9 @@ pub(super) fn write_loop(
     loop {
         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
         let Ok(req) = next else { break };
-        if abort.load(Ordering::Relaxed) {
-            continue;
-        }
-        // Aborted: drain without writing (the diff must never block on a
-        // queue nobody drains).
-        if let Some(Err(e)) = writer_write(shards, &req, &mut staging, stop, &mut busy) {
-            fail(failed, abort, e);
+        // Aborted: `writer_write` drains without writing.
+        if let Some(Err(e)) = writer_write(shards, &req, &mut staging, &errors.stop, &mut busy) {
+            errors.set(e);
         }
     }
     timings.writer_done(busy);
