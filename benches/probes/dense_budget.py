@@ -32,6 +32,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import apollo_sync
-import train  # benches/ is not a package
+import e2e  # benches/ is not a package
+import train
 from apollo_sync.journal import Layout, wait_flushes
 
 PIECE = 8 << 20
@@ -72,6 +74,33 @@ def write_pass(src: list[Path], scratch: Path, threads: int) -> tuple[float, flo
     finally:
         os.close(fd)
         os.unlink(scratch)  # before writeback: the disk need not see it
+
+
+class AnonPeak(threading.Thread):
+    """Samples this process's ``RssAnon`` every 2 ms while in its ``with``:
+    ``added_kb`` is the peak above the level at its start."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.base = self.peak = e2e.rss_anon_kb(os.getpid())
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, e2e.rss_anon_kb(os.getpid()))
+
+    def __enter__(self) -> AnonPeak:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+        self.peak = max(self.peak, e2e.rss_anon_kb(os.getpid()))
+
+    @property
+    def added_kb(self) -> int:
+        return self.peak - self.base
 
 
 def main() -> None:
@@ -110,6 +139,7 @@ def main() -> None:
         return time.perf_counter() - t[0], time.process_time() - t[1], out
 
     rows: dict[str, list[tuple[float, float]]] = {}
+    anon_added: list[int] = []
 
     def record(name: str, wall: float, cpu: float) -> None:
         rows.setdefault(name, []).append((wall, cpu))
@@ -130,8 +160,10 @@ def main() -> None:
         )
         wait_flushes(Layout(work))
         fresh()
-        wall, cpu, result = timed(apollo_sync.sync, work, live, threads=args.threads)
+        with AnonPeak() as anon:
+            wall, cpu, result = timed(apollo_sync.sync, work, live, threads=args.threads)
         record("logged", wall, cpu)
+        anon_added.append(anon.added_kb)
         wait_flushes(Layout(work))
     print(
         f"{size / 1e9:.2f} GB, {args.optimizer} lr {args.lr:g}, one step: "
@@ -148,6 +180,10 @@ def main() -> None:
         c = statistics.median(v[1] for v in vals)
         every = " ".join(f"{v[0]:.3f}" for v in vals)
         print(f"{name:12} {w:8.3f} {c:8.3f} {w / floor_s:8.2f}   {every}")
+    print(
+        "anonymous memory the logged syncs added at their peak (RssAnon, sampled every "
+        f"2 ms): {', '.join(f'{kb / 1024:.0f}' for kb in anon_added)} MiB"
+    )
     stages = getattr(result, "stages", {})  # an older wheel's result has none
     if stages:
         every = ", ".join(f"{k} {v:.3f}" for k, v in stages.items())
