@@ -26,6 +26,10 @@ use super::format::{hash, SECTOR};
 /// Combinations of sector states tried before a unit is called undecided.
 pub const MAX_COMBINATIONS: u64 = 1 << 16;
 
+/// Hashes tried by the two-state search before it gives up (about a second
+/// for one unit: a chain of some 180 records, every sector changed each time).
+pub const MAX_PAIR_TRIES: u64 = 1 << 22;
+
 /// How a unit's state was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
@@ -132,6 +136,7 @@ fn torn_between_two(
     last_hash: u64,
     last: &mut [u8],
 ) -> bool {
+    let mut tries = 0u64;
     for t in 0..suffix.len() {
         for u in t + 1..suffix.len() {
             let differ: Vec<usize> = (0..sectors.len())
@@ -142,6 +147,10 @@ fn torn_between_two(
                 .collect();
             if differ.len() < 2 || differ.len() > 16 {
                 continue; // whole states are tried already; wider units are not 4 KiB
+            }
+            tries += 1 << differ.len();
+            if tries > MAX_PAIR_TRIES {
+                return false;
             }
             xor_into(last, current, &suffix[t]);
             // Gray code: each step moves one sector between the two states.
