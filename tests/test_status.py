@@ -60,11 +60,13 @@ def test_status_after_real_syncs(model_factory: Factory, tmp_path: Path) -> None
     assert last is not None and last["generation"] is None  # the sync that found nothing
     assert last["bytes_compared"] == unchanged.total_compared
     assert last["seconds"] == unchanged.seconds <= last["wall_seconds"]
+    assert last["stages"]["feed"] > 0 and last["stages"]["barriers"] == 0  # nothing held
     assert st.producer is not None and st.producer.alive is False
     screen = render(st)
     assert "generation       3 (sync" in screen and "interrupted      none" in screen
     assert "rollback points  3: generations 0..2" in screen
     assert "last sync" in screen and "no change" in screen
+    assert "its stages     feed " in screen and "finish " in screen
     assert "last change      generation 3" in screen
     assert "producer         not running" in screen
     out = json.loads(cli("status", "--model-dir", str(root), "--json").stdout)

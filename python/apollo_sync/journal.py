@@ -492,6 +492,7 @@ def record_last_sync(layout: Layout, result: Any, wall_seconds: float) -> None:
         "retries": result.retries,
         "step": getattr(result, "step", None),
         "warnings": len(result.warnings),
+        "stages": dict(getattr(result, "stages", {})),
     }
     tmp = layout.meta / f"last_sync.json.{os.getpid()}.tmp"
     try:

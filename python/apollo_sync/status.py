@@ -269,6 +269,22 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _stages(st: dict[str, float]) -> str:
+    """The stages of a sync's time that matter when it is slow, in one line."""
+    parts = [f"feed {st['feed']:.2f} s"]
+    if st.get("barriers"):
+        n = int(st["barriers"])
+        parts.append(f"{n} log barrier{'s' * (n != 1)} {st.get('barrier', 0):.2f} s")
+    if st.get("write"):
+        parts.append(
+            f"writes {st['write']:.2f} s (busiest thread {st.get('write_busiest', 0):.2f})"
+        )
+    parts.append(f"finish {st.get('finish', 0):.2f} s")
+    if "commit" in st:
+        parts.append(f"commit {st['commit']:.2f} s")
+    return ", ".join(parts)
+
+
 def render(st: Status, now: float | None = None) -> str:
     """One screen for a person."""
     now = time.time() if now is None else now
@@ -318,6 +334,9 @@ def render(st: Status, now: float | None = None) -> str:
             f"{float(last.get('seconds', 0)):.2f} s diff and write, "
             f"{float(last.get('wall_seconds', 0)):.2f} s in all"
         )
+        stages = last.get("stages") or {}
+        if "feed" in stages:
+            lines.append(f"  its stages     {_stages(stages)}")
     else:
         lines.append("last sync        none recorded")
     if st.last_generation is not None and (
