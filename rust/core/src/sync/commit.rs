@@ -12,9 +12,9 @@ use super::*;
 /// the caller makes them durable after the commit).
 pub(super) struct Committer {
     pub(super) tx: Option<SyncSender<Batch>>,
+    /// Its `errors.stop` stops the sync: batches not yet queued are dropped,
+    /// writers stop between runs.
     pub(super) worker: Worker,
-    /// Set to stop: batches not yet queued are dropped, writers stop between runs.
-    pub(super) stop: AbortHandle,
 }
 
 impl Committer {
@@ -26,8 +26,7 @@ impl Committer {
         timings: Arc<Timings>,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
-        let stop = errors.stop.clone();
-        let halt = stop.clone();
+        let halt = errors.stop.clone();
         let writers = Writers::spawn(shards, hold_bytes, errors.clone(), timings.clone())?;
         let worker = Worker::spawn("commit", errors, move |fail| {
             let mut writers = writers;
@@ -56,7 +55,6 @@ impl Committer {
         Ok(Committer {
             tx: Some(tx),
             worker,
-            stop,
         })
     }
 
@@ -89,7 +87,7 @@ impl Drop for Committer {
         if self.worker.joined() {
             return; // finished: nothing to stop (and the flusher must go on)
         }
-        self.stop.abort();
+        self.worker.errors.stop.abort();
         drop(self.tx.take());
         let _ = self.worker.join();
     }

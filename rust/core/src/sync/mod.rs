@@ -37,8 +37,8 @@
 //!    one, the caller flushes after the commit).
 //!
 //! `worker.rs` holds the threads' plumbing: the background worker, the abort
-//! handle and the sync's one first-error slot, which every thread reports to; `timings.rs` the wall clock each stage
-//! took, for reports.
+//! handle and the sync's one first-error slot, which every thread reports to;
+//! `timings.rs` the wall clock each stage took, for reports.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -255,8 +255,8 @@ pub struct Syncer {
     flusher: Option<Flusher>,
     /// Shards handed to the flusher by a feed without a log.
     flushed: Vec<bool>,
-    stop: AbortHandle,
-    /// The first error of any of the sync's threads.
+    /// The first error of any of the sync's threads, and the handle that
+    /// stops its writes (`errors.stop`).
     errors: FirstError,
     timings: Arc<Timings>,
 }
@@ -326,8 +326,7 @@ impl Syncer {
             (Some(spec), true) => Some(Arc::new(DeltaLog::new(spec.clone(), bindings))),
             _ => None,
         };
-        let stop = AbortHandle::default();
-        let errors = FirstError::new(stop.clone());
+        let errors = FirstError::new(AbortHandle::default());
         let timings = Arc::new(Timings::default());
         let flusher = match opts.dry_run || logged {
             false => Some(Flusher::spawn(shards.clone(), errors.clone())?),
@@ -358,7 +357,6 @@ impl Syncer {
             committer,
             flusher,
             flushed: vec![false; n_shards],
-            stop,
             errors,
             timings,
         })
@@ -409,7 +407,7 @@ impl Syncer {
     /// log, for the caller to undo.
     pub fn abort(&mut self) {
         self.broken = true;
-        self.stop.abort();
+        self.errors.stop.abort();
         self.join_threads();
     }
 
@@ -423,7 +421,7 @@ impl Syncer {
     /// A handle that aborts this sync's writes from another thread, even while
     /// a [`feed`](Self::feed) is running.
     pub fn abort_handle(&self) -> AbortHandle {
-        self.stop.clone()
+        self.errors.stop.clone()
     }
 
     fn usable(&self) -> Result<()> {

@@ -61,7 +61,7 @@ impl Syncer {
         let block = self.opts.block_size;
         let scratch = &self.scratch;
         let pool = &self.pool;
-        let stop = &self.stop;
+        let stop = &self.errors.stop;
         let diff_all = |sink: Sink<'_, 'd>| {
             pool.install(|| {
                 jobs.par_iter().try_for_each(|job| {
