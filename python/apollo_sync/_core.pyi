@@ -11,6 +11,7 @@ __all__ = [
     "LOG_MIN_BLOCK",
     "MAX_BLOCK",
     "MIN_BLOCK",
+    "WRITEBACK_BYTES",
     "ApolloSyncError",
     "ApplyReport",
     "Header",
@@ -38,6 +39,7 @@ __version__: str
 MIN_BLOCK: int
 MAX_BLOCK: int
 HOLD_BYTES: int
+WRITEBACK_BYTES: int
 LOG_MIN_BLOCK: int
 FAULTS: bool
 
@@ -109,6 +111,7 @@ class Syncer:
         threads: int = 0,
         log: tuple[str | os.PathLike[str], int] | None = None,
         hold_bytes: int = ...,
+        writeback_bytes: int = ...,
     ) -> Syncer: ...
     # (shard, offset, live, width): live is any C-contiguous byte buffer (bytes,
     # memoryview, numpy uint8) or (fd, offset, length); width is 1, 2, 4 or 8.

@@ -14,6 +14,7 @@
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -247,6 +248,30 @@ impl ShardIo {
         };
         file.sync_data()
             .map_err(|e| Error::io(&self.path, "fsync", e))
+    }
+
+    /// Starts the writeback of `[offset, offset + len)` if this handle wrote
+    /// through the page cache (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: the
+    /// dirty pages there go to the device now instead of at the `fdatasync`
+    /// after the commit, which then finds little left to do). It waits for
+    /// nothing (a full device queue can make it block) and reports no
+    /// writeback error: those stay recorded on the file until an
+    /// `fdatasync` reports them, which is what makes anything durable.
+    pub fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let Some(file) = self.buffered.get() else {
+            return Ok(());
+        };
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: a plain syscall on a descriptor this handle owns.
+        let r = unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        match r {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
     }
 
     fn write_buffered(&self, data: &[u8], at: u64) -> Result<()> {

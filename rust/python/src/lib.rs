@@ -29,6 +29,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<syncer::ShardReport>()?;
     m.add_class::<syncer::Syncer>()?;
     m.add("HOLD_BYTES", apollo_sync_core::sync::HOLD_BYTES)?;
+    m.add("WRITEBACK_BYTES", apollo_sync_core::sync::WRITEBACK_BYTES)?;
     m.add("LOG_MIN_BLOCK", apollo_sync_core::sync::LOG_MIN_BLOCK)?;
     m.add("FAULTS", apollo_sync_core::faults::ENABLED)?;
     m.add_class::<log::LogInfo>()?;

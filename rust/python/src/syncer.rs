@@ -97,9 +97,10 @@ impl Source {
 /// With `log=(path, generation)`, the XOR delta of every changed run is
 /// appended to the generation's log at `path` (created on the first change)
 /// and made durable before the run is overwritten; new bytes are held back,
-/// at most `hold_bytes` at a time, until then. `finish` then leaves the
-/// shards current through the page cache: commit with `log_writer()`, then
-/// flush them. Without a log, `finish` makes every written shard durable.
+/// at most `hold_bytes` at a time, until then. With `writeback_bytes`, the
+/// writeback of what is written starts every that many bytes of a shard
+/// (for a caller that waits for the flush; 0: not before it). `finish` then leaves the shards current through the page cache:
+/// commit with `log_writer()`, then flush them. Without a log, `finish` makes every written shard durable.
 #[pyclass(module = "apollo_sync._core", frozen)]
 pub struct Syncer {
     /// Locked by `feed` and `finish` for the duration of the work.
@@ -118,6 +119,7 @@ impl Syncer {
     #[pyo3(signature = (
         shards, *, block_size = 4096, dry_run = false, direct_io = false, threads = 0,
         log = None, hold_bytes = core::sync::HOLD_BYTES,
+        writeback_bytes = 0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -129,6 +131,7 @@ impl Syncer {
         threads: usize,
         log: Option<(PathBuf, u64)>,
         hold_bytes: usize,
+        writeback_bytes: usize,
     ) -> PyResult<Self> {
         let specs = shards
             .into_iter()
@@ -149,6 +152,7 @@ impl Syncer {
                 kind: core::Kind::Sync,
             }),
             hold_bytes: hold_bytes.max(1),
+            writeback_bytes,
         };
         let inner = py
             .detach(|| core::Syncer::new(specs, opts))

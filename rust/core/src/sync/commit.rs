@@ -22,12 +22,19 @@ impl Committer {
         shards: Arc<Vec<Shard>>,
         log: Arc<DeltaLog>,
         hold_bytes: usize,
+        writeback_bytes: usize,
         errors: FirstError,
         timings: Arc<Timings>,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel::<Batch>(1);
         let halt = errors.stop.clone();
-        let writers = Writers::spawn(shards, hold_bytes, errors.clone(), timings.clone())?;
+        let writers = Writers::spawn(
+            shards,
+            hold_bytes,
+            writeback_bytes,
+            errors.clone(),
+            timings.clone(),
+        )?;
         let worker = Worker::spawn("commit", errors, move |fail| {
             let mut writers = writers;
             for batch in rx {
@@ -109,6 +116,8 @@ struct Writers {
     queued: Arc<Queued>,
     /// Direct writes: the thread the next run goes to.
     direct: Option<usize>,
+    /// Starts the writeback of what the writers wrote.
+    kicker: Option<Kicker>,
 }
 
 /// Bytes queued for the writers and not yet written.
@@ -143,6 +152,7 @@ impl Writers {
     fn spawn(
         shards: Arc<Vec<Shard>>,
         hold_bytes: usize,
+        writeback_bytes: usize,
         errors: FirstError,
         timings: Arc<Timings>,
     ) -> Result<Self> {
@@ -157,6 +167,10 @@ impl Writers {
             limit: hold_bytes,
         });
         let keep = Self::KEEP_BATCHES * hold_bytes;
+        let kicker = match writeback_bytes {
+            0 => None,
+            _ => Some(Kicker::spawn(shards.clone())?),
+        };
         let mut txs = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
@@ -167,6 +181,7 @@ impl Writers {
                 errors.clone(),
                 timings.clone(),
             );
+            let mut behind = Behind::new(writeback_bytes, kicker.as_ref());
             let thread = std::thread::Builder::new()
                 .name(format!("apollo-sync-write-{i}"))
                 .spawn(move || {
@@ -174,10 +189,10 @@ impl Writers {
                     let mut busy = 0;
                     for run in rx {
                         let len = run.data.len();
-                        if let Some(Err(e)) =
-                            writer_write(&shards, &run, &mut staging, &errors.stop, &mut busy)
-                        {
-                            errors.set(e); // the other writers stop too
+                        match writer_write(&shards, &run, &mut staging, &errors.stop, &mut busy) {
+                            Some(Err(e)) => errors.set(e), // the other writers stop too
+                            Some(Ok(())) => behind.wrote(&shards[run.shard], &run),
+                            None => {}
                         }
                         SPARE.put(run, keep);
                         queued.done(len);
@@ -193,6 +208,7 @@ impl Writers {
             threads,
             queued,
             direct: direct.then_some(0),
+            kicker,
         })
     }
 
@@ -218,11 +234,15 @@ impl Writers {
     /// [`FirstError`]'s).
     fn finish(&mut self) -> Result<()> {
         self.txs.clear();
+        let mut joined = Ok(());
         for t in self.threads.drain(..) {
-            t.join()
-                .map_err(|_| Error::Plan("a writer thread panicked".into()))?;
+            if t.join().is_err() {
+                joined = Err(Error::Plan("a writer thread panicked".into()));
+            }
         }
-        Ok(())
+        // What it has not started yet the flush after the commit writes.
+        drop(self.kicker.take());
+        joined
     }
 }
 

@@ -34,7 +34,8 @@
 //!    writer threads while the next batch's barrier goes on) or
 //!    `write.rs` (without: writer threads beside the diff);
 //! 5. `flush.rs`: without a log, shards made durable in the background (with
-//!    one, the caller flushes after the commit).
+//!    one, the caller flushes after the commit); `writeback.rs`: with one,
+//!    the writeback of what was written started while the sync goes on.
 //!
 //! `worker.rs` holds the threads' plumbing: the background worker, the abort
 //! handle and the sync's one first-error slot, which every thread reports to;
@@ -68,6 +69,7 @@ mod tests;
 mod timings;
 mod worker;
 mod write;
+mod writeback;
 
 use commit::Committer;
 use diff::{diff_job, Job, Scratch};
@@ -77,6 +79,7 @@ pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
 use worker::{FirstError, Worker};
 use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
+use writeback::{Behind, Kicker};
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -102,6 +105,10 @@ const READ_BYTES: usize = 256 << 10;
 /// session 8 the bound was checked only between feeds, so a 128 MiB feed
 /// held up to 128 MiB per batch.)
 pub const HOLD_BYTES: usize = 32 << 20;
+
+/// With a log, for a sync whose caller waits for the flush: the writeback of
+/// a shard's written runs starts every this many bytes (see `writeback.rs`).
+pub const WRITEBACK_BYTES: usize = 16 << 20;
 
 /// With a log: held runs are also released once the feed has compared this
 /// much since the last release (a sparse change then reaches the disk in a
@@ -141,6 +148,12 @@ pub struct Options {
     pub log: Option<LogSpec>,
     /// With a log: new bytes held back before a barrier ([`HOLD_BYTES`]).
     pub hold_bytes: usize,
+    /// With a log: the writeback of what a writer thread wrote to a shard
+    /// is started (from a low-priority thread) every this many bytes; 0
+    /// (the default) leaves it to the `fdatasync` after the commit. For a
+    /// caller that waits for that flush ([`WRITEBACK_BYTES`]): see
+    /// `writeback.rs` for why not otherwise.
+    pub writeback_bytes: usize,
 }
 
 /// Smallest block size a logged sync accepts.
@@ -155,6 +168,7 @@ impl Default for Options {
             threads: 0,
             log: None,
             hold_bytes: HOLD_BYTES,
+            writeback_bytes: 0,
         }
     }
 }
@@ -337,6 +351,7 @@ impl Syncer {
                 shards.clone(),
                 log.clone(),
                 opts.hold_bytes,
+                opts.writeback_bytes,
                 errors.clone(),
                 timings.clone(),
             )?),

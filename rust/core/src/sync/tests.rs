@@ -431,10 +431,21 @@ fn changed_elements_counts_from_the_element_phase() {
 
 #[test]
 fn logged_batches_over_several_shards_land_whole_and_undo_whole() {
-    // Small batches over four shards fed in turn: each batch's runs go to the
-    // writer of their shard while later batches are made durable. Every shard
-    // must end equal to its live bytes, and undoing the uncommitted log must
-    // give back every original byte (the records match what the writers wrote).
+    logged_batches_over_four_shards(0);
+}
+
+#[test]
+fn writeback_started_during_the_sync_changes_no_byte() {
+    // The writeback thread started every 8 KiB of a shard: the same bytes
+    // land, the same records undo them.
+    logged_batches_over_four_shards(8 << 10);
+}
+
+/// Small batches over four shards fed in turn: each batch's runs go to the
+/// writer of their shard while later batches are made durable. Every shard
+/// must end equal to its live bytes, and undoing the uncommitted log must
+/// give back every original byte (the records match what the writers wrote).
+fn logged_batches_over_four_shards(writeback_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
     let len = 1 << 20;
     let origs: Vec<Vec<u8>> = (0..4)
@@ -461,6 +472,7 @@ fn logged_batches_over_several_shards_land_whole_and_undo_whole() {
         }),
         hold_bytes: 64 << 10,
         threads: 4,
+        writeback_bytes,
         ..Options::default()
     };
     let mut syncer = Syncer::new(files.iter().map(|f| spec(f, 0)).collect(), opts).unwrap();
