@@ -666,18 +666,20 @@ def test_a_damaged_log_is_reported_and_nothing_applied(
 
 def test_a_flush_after_a_failed_one_does_not_move_the_checkpoint(tmp_path: Path) -> None:
     """The checkpoint cannot pass a generation that is not on disk: a flush whose
-    predecessor failed marks nothing and reports why."""
+    predecessor failed marks nothing and reports why; the error reaches
+    ``wait_flushes``."""
     layout = gens.Layout(tmp_path)
     layout.ensure()
-    failed = threading.Thread(target=lambda: None)
-    failed.start()
-    before = gens._Flush.__new__(gens._Flush)
-    before.number, before.error, before.thread = 2, OSError(5, "Input/output error"), failed
-    after = gens._Flush(layout, 3, [], before)
-    assert isinstance(after.wait(), OSError) and "generation 2" in str(after.error)
+    shard = tmp_path / "m.safetensors"
+    shard.write_bytes(b"bytes")
+    gens.start_flush(layout, 2, [tmp_path / "gone.safetensors"])  # open fails
+    gens.start_flush(layout, 3, [shard])
+    failed = gens.wait_flushes(layout)
+    assert len(failed) == 2 and "gone.safetensors" in failed[0], failed
+    assert "generation 2 before it was not made durable" in failed[1], failed
     assert layout.flushed() == 0
-    ok = gens._Flush(layout, 4, [], None)
-    assert ok.wait() is None and layout.flushed() == 4
+    gens.start_flush(layout, 4, [shard])
+    assert gens.wait_flushes(layout) == [] and layout.flushed() == 4
 
 
 @needs_faults

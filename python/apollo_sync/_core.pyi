@@ -14,6 +14,7 @@ __all__ = [
     "WRITEBACK_BYTES",
     "ApolloSyncError",
     "ApplyReport",
+    "GenerationFlush",
     "Header",
     "HeaderError",
     "JournalError",
@@ -28,11 +29,11 @@ __all__ = [
     "Syncer",
     "TensorEntry",
     "__version__",
-    "flush_files",
     "read_header",
     "read_log",
     "recover_logs",
     "rollback_logs",
+    "touch_durably",
 ]
 
 __version__: str
@@ -169,6 +170,23 @@ class LogWriter:
     def commit(self, meta: str) -> LogStats: ...
 
 @final
+class GenerationFlush:
+    def __new__(
+        cls,
+        number: int,
+        paths: Sequence[str | os.PathLike[str]],
+        marker: str | os.PathLike[str],
+        after: GenerationFlush | None = None,
+    ) -> GenerationFlush: ...
+    @property
+    def number(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+    def wait(self) -> str | None: ...
+
+@final
 class RecoverReport:
     @property
     def units(self) -> int: ...
@@ -205,4 +223,4 @@ def rollback_logs(
     new_path: str | os.PathLike[str],
     generation: int,
 ) -> tuple[ApplyReport, LogWriter]: ...
-def flush_files(paths: Sequence[str | os.PathLike[str]]) -> None: ...
+def touch_durably(path: str | os.PathLike[str]) -> None: ...

@@ -57,12 +57,13 @@ import numpy as np
 
 from apollo_sync._core import (
     FAULTS,
+    GenerationFlush,
     LogInfo,
     LogWriter,
-    flush_files,
     read_log,
     recover_logs,
     rollback_logs,
+    touch_durably,
 )
 from apollo_sync.errors import (
     ApolloSyncError,
@@ -531,54 +532,15 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _touch_durably(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
-    fsync_dir(path.parent)
-
-
 # ---------------------------------------------------------------------------
 # The background flush (this process's own)
 # ---------------------------------------------------------------------------
 
 
-class _Flush:
-    """Makes the shards a generation wrote durable on a thread, after its
-    predecessor's flush; on success marks the checkpoint (``N.flushed``)."""
-
-    def __init__(self, layout: Layout, number: int, paths: list[Path], after: _Flush | None):
-        self.layout, self.number, self.paths = layout, number, paths
-        self.error: BaseException | None = None
-        self._after = after
-        self.thread = threading.Thread(
-            target=self._run, name=f"apollo-sync-flush-{number}", daemon=True
-        )
-        self.thread.start()
-
-    def _run(self) -> None:
-        before, self._after = self._after, None
-        if before is not None:
-            before.thread.join()
-            if before.error is not None:
-                # the checkpoint cannot pass a generation that is not on disk:
-                # no marker, and the next call redoes both from the logs
-                self.error = OSError(
-                    f"generation {before.number} before it was not made durable ({before.error})"
-                )
-                return
-        try:
-            flush_files(self.paths)
-            _touch_durably(self.layout.marker_path(self.number))
-        except BaseException as e:  # kept for the next call to report
-            self.error = e
-
-    def wait(self) -> BaseException | None:
-        self.thread.join()
-        return self.error
-
-
+# This process's flushes (``_core.GenerationFlush``: the core's
+# ``log/flush.rs`` flushes each after its predecessor and marks the checkpoint).
 _flush_lock = threading.Lock()
-_flushes: dict[str, list[_Flush]] = {}
+_flushes: dict[str, list[GenerationFlush]] = {}
 
 
 def _key(layout: Layout) -> str:
@@ -589,7 +551,8 @@ def start_flush(layout: Layout, number: int, paths: list[Path]) -> None:
     """Flushes ``paths`` for generation ``number`` in the background."""
     with _flush_lock:
         mine = _flushes.setdefault(_key(layout), [])
-        mine.append(_Flush(layout, number, paths, mine[-1] if mine else None))
+        after = mine[-1] if mine else None
+        mine.append(GenerationFlush(number, paths, layout.marker_path(number), after))
 
 
 def wait_flushes(layout: Layout, upto: int | None = None) -> list[str]:
@@ -612,7 +575,7 @@ def wait_flushes(layout: Layout, upto: int | None = None) -> list[str]:
 
 def _flush_running(layout: Layout) -> bool:
     with _flush_lock:
-        return any(f.thread.is_alive() for f in _flushes.get(_key(layout), []))
+        return any(f.running for f in _flushes.get(_key(layout), []))
 
 
 def _header_written(path: Path) -> bool:
@@ -799,7 +762,7 @@ def recover_locked(layout: Layout, limit: int | None = None) -> tuple[Recovered 
             fault_point("recover")
             logs[n].unlink()
         if state.generation and not own:  # else this process's flush marks it
-            _touch_durably(layout.marker_path(state.generation))
+            touch_durably(layout.marker_path(state.generation))
         done = Recovered(
             generation=state.generation,
             rolled_back=uncommitted,
@@ -1200,7 +1163,7 @@ def rollback(
                 tensors=tensors,
                 rollback_to=to,
             )
-            _touch_durably(layout.marker_path(number))  # the rollback fsynced the shards
+            touch_durably(layout.marker_path(number))  # the rollback fsynced the shards
         except BaseException as e:
             undo_unless_committed(layout, number, e)
             raise

@@ -37,9 +37,10 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<log::LogWriter>()?;
     m.add_class::<log::RecoverReport>()?;
     m.add_class::<log::ApplyReport>()?;
+    m.add_class::<log::GenerationFlush>()?;
+    m.add_function(wrap_pyfunction!(log::touch_durably, m)?)?;
     m.add_function(wrap_pyfunction!(log::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(log::recover_logs, m)?)?;
     m.add_function(wrap_pyfunction!(log::rollback_logs, m)?)?;
-    m.add_function(wrap_pyfunction!(log::flush_files, m)?)?;
     Ok(())
 }

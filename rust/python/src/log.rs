@@ -204,8 +204,65 @@ pub fn rollback_logs(
     ))
 }
 
-/// `fdatasync` of each file (tries every one; raises the first error).
+/// The background flush of a committed generation: `fdatasync` of the shards
+/// it wrote once the flush before it (`after`) has ended, then, only if both
+/// succeeded, its checkpoint marker created durably. Runs on a thread of the
+/// core (no Python thread, no GIL).
+#[pyclass(module = "apollo_sync._core", frozen)]
+pub struct GenerationFlush {
+    inner: Arc<log::GenerationFlush>,
+}
+
+#[pymethods]
+impl GenerationFlush {
+    #[new]
+    #[pyo3(signature = (number, paths, marker, after = None))]
+    fn new(
+        number: u64,
+        paths: Vec<PathBuf>,
+        marker: PathBuf,
+        after: Option<&GenerationFlush>,
+    ) -> PyResult<Self> {
+        let after = after.map(|a| a.inner.clone());
+        let inner = log::GenerationFlush::start(number, paths, marker, after).map_err(to_py)?;
+        Ok(GenerationFlush { inner })
+    }
+
+    #[getter]
+    fn number(&self) -> u64 {
+        self.inner.number()
+    }
+
+    /// Whether it is still running.
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner.outcome().is_none()
+    }
+
+    /// Why it failed (`None` while it runs, and once it succeeded).
+    #[getter]
+    fn error(&self) -> Option<String> {
+        failure(self.inner.outcome())
+    }
+
+    /// Waits for it to end (GIL released); returns why it failed, or `None`.
+    fn wait(&self, py: Python<'_>) -> Option<String> {
+        let inner = self.inner.clone();
+        failure(Some(py.detach(move || inner.wait())))
+    }
+}
+
+fn failure(outcome: Option<log::Outcome>) -> Option<String> {
+    match outcome {
+        Some(log::Outcome::Failed(why)) => Some(why),
+        _ => None,
+    }
+}
+
+/// Creates `path` (empty) if absent and makes its directory entry durable: a
+/// checkpoint marker.
 #[pyfunction]
-pub fn flush_files(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<()> {
-    py.detach(|| log::flush_files(&paths)).map_err(to_py)
+pub fn touch_durably(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| log::flush::touch_durably(&path))
+        .map_err(to_py)
 }

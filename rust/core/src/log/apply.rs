@@ -410,27 +410,6 @@ pub fn current_bindings(dir: &Path, logs: &[&LogFile]) -> Result<Vec<ShardBindin
         .collect()
 }
 
-/// `fdatasync` of each path (the background flush after a sync): returns the
-/// first error, after trying every path.
-pub fn flush_files(paths: &[PathBuf]) -> Result<()> {
-    let mut first = None;
-    for p in paths {
-        let r = faults::reached("flush")
-            .map_err(|e| Error::io(p, "fsync", e))
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|e| Error::io(p, "fsync", e))
-            });
-        if let Err(e) = r {
-            first.get_or_insert(e);
-        }
-    }
-    first.map_or(Ok(()), Err)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
