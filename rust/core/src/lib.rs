@@ -17,13 +17,16 @@ pub mod diff;
 pub mod error;
 pub mod faults;
 pub mod header;
-pub mod io;
-pub mod live;
 pub mod log;
+mod read;
 pub mod sync;
+
+// The read stage's modules, under the names they had at the crate root.
+pub use read::live;
+pub use read::shard as io;
 
 pub use error::{Error, Result};
 pub use header::{Header, TensorEntry};
-pub use live::Live;
 pub use log::{DeltaLog, Kind, LogFile, LogSpec};
+pub use read::live::Live;
 pub use sync::{AbortHandle, Options, Segment, ShardReport, ShardSpec, Syncer, Timings};

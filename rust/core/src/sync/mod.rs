@@ -54,10 +54,10 @@ use rayon::prelude::*;
 use crate::diff::changed_runs_at;
 use crate::error::{Error, Result};
 use crate::faults;
-use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
-use crate::live::Live;
 use crate::log::writer::bind;
 use crate::log::{DeltaLog, Encoder, LogSpec};
+use crate::read::live::Live;
+use crate::read::shard::{ShardIo, Staging, DIRECT_ALIGN};
 
 mod commit;
 mod diff;
