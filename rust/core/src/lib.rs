@@ -16,6 +16,7 @@ pub mod delta;
 pub mod diff;
 pub mod error;
 pub mod faults;
+mod flush;
 pub mod header;
 pub mod log;
 mod read;

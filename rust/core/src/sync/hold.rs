@@ -5,10 +5,10 @@ use super::*;
 
 /// A changed run on its way to a writer thread: borrowed from live memory, or
 /// copied out of a chunk read from a live file.
-pub(super) struct WriteReq<'a> {
-    pub(super) shard: usize,
-    pub(super) offset: u64,
-    pub(super) data: Cow<'a, [u8]>,
+pub(crate) struct WriteReq<'a> {
+    pub(crate) shard: usize,
+    pub(crate) offset: u64,
+    pub(crate) data: Cow<'a, [u8]>,
 }
 
 /// Changed runs whose records are logged but not yet durable.

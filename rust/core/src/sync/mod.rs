@@ -61,25 +61,23 @@ use crate::read::shard::{ShardIo, Staging, DIRECT_ALIGN};
 
 mod commit;
 mod diff;
-mod flush;
-mod hold;
+pub(crate) mod hold;
 mod plan;
 #[cfg(test)]
 mod tests;
 mod timings;
-mod worker;
+pub(crate) mod worker;
 mod write;
-mod writeback;
 
+use crate::flush::writeback::{Behind, Kicker};
+use crate::flush::Flusher;
 use commit::Committer;
 use diff::{diff_job, Job, Scratch};
-use flush::Flusher;
 use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
 pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
 use worker::{FirstError, Worker};
 use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
-use writeback::{Behind, Kicker};
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -228,11 +226,11 @@ struct Pending {
 }
 
 /// A shard as the diff workers and writers share it.
-struct Shard {
-    io: ShardIo,
-    changed: AtomicU64,
-    changed_blocks: AtomicU64,
-    elements: AtomicU64,
+pub(crate) struct Shard {
+    pub(crate) io: ShardIo,
+    pub(crate) changed: AtomicU64,
+    pub(crate) changed_blocks: AtomicU64,
+    pub(crate) elements: AtomicU64,
 }
 
 /// Where the feed stands in a shard (touched by the feeding thread only).

@@ -32,9 +32,9 @@ impl AbortHandle {
 /// ones are dropped; setting it also aborts the sync's writes, so the other
 /// threads stop. One per sync, shared by all of them.
 #[derive(Clone)]
-pub(super) struct FirstError {
+pub(crate) struct FirstError {
     slot: Arc<Mutex<Option<Error>>>,
-    pub(super) stop: AbortHandle,
+    pub(crate) stop: AbortHandle,
 }
 
 impl FirstError {
@@ -65,7 +65,7 @@ impl FirstError {
 
 /// A thread that works through a queue in the background, reporting its
 /// errors to the sync's [`FirstError`].
-pub(super) struct Worker {
+pub(crate) struct Worker {
     pub(super) name: &'static str,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
     pub(super) errors: FirstError,
@@ -74,7 +74,7 @@ pub(super) struct Worker {
 impl Worker {
     /// Runs `body` on a thread named after `name`; `body` reports errors
     /// through the function it is given.
-    pub(super) fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         errors: FirstError,
         body: impl FnOnce(&dyn Fn(Error)) + Send + 'static,
@@ -98,7 +98,7 @@ impl Worker {
 
     /// Waits for the thread (whose queue the caller has closed), then
     /// returns the sync's first error.
-    pub(super) fn join(&mut self) -> Result<()> {
+    pub(crate) fn join(&mut self) -> Result<()> {
         if let Some(t) = self.thread.take() {
             t.join()
                 .map_err(|_| Error::Plan(format!("the {} thread panicked", self.name)))?;
