@@ -12,6 +12,7 @@
 //!   undoable: format, writer, reader, recovery and rollback.
 //! - [`faults`]: crash and error injection for the crash-safety tests.
 
+mod apply;
 pub mod delta;
 pub mod diff;
 pub mod error;

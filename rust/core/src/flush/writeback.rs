@@ -31,8 +31,8 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::apply::hold::WriteReq;
 use crate::error::{Error, Result};
-use crate::sync::hold::WriteReq;
 use crate::sync::Shard;
 
 /// The span of each shard a writer thread wrote since it last handed one to

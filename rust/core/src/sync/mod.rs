@@ -41,11 +41,10 @@
 //! handle and the sync's one first-error slot, which every thread reports to;
 //! `timings.rs` the wall clock each stage took, for reports.
 
-use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -59,25 +58,21 @@ use crate::log::{DeltaLog, Encoder, LogSpec};
 use crate::read::live::Live;
 use crate::read::shard::{ShardIo, Staging, DIRECT_ALIGN};
 
-mod commit;
 mod diff;
-pub(crate) mod hold;
 mod plan;
 #[cfg(test)]
 mod tests;
 mod timings;
 pub(crate) mod worker;
-mod write;
 
-use crate::flush::writeback::{Behind, Kicker};
+use crate::apply::commit::Committer;
+use crate::apply::hold::{Held, Holding, Sink, WriteReq};
+use crate::apply::write::{io_threads, queue, write_loop, write_run, WRITE_QUEUE};
 use crate::flush::Flusher;
-use commit::Committer;
 use diff::{diff_job, Job, Scratch};
-use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
 pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
-use worker::{FirstError, Worker};
-use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
+use worker::FirstError;
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;

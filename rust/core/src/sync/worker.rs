@@ -21,7 +21,7 @@ impl AbortHandle {
 
     /// Runs `write` unless aborted, holding [`abort`](Self::abort) off until
     /// it returns.
-    pub(super) fn guard<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+    pub(crate) fn guard<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
         let aborted = self.0.read().unwrap_or_else(|e| e.into_inner());
         (!*aborted).then(write)
     }
@@ -46,7 +46,7 @@ impl FirstError {
     }
 
     /// Keeps `e` unless an earlier error is kept, and stops the writes.
-    pub(super) fn set(&self, e: Error) {
+    pub(crate) fn set(&self, e: Error) {
         self.stop.abort();
         self.slot
             .lock()
@@ -68,7 +68,7 @@ impl FirstError {
 pub(crate) struct Worker {
     pub(super) name: &'static str,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
-    pub(super) errors: FirstError,
+    pub(crate) errors: FirstError,
 }
 
 impl Worker {
@@ -92,7 +92,7 @@ impl Worker {
     }
 
     /// The sync's first error so far, if any.
-    pub(super) fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         self.errors.take()
     }
 
@@ -106,7 +106,7 @@ impl Worker {
         self.check()
     }
 
-    pub(super) fn joined(&self) -> bool {
+    pub(crate) fn joined(&self) -> bool {
         self.thread.is_none()
     }
 }
