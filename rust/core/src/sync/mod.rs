@@ -41,7 +41,6 @@
 //! handle and the sync's one first-error slot, which every thread reports to;
 //! `timings.rs` the wall clock each stage took, for reports.
 
-use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -50,7 +49,6 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::diff::changed_runs_at;
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::log::writer::bind;
@@ -58,7 +56,6 @@ use crate::log::{DeltaLog, Encoder, LogSpec};
 use crate::read::live::Live;
 use crate::read::shard::{ShardIo, Staging, DIRECT_ALIGN};
 
-mod diff;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -67,9 +64,9 @@ pub(crate) mod worker;
 
 use crate::apply::commit::Committer;
 use crate::apply::hold::{Held, Holding, Sink, WriteReq};
-use crate::apply::write::{io_threads, queue, write_loop, write_run, WRITE_QUEUE};
+use crate::apply::write::{io_threads, write_loop, write_run, WRITE_QUEUE};
+use crate::diff::job::{diff_job, Job, Scratch};
 use crate::flush::Flusher;
-use diff::{diff_job, Job, Scratch};
 pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
 use worker::FirstError;
