@@ -20,6 +20,7 @@ pub mod faults;
 mod flush;
 pub mod header;
 pub mod log;
+mod plan;
 mod read;
 pub mod sync;
 

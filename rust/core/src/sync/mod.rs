@@ -43,30 +43,28 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::apply::commit::Committer;
+use crate::apply::hold::{Held, Holding};
+use crate::diff::job::Scratch;
 use crate::error::{Error, Result};
 use crate::faults;
+use crate::flush::Flusher;
 use crate::log::writer::bind;
 use crate::log::{DeltaLog, Encoder, LogSpec};
+use crate::plan::pending::Pending;
 use crate::read::live::Live;
 use crate::read::shard::{ShardIo, Staging, DIRECT_ALIGN};
 
-mod plan;
 #[cfg(test)]
 mod tests;
 mod timings;
 pub(crate) mod worker;
 
-use crate::apply::commit::Committer;
-use crate::apply::hold::{Held, Holding, Sink, WriteReq};
-use crate::apply::write::{io_threads, write_loop, write_run, WRITE_QUEUE};
-use crate::diff::job::{diff_job, Job, Scratch};
-use crate::flush::Flusher;
 pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
 use worker::FirstError;
@@ -77,7 +75,7 @@ pub const MAX_BLOCK: usize = JOB_BYTES;
 
 /// Bytes of one parallel job: a multiple of every accepted block size, so no
 /// job ends inside a block.
-const JOB_BYTES: usize = 4 << 20;
+pub(crate) const JOB_BYTES: usize = 4 << 20;
 /// Bytes read from the page cache per step inside a job (stays in L2).
 const READ_BYTES: usize = 256 << 10;
 /// New bytes held back, with a log, before a barrier lets them be
@@ -103,7 +101,7 @@ pub const WRITEBACK_BYTES: usize = 16 << 20;
 /// With a log: held runs are also released once the feed has compared this
 /// much since the last release (a sparse change then reaches the disk in a
 /// few batches while the feed goes on, not all at the end).
-const RELEASE_BYTES: u64 = 512 << 20;
+pub(crate) const RELEASE_BYTES: u64 = 512 << 20;
 
 /// A shard to sync, as its header describes it.
 #[derive(Debug, Clone)]
@@ -206,17 +204,6 @@ pub struct ShardReport {
     pub direct_io_fallback: Option<String>,
 }
 
-struct Pending {
-    start: u64,
-    orig: Vec<u8>,
-    new: Vec<u8>,
-    /// Element width of what was laid over it: one width, else bytes.
-    width: Option<u8>,
-    /// What was laid over it: `(start, end, width, phase)` relative to the
-    /// block, `phase` the bytes of an element that lie before `start`.
-    pieces: Vec<(usize, usize, u8, u8)>,
-}
-
 /// A shard as the diff workers and writers share it.
 pub(crate) struct Shard {
     pub(crate) io: ShardIo,
@@ -226,43 +213,43 @@ pub(crate) struct Shard {
 }
 
 /// Where the feed stands in a shard (touched by the feeding thread only).
-struct FeedState {
-    data_start: u64,
+pub(crate) struct FeedState {
+    pub(crate) data_start: u64,
     /// No segment may start before this offset (the end of the last one).
-    cursor: u64,
-    pending: Option<Pending>,
-    compared: u64,
+    pub(crate) cursor: u64,
+    pub(crate) pending: Option<Pending>,
+    pub(crate) compared: u64,
 }
 
 /// A sync in progress over a fixed set of shards.
 pub struct Syncer {
-    shards: Arc<Vec<Shard>>,
-    feeds: Vec<FeedState>,
-    opts: Options,
-    pool: rayon::ThreadPool,
+    pub(crate) shards: Arc<Vec<Shard>>,
+    pub(crate) feeds: Vec<FeedState>,
+    pub(crate) opts: Options,
+    pub(crate) pool: rayon::ThreadPool,
     /// One per pool thread, indexed by `rayon::current_thread_index`.
-    scratch: Vec<Mutex<Scratch>>,
-    staging: Staging,
+    pub(crate) scratch: Vec<Mutex<Scratch>>,
+    pub(crate) staging: Staging,
     /// Set when a batch failed after it started writing.
     broken: bool,
-    log: Option<Arc<DeltaLog>>,
+    pub(crate) log: Option<Arc<DeltaLog>>,
     /// Encodes the records of pending blocks (on the feeding thread).
-    enc: Encoder,
-    held: Mutex<Held>,
+    pub(crate) enc: Encoder,
+    pub(crate) held: Mutex<Held>,
     /// Bytes compared since the held runs were last released.
-    since_release: u64,
+    pub(crate) since_release: u64,
     /// With a log: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
-    committer: Option<Committer>,
+    pub(crate) committer: Option<Committer>,
     /// Flushes shards in the background once their writes are done (without
     /// a log, and not in a dry run).
-    flusher: Option<Flusher>,
+    pub(crate) flusher: Option<Flusher>,
     /// Shards handed to the flusher by a feed without a log.
-    flushed: Vec<bool>,
+    pub(crate) flushed: Vec<bool>,
     /// The first error of any of the sync's threads, and the handle that
     /// stops its writes (`errors.stop`).
-    errors: FirstError,
-    timings: Arc<Timings>,
+    pub(crate) errors: FirstError,
+    pub(crate) timings: Arc<Timings>,
 }
 
 impl Syncer {
@@ -494,13 +481,13 @@ impl Syncer {
     }
 
     /// What the diff workers of a logged sync share to hold new bytes.
-    fn holding(&self) -> Option<Holding<'_>> {
+    pub(crate) fn holding(&self) -> Option<Holding<'_>> {
         Holding::of(&self.log, &self.held, &self.committer, self.opts.hold_bytes)
     }
 
     /// Hands the held runs to the committer (which makes the log durable,
     /// then writes them). Blocks while another batch is queued there.
-    fn release(&mut self) -> Result<()> {
+    pub(crate) fn release(&mut self) -> Result<()> {
         let Some(hold) = self.holding() else {
             return Ok(());
         };

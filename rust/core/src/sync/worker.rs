@@ -55,7 +55,7 @@ impl FirstError {
     }
 
     /// The kept error, handed out once (the sync fails with it, then aborts).
-    pub(super) fn take(&self) -> Result<()> {
+    pub(crate) fn take(&self) -> Result<()> {
         match self.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
