@@ -1,4 +1,4 @@
-//! Stage 4, with a log: the commit thread, which makes each batch of held
+//! Stage 5, apply, with a log: the commit thread, which makes each batch of held
 //! records durable (a log barrier), then hands the batch to the writers, which
 //! write its bytes in place while the next batch is made durable.
 

@@ -1,7 +1,5 @@
-//! Stage 3, with a log: a changed run's delta is encoded and appended to the
-//! log, its new bytes held until a barrier has made the record durable.
-//!
-//! [`Options::hold_bytes`]: crate::sync::Options::hold_bytes
+//! Stage 5, apply, with a log: a changed run's delta is encoded and appended
+//! to the log (stage 4: `crate::delta`, `crate::log`), its new bytes held until a barrier has made the record durable.
 
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
@@ -93,7 +91,8 @@ pub(crate) struct Holding<'s> {
     pub(crate) log: &'s DeltaLog,
     pub(super) held: &'s Mutex<Held>,
     pub(crate) committer: &'s Committer,
-    /// Held bytes that make a batch ([`Options::hold_bytes`]).
+    /// Held bytes that make a batch
+    /// ([`Options::hold_bytes`](crate::sync::Options::hold_bytes)).
     pub(super) bound: usize,
 }
 

@@ -1,4 +1,4 @@
-//! Stage 4, without a log: writer threads that write changed runs in place
+//! Stage 5, apply, without a log: writer threads that write changed runs in place
 //! while the diff goes on; and the in-place write itself.
 
 use std::borrow::Cow;

@@ -1,5 +1,5 @@
-//! Stage 2, read and compare: a job's live bytes against the file's, a chunk
-//! at a time; each changed run (with the file's old bytes) goes to a [`Sink`].
+//! Stage 3, diff: a job's live bytes (read as `crate::read` has them) against
+//! the file's, a chunk at a time; each changed run (with the file's old bytes) goes to a [`Sink`].
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;

@@ -1,4 +1,4 @@
-//! Stage 5, without a log: shards made durable in the background once their
+//! Stage 6, flush, without a log: shards made durable in the background once their
 //! writes are done; `writeback.rs`: with one, the writeback started early.
 
 use std::sync::mpsc::{channel, Sender};

@@ -1,4 +1,4 @@
-//! Stage 5, started early: for a sync whose caller waits for the flush
+//! Stage 6, flush, started early: for a sync whose caller waits for the flush
 //! (`durable`), the writeback of what the writers wrote, begun while the sync
 //! goes on.
 //!

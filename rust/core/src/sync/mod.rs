@@ -23,23 +23,33 @@
 //! write changed runs while the diff goes on, and `finish` makes every
 //! written shard durable.
 //!
-//! One file a stage, in the order a byte passes them:
+//! One folder a stage (of `rust/core/src`), in the order a byte passes them,
+//! one concept a file:
 //!
-//! 1. `plan.rs`: a batch of segments checked and cut into jobs of whole
-//!    blocks, and pending blocks that several segments share;
-//! 2. `diff.rs`: each job's live bytes read and compared with the file's;
-//! 3. `hold.rs`: with a log, each changed run's delta encoded and appended,
-//!    its new bytes held (`crate::log` holds the format and the writer);
-//! 4. `commit.rs` (with a log: a barrier, then the held runs written by
-//!    writer threads while the next batch's barrier goes on) or
-//!    `write.rs` (without: writer threads beside the diff);
-//! 5. `flush.rs`: without a log, shards made durable in the background (with
-//!    one, the caller flushes after the commit); `writeback.rs`: with one,
-//!    the writeback of what was written started while the sync goes on.
+//! 1. `plan/`: a batch of segments checked and cut into jobs of whole
+//!    blocks (`mod.rs`), and pending blocks that several segments share
+//!    (`pending.rs`);
+//! 2. `read/`: where the bytes compared come from: the live bytes
+//!    (`live.rs`) and the file's (`shard.rs`, through which the later stages
+//!    also write blocks and make a shard durable);
+//! 3. `diff/`: each job's live bytes compared with the file's (`job.rs`),
+//!    block by block (`kernel.rs`);
+//! 4. `delta/` and `log/`: with a log, each changed run's delta encoded and
+//!    appended to the generation's log (the codec, the format and the writer);
+//! 5. `apply/`: `hold.rs` (with a log, the new bytes held until their records
+//!    are durable), then `commit.rs` (with a log: a barrier, then the held
+//!    runs written by writer threads while the next batch's barrier goes on)
+//!    or `write.rs` (without: writer threads beside the diff);
+//! 6. `flush/`: without a log, shards made durable in the background
+//!    (`mod.rs`; with one, the caller flushes after the commit);
+//!    `writeback.rs`: with one, the writeback of what was written started
+//!    while the sync goes on.
 //!
-//! `worker.rs` holds the threads' plumbing: the background worker, the abort
-//! handle and the sync's one first-error slot, which every thread reports to;
-//! `timings.rs` the wall clock each stage took, for reports.
+//! This folder ties them together: `mod.rs` the options, the [`Syncer`] and
+//! its shards; `worker.rs` the threads' plumbing: the background worker, the
+//! abort handle and the sync's one first-error slot, which every thread
+//! reports to; `timings.rs` the wall clock each stage took, for reports;
+//! `tests.rs` the engine's tests.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,7 +105,7 @@ const READ_BYTES: usize = 256 << 10;
 pub const HOLD_BYTES: usize = 32 << 20;
 
 /// With a log, for a sync whose caller waits for the flush: the writeback of
-/// a shard's written runs starts every this many bytes (see `writeback.rs`).
+/// a shard's written runs starts every this many bytes (see `flush/writeback.rs`).
 pub const WRITEBACK_BYTES: usize = 16 << 20;
 
 /// With a log: held runs are also released once the feed has compared this
@@ -140,7 +150,7 @@ pub struct Options {
     /// is started (from a low-priority thread) every this many bytes; 0
     /// (the default) leaves it to the `fdatasync` after the commit. For a
     /// caller that waits for that flush ([`WRITEBACK_BYTES`]): see
-    /// `writeback.rs` for why not otherwise.
+    /// `flush/writeback.rs` for why not otherwise.
     pub writeback_bytes: usize,
 }
 
