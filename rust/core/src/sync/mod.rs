@@ -23,63 +23,61 @@
 //! write changed runs while the diff goes on, and `finish` makes every
 //! written shard durable.
 //!
-//! One file a stage, in the order a byte passes them:
+//! One folder a stage (of `rust/core/src`), in the order a byte passes them,
+//! one concept a file:
 //!
-//! 1. `plan.rs`: a batch of segments checked and cut into jobs of whole
-//!    blocks, and pending blocks that several segments share;
-//! 2. `diff.rs`: each job's live bytes read and compared with the file's;
-//! 3. `hold.rs`: with a log, each changed run's delta encoded and appended,
-//!    its new bytes held (`crate::log` holds the format and the writer);
-//! 4. `commit.rs` (with a log: a barrier, then the held runs written by
-//!    writer threads while the next batch's barrier goes on) or
-//!    `write.rs` (without: writer threads beside the diff);
-//! 5. `flush.rs`: without a log, shards made durable in the background (with
-//!    one, the caller flushes after the commit); `writeback.rs`: with one,
-//!    the writeback of what was written started while the sync goes on.
+//! 1. `plan/`: a batch of segments checked and cut into jobs of whole
+//!    blocks (`mod.rs`), and pending blocks that several segments share
+//!    (`pending.rs`);
+//! 2. `read/`: where the bytes compared come from: the live bytes
+//!    (`live.rs`) and the file's (`shard.rs`, through which the later stages
+//!    also write blocks and make a shard durable);
+//! 3. `diff/`: each job's live bytes compared with the file's (`job.rs`),
+//!    block by block (`kernel.rs`);
+//! 4. `delta/` and `log/`: with a log, each changed run's delta encoded and
+//!    appended to the generation's log (the codec, the format and the writer);
+//! 5. `apply/`: `hold.rs` (with a log, the new bytes held until their records
+//!    are durable), then `commit.rs` (with a log: a barrier, then the held
+//!    runs written by writer threads while the next batch's barrier goes on)
+//!    or `write.rs` (without: writer threads beside the diff);
+//! 6. `flush/`: without a log, shards made durable in the background
+//!    (`mod.rs`; with one, the caller flushes after the commit);
+//!    `writeback.rs`: with one, the writeback of what was written started
+//!    while the sync goes on.
 //!
-//! `worker.rs` holds the threads' plumbing: the background worker, the abort
-//! handle and the sync's one first-error slot, which every thread reports to;
-//! `timings.rs` the wall clock each stage took, for reports.
+//! This folder ties them together: `mod.rs` the options, the [`Syncer`] and
+//! its shards; `worker.rs` the threads' plumbing: the background worker, the
+//! abort handle and the sync's one first-error slot, which every thread
+//! reports to; `timings.rs` the wall clock each stage took, for reports;
+//! `tests.rs` the engine's tests.
 
-use std::borrow::Cow;
-use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::diff::changed_runs_at;
+use crate::apply::commit::Committer;
+use crate::apply::hold::{Held, Holding};
+use crate::diff::job::Scratch;
 use crate::error::{Error, Result};
 use crate::faults;
-use crate::io::{ShardIo, Staging, DIRECT_ALIGN};
-use crate::live::Live;
+use crate::flush::Flusher;
 use crate::log::writer::bind;
 use crate::log::{DeltaLog, Encoder, LogSpec};
+use crate::plan::pending::Pending;
+use crate::read::live::Live;
+use crate::read::shard::{ShardIo, Staging, DIRECT_ALIGN};
 
-mod commit;
-mod diff;
-mod flush;
-mod hold;
-mod plan;
 #[cfg(test)]
 mod tests;
 mod timings;
-mod worker;
-mod write;
-mod writeback;
+pub(crate) mod worker;
 
-use commit::Committer;
-use diff::{diff_job, Job, Scratch};
-use flush::Flusher;
-use hold::{Batch, Held, Holding, Sink, WriteReq, SPARE};
 pub use timings::{Stage, Timings};
 pub use worker::AbortHandle;
-use worker::{FirstError, Worker};
-use write::{io_threads, queue, write_loop, write_run, writer_write, IO_THREADS, WRITE_QUEUE};
-use writeback::{Behind, Kicker};
+use worker::FirstError;
 
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK: usize = 512;
@@ -87,7 +85,7 @@ pub const MAX_BLOCK: usize = JOB_BYTES;
 
 /// Bytes of one parallel job: a multiple of every accepted block size, so no
 /// job ends inside a block.
-const JOB_BYTES: usize = 4 << 20;
+pub(crate) const JOB_BYTES: usize = 4 << 20;
 /// Bytes read from the page cache per step inside a job (stays in L2).
 const READ_BYTES: usize = 256 << 10;
 /// New bytes held back, with a log, before a barrier lets them be
@@ -107,13 +105,13 @@ const READ_BYTES: usize = 256 << 10;
 pub const HOLD_BYTES: usize = 32 << 20;
 
 /// With a log, for a sync whose caller waits for the flush: the writeback of
-/// a shard's written runs starts every this many bytes (see `writeback.rs`).
+/// a shard's written runs starts every this many bytes (see `flush/writeback.rs`).
 pub const WRITEBACK_BYTES: usize = 16 << 20;
 
 /// With a log: held runs are also released once the feed has compared this
 /// much since the last release (a sparse change then reaches the disk in a
 /// few batches while the feed goes on, not all at the end).
-const RELEASE_BYTES: u64 = 512 << 20;
+pub(crate) const RELEASE_BYTES: u64 = 512 << 20;
 
 /// A shard to sync, as its header describes it.
 #[derive(Debug, Clone)]
@@ -152,7 +150,7 @@ pub struct Options {
     /// is started (from a low-priority thread) every this many bytes; 0
     /// (the default) leaves it to the `fdatasync` after the commit. For a
     /// caller that waits for that flush ([`WRITEBACK_BYTES`]): see
-    /// `writeback.rs` for why not otherwise.
+    /// `flush/writeback.rs` for why not otherwise.
     pub writeback_bytes: usize,
 }
 
@@ -216,63 +214,52 @@ pub struct ShardReport {
     pub direct_io_fallback: Option<String>,
 }
 
-struct Pending {
-    start: u64,
-    orig: Vec<u8>,
-    new: Vec<u8>,
-    /// Element width of what was laid over it: one width, else bytes.
-    width: Option<u8>,
-    /// What was laid over it: `(start, end, width, phase)` relative to the
-    /// block, `phase` the bytes of an element that lie before `start`.
-    pieces: Vec<(usize, usize, u8, u8)>,
-}
-
 /// A shard as the diff workers and writers share it.
-struct Shard {
-    io: ShardIo,
-    changed: AtomicU64,
-    changed_blocks: AtomicU64,
-    elements: AtomicU64,
+pub(crate) struct Shard {
+    pub(crate) io: ShardIo,
+    pub(crate) changed: AtomicU64,
+    pub(crate) changed_blocks: AtomicU64,
+    pub(crate) elements: AtomicU64,
 }
 
 /// Where the feed stands in a shard (touched by the feeding thread only).
-struct FeedState {
-    data_start: u64,
+pub(crate) struct FeedState {
+    pub(crate) data_start: u64,
     /// No segment may start before this offset (the end of the last one).
-    cursor: u64,
-    pending: Option<Pending>,
-    compared: u64,
+    pub(crate) cursor: u64,
+    pub(crate) pending: Option<Pending>,
+    pub(crate) compared: u64,
 }
 
 /// A sync in progress over a fixed set of shards.
 pub struct Syncer {
-    shards: Arc<Vec<Shard>>,
-    feeds: Vec<FeedState>,
-    opts: Options,
-    pool: rayon::ThreadPool,
+    pub(crate) shards: Arc<Vec<Shard>>,
+    pub(crate) feeds: Vec<FeedState>,
+    pub(crate) opts: Options,
+    pub(crate) pool: rayon::ThreadPool,
     /// One per pool thread, indexed by `rayon::current_thread_index`.
-    scratch: Vec<Mutex<Scratch>>,
-    staging: Staging,
+    pub(crate) scratch: Vec<Mutex<Scratch>>,
+    pub(crate) staging: Staging,
     /// Set when a batch failed after it started writing.
     broken: bool,
-    log: Option<Arc<DeltaLog>>,
+    pub(crate) log: Option<Arc<DeltaLog>>,
     /// Encodes the records of pending blocks (on the feeding thread).
-    enc: Encoder,
-    held: Mutex<Held>,
+    pub(crate) enc: Encoder,
+    pub(crate) held: Mutex<Held>,
     /// Bytes compared since the held runs were last released.
-    since_release: u64,
+    pub(crate) since_release: u64,
     /// With a log: makes batches of held runs durable and writes them in
     /// the background while the feed goes on.
-    committer: Option<Committer>,
+    pub(crate) committer: Option<Committer>,
     /// Flushes shards in the background once their writes are done (without
     /// a log, and not in a dry run).
-    flusher: Option<Flusher>,
+    pub(crate) flusher: Option<Flusher>,
     /// Shards handed to the flusher by a feed without a log.
-    flushed: Vec<bool>,
+    pub(crate) flushed: Vec<bool>,
     /// The first error of any of the sync's threads, and the handle that
     /// stops its writes (`errors.stop`).
-    errors: FirstError,
-    timings: Arc<Timings>,
+    pub(crate) errors: FirstError,
+    pub(crate) timings: Arc<Timings>,
 }
 
 impl Syncer {
@@ -504,13 +491,13 @@ impl Syncer {
     }
 
     /// What the diff workers of a logged sync share to hold new bytes.
-    fn holding(&self) -> Option<Holding<'_>> {
+    pub(crate) fn holding(&self) -> Option<Holding<'_>> {
         Holding::of(&self.log, &self.held, &self.committer, self.opts.hold_bytes)
     }
 
     /// Hands the held runs to the committer (which makes the log durable,
     /// then writes them). Blocks while another batch is queued there.
-    fn release(&mut self) -> Result<()> {
+    pub(crate) fn release(&mut self) -> Result<()> {
         let Some(hold) = self.holding() else {
             return Ok(());
         };

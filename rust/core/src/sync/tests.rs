@@ -413,7 +413,7 @@ fn held_bytes_stay_bounded_inside_one_large_feed() {
 
 #[test]
 fn changed_elements_counts_from_the_element_phase() {
-    use super::plan::changed_elements;
+    use crate::plan::pending::changed_elements;
     let old = [0u8; 12];
     let mut new = old;
     new[0] = 1; // the tail of an element that began before the piece

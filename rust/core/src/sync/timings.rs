@@ -37,12 +37,12 @@ pub type Stage = (&'static str, f64);
 
 impl Timings {
     /// Adds the time since `since` to `field`.
-    pub(super) fn add(field: &AtomicU64, since: Instant) {
+    pub(crate) fn add(field: &AtomicU64, since: Instant) {
         field.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// A writer thread's total busy time, once it ends.
-    pub(super) fn writer_done(&self, busy_ns: u64) {
+    pub(crate) fn writer_done(&self, busy_ns: u64) {
         self.write_ns.fetch_add(busy_ns, Ordering::Relaxed);
         self.write_busiest_ns.fetch_max(busy_ns, Ordering::Relaxed);
     }

@@ -21,7 +21,7 @@ impl AbortHandle {
 
     /// Runs `write` unless aborted, holding [`abort`](Self::abort) off until
     /// it returns.
-    pub(super) fn guard<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+    pub(crate) fn guard<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
         let aborted = self.0.read().unwrap_or_else(|e| e.into_inner());
         (!*aborted).then(write)
     }
@@ -32,9 +32,9 @@ impl AbortHandle {
 /// ones are dropped; setting it also aborts the sync's writes, so the other
 /// threads stop. One per sync, shared by all of them.
 #[derive(Clone)]
-pub(super) struct FirstError {
+pub(crate) struct FirstError {
     slot: Arc<Mutex<Option<Error>>>,
-    pub(super) stop: AbortHandle,
+    pub(crate) stop: AbortHandle,
 }
 
 impl FirstError {
@@ -46,7 +46,7 @@ impl FirstError {
     }
 
     /// Keeps `e` unless an earlier error is kept, and stops the writes.
-    pub(super) fn set(&self, e: Error) {
+    pub(crate) fn set(&self, e: Error) {
         self.stop.abort();
         self.slot
             .lock()
@@ -55,7 +55,7 @@ impl FirstError {
     }
 
     /// The kept error, handed out once (the sync fails with it, then aborts).
-    pub(super) fn take(&self) -> Result<()> {
+    pub(crate) fn take(&self) -> Result<()> {
         match self.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -65,16 +65,16 @@ impl FirstError {
 
 /// A thread that works through a queue in the background, reporting its
 /// errors to the sync's [`FirstError`].
-pub(super) struct Worker {
+pub(crate) struct Worker {
     pub(super) name: &'static str,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
-    pub(super) errors: FirstError,
+    pub(crate) errors: FirstError,
 }
 
 impl Worker {
     /// Runs `body` on a thread named after `name`; `body` reports errors
     /// through the function it is given.
-    pub(super) fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         errors: FirstError,
         body: impl FnOnce(&dyn Fn(Error)) + Send + 'static,
@@ -92,13 +92,13 @@ impl Worker {
     }
 
     /// The sync's first error so far, if any.
-    pub(super) fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         self.errors.take()
     }
 
     /// Waits for the thread (whose queue the caller has closed), then
     /// returns the sync's first error.
-    pub(super) fn join(&mut self) -> Result<()> {
+    pub(crate) fn join(&mut self) -> Result<()> {
         if let Some(t) = self.thread.take() {
             t.join()
                 .map_err(|_| Error::Plan(format!("the {} thread panicked", self.name)))?;
@@ -106,7 +106,7 @@ impl Worker {
         self.check()
     }
 
-    pub(super) fn joined(&self) -> bool {
+    pub(crate) fn joined(&self) -> bool {
         self.thread.is_none()
     }
 }

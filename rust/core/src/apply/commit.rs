@@ -1,16 +1,26 @@
-//! Stage 4, with a log: the commit thread, which makes each batch of held
+//! Stage 5, apply, with a log: the commit thread, which makes each batch of held
 //! records durable (a log barrier), then hands the batch to the writers, which
 //! write its bytes in place while the next batch is made durable.
 
-use std::sync::Condvar;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use super::*;
+use super::hold::{Batch, WriteReq, SPARE};
+use super::write::{writer_write, IO_THREADS};
+use crate::error::{Error, Result};
+use crate::flush::writeback::{Behind, Kicker};
+use crate::log::DeltaLog;
+use crate::read::shard::Staging;
+use crate::sync::worker::{FirstError, Worker};
+use crate::sync::{Shard, Timings};
 
 /// The background thread of a logged sync: for each batch, a log barrier,
 /// then the batch handed to the [`Writers`] (writes through the page cache:
 /// the caller makes them durable after the commit).
-pub(super) struct Committer {
+pub(crate) struct Committer {
     pub(super) tx: Option<SyncSender<Batch>>,
     /// Its `errors.stop` stops the sync: batches not yet queued are dropped,
     /// writers stop between runs.
@@ -18,7 +28,7 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    pub(super) fn spawn(
+    pub(crate) fn spawn(
         shards: Arc<Vec<Shard>>,
         log: Arc<DeltaLog>,
         hold_bytes: usize,
@@ -66,11 +76,11 @@ impl Committer {
     }
 
     /// The sync's first error so far (an earlier batch's), if any.
-    pub(super) fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         self.worker.check()
     }
 
-    pub(super) fn submit(&self, batch: Batch) -> Result<()> {
+    pub(crate) fn submit(&self, batch: Batch) -> Result<()> {
         self.check()?;
         let tx = self.tx.as_ref().expect("open until finish");
         if tx.send(batch).is_err() {
@@ -80,7 +90,7 @@ impl Committer {
     }
 
     /// Waits for every batch to be durable and written.
-    pub(super) fn finish(mut self) -> Result<()> {
+    pub(crate) fn finish(mut self) -> Result<()> {
         drop(self.tx.take());
         self.worker.join()
     }

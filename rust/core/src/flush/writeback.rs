@@ -1,4 +1,4 @@
-//! Stage 5, started early: for a sync whose caller waits for the flush
+//! Stage 6, flush, started early: for a sync whose caller waits for the flush
 //! (`durable`), the writeback of what the writers wrote, begun while the sync
 //! goes on.
 //!
@@ -23,15 +23,21 @@
 //! whose cores the diff keeps busy (two), the submission gets only idle time.
 //! What it has not started when the writes end is dropped: the flush writes
 //! those pages.
+//!
+//! [`Options::writeback_bytes`]: crate::sync::Options::writeback_bytes
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::*;
+use crate::apply::hold::WriteReq;
+use crate::error::{Error, Result};
+use crate::sync::Shard;
 
 /// The span of each shard a writer thread wrote since it last handed one to
 /// the [`Kicker`]; handed over once it holds `every` bytes.
-pub(super) struct Behind {
+pub(crate) struct Behind {
     every: u64,
     kicker: Option<Sender<(usize, u64, u64)>>,
     /// `(shard, start, end, bytes written in it)`, a few shards at most.
@@ -39,7 +45,7 @@ pub(super) struct Behind {
 }
 
 impl Behind {
-    pub(super) fn new(every: usize, kicker: Option<&Kicker>) -> Self {
+    pub(crate) fn new(every: usize, kicker: Option<&Kicker>) -> Self {
         Behind {
             every: every as u64,
             kicker: kicker.and_then(|k| k.tx.clone()),
@@ -48,7 +54,7 @@ impl Behind {
     }
 
     /// Counts a run written through the page cache.
-    pub(super) fn wrote(&mut self, shard: &Shard, run: &WriteReq<'_>) {
+    pub(crate) fn wrote(&mut self, shard: &Shard, run: &WriteReq<'_>) {
         let Some(kicker) = &self.kicker else { return };
         if self.every == 0 || shard.io.writes_direct() {
             return;
@@ -74,14 +80,14 @@ impl Behind {
 
 /// The thread that starts the writeback of the spans the writers hand it,
 /// at nice 19.
-pub(super) struct Kicker {
+pub(crate) struct Kicker {
     tx: Option<Sender<(usize, u64, u64)>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Kicker {
-    pub(super) fn spawn(shards: Arc<Vec<Shard>>) -> Result<Self> {
+    pub(crate) fn spawn(shards: Arc<Vec<Shard>>) -> Result<Self> {
         let (tx, rx) = channel::<(usize, u64, u64)>();
         let stop = Arc::new(AtomicBool::new(false));
         let halt = stop.clone();
@@ -132,7 +138,11 @@ fn lowest_priority() {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+    use std::sync::atomic::AtomicU64;
+
     use super::*;
+    use crate::read::shard::ShardIo;
 
     #[test]
     fn every_written_byte_is_in_a_span_handed_over_once_enough_is_written() {

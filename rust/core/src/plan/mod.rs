@@ -1,12 +1,23 @@
 //! Stage 1, plan: a batch of segments checked, cut into jobs of whole blocks
 //! (diffed in parallel) and pending blocks that several segments share
-//! (assembled here, then compared and written once).
+//! (assembled in `pending.rs`, then compared and written once).
 
-use super::*;
-use crate::log::RecordSummary;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::sync_channel;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use crate::apply::hold::{Sink, WriteReq};
+use crate::apply::write::{io_threads, write_loop, WRITE_QUEUE};
+use crate::diff::job::{diff_job, Job};
+use crate::error::{Error, Result};
+use crate::sync::{Segment, Syncer, JOB_BYTES, RELEASE_BYTES};
+
+pub(crate) mod pending;
 
 impl Syncer {
-    pub(super) fn feed_checked<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
+    pub(crate) fn feed_checked<'d>(&mut self, segments: &[Segment<'d>]) -> Result<()> {
         let b = self.opts.block_size as u64;
         let mut jobs: Vec<Job<'d>> = Vec::new();
         for seg in segments {
@@ -129,7 +140,7 @@ impl Syncer {
         Ok(())
     }
 
-    pub(super) fn check(&self, segments: &[Segment<'_>]) -> Result<()> {
+    pub(crate) fn check(&self, segments: &[Segment<'_>]) -> Result<()> {
         let mut cursors: Vec<u64> = self.feeds.iter().map(|f| f.cursor).collect();
         for (i, seg) in segments.iter().enumerate() {
             let (shard, data_start) = match (self.shards.get(seg.shard), self.feeds.get(seg.shard))
@@ -170,106 +181,4 @@ impl Syncer {
         }
         Ok(())
     }
-
-    /// Copies `bytes` (all inside one block) over that block's pending image.
-    pub(super) fn overlay(
-        &mut self,
-        shard: usize,
-        at: u64,
-        bytes: Live<'_>,
-        width: u8,
-        phase: u8,
-    ) -> Result<()> {
-        let b = self.opts.block_size as u64;
-        let start = at / b * b;
-        if self.feeds[shard].pending.as_ref().map(|p| p.start) != Some(start) {
-            self.flush_pending(shard)?;
-            let s = &self.shards[shard];
-            let len = (start + b).min(s.io.len()) - start;
-            let mut orig = vec![0u8; len as usize];
-            s.io.read_at(&mut orig, start)?;
-            let new = orig.clone();
-            self.feeds[shard].pending = Some(Pending {
-                start,
-                orig,
-                new,
-                width: Some(width),
-                pieces: Vec::new(),
-            });
-        }
-        let p = self.feeds[shard].pending.as_mut().expect("pending block");
-        if p.width != Some(width) {
-            p.width = None;
-        }
-        let rel = (at - p.start) as usize;
-        p.pieces.push((rel, rel + bytes.len(), width, phase));
-        let rel = (at - p.start) as usize;
-        bytes.read_into(0, &mut p.new[rel..rel + bytes.len()])
-    }
-
-    pub(super) fn flush_pending(&mut self, shard: usize) -> Result<()> {
-        let Some(p) = self.feeds[shard].pending.take() else {
-            return Ok(());
-        };
-        if p.new == p.orig {
-            return Ok(());
-        }
-        let s = &self.shards[shard];
-        s.changed.fetch_add(p.new.len() as u64, Ordering::Relaxed);
-        s.changed_blocks.fetch_add(1, Ordering::Relaxed);
-        if self.opts.dry_run {
-            return Ok(());
-        }
-        if self.log.is_none() {
-            return write_run(s, p.start, &p.new, &mut self.staging);
-        }
-        match Holding::of(&self.log, &self.held, &self.committer, self.opts.hold_bytes) {
-            Some(hold) => {
-                Sink::Hold(hold).emit(
-                    shard,
-                    s,
-                    p.start,
-                    &p.orig,
-                    &p.new,
-                    p.width.unwrap_or(1),
-                    None,
-                    &mut self.enc,
-                    &mut Vec::new(),
-                )?;
-                if p.pieces.len() > 1 {
-                    // Several tensors share the block: count each one's elements.
-                    let pieces: Vec<RecordSummary> = p
-                        .pieces
-                        .iter()
-                        .map(|&(a, b, w, phase)| RecordSummary {
-                            shard: shard as u32,
-                            offset: p.start + a as u64,
-                            len: (b - a) as u64,
-                            elements: changed_elements(&p.orig[a..b], &p.new[a..b], w, phase),
-                        })
-                        .filter(|r| r.elements > 0)
-                        .collect();
-                    hold.log.split_summary(shard as u32, p.start, &pieces);
-                }
-                Ok(())
-            }
-            // Logged, but the commit thread is gone (aborted): never in place unlogged.
-            None => Err(Error::Plan("the commit thread stopped".into())),
-        }
-    }
-}
-
-/// Elements of `width` bytes that differ between `old` and `new`, the first
-/// starting `phase` bytes before them (its bytes here count as one element).
-pub(super) fn changed_elements(old: &[u8], new: &[u8], width: u8, phase: u8) -> u64 {
-    let w = usize::from(width.max(1));
-    let head = (w - usize::from(phase) % w) % w;
-    let head = head.min(old.len());
-    let mut n = u64::from(old[..head] != new[..head]);
-    n += old[head..]
-        .chunks(w)
-        .zip(new[head..].chunks(w))
-        .filter(|(a, b)| a != b)
-        .count() as u64;
-    n
 }

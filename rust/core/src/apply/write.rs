@@ -1,7 +1,17 @@
-//! Stage 4, without a log: writer threads that write changed runs in place
+//! Stage 5, apply, without a log: writer threads that write changed runs in place
 //! while the diff goes on; and the in-place write itself.
 
-use super::*;
+use std::borrow::Cow;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::hold::WriteReq;
+use crate::error::{Error, Result};
+use crate::faults;
+use crate::read::shard::Staging;
+use crate::sync::worker::FirstError;
+use crate::sync::{AbortHandle, Shard, Timings};
 
 /// Threads that issue writes while the diff goes on. A direct write blocks its
 /// thread for a device round trip (~100 µs on a virtual disk), so the diff
@@ -14,11 +24,11 @@ pub(super) const IO_THREADS: usize = 16;
 pub(super) const CACHED_IO_THREADS: usize = 1;
 
 /// Changed runs queued for the writers before the diff waits for them.
-pub(super) const WRITE_QUEUE: usize = 4096;
+pub(crate) const WRITE_QUEUE: usize = 4096;
 
 /// Writer threads for these shards: many for direct writes, which each wait
 /// for the device, one for writes through the page cache.
-pub(super) fn io_threads(shards: &[Shard]) -> usize {
+pub(crate) fn io_threads(shards: &[Shard]) -> usize {
     if shards.iter().any(|s| s.io.writes_direct()) {
         IO_THREADS
     } else {
@@ -27,14 +37,14 @@ pub(super) fn io_threads(shards: &[Shard]) -> usize {
 }
 
 /// One in-place write of changed blocks (a fault-injection point).
-pub(super) fn write_run(s: &Shard, offset: u64, data: &[u8], staging: &mut Staging) -> Result<()> {
+pub(crate) fn write_run(s: &Shard, offset: u64, data: &[u8], staging: &mut Staging) -> Result<()> {
     faults::reached("write").map_err(|e| Error::io(s.io.path(), "write", e))?;
     s.io.write_at(data, offset, staging)
 }
 
 /// Hands a run to the writers. The receiver lives as long as the feed and
 /// the writers drain it even after a failure, so the send cannot fail.
-pub(super) fn queue<'a>(
+pub(crate) fn queue<'a>(
     tx: &SyncSender<WriteReq<'a>>,
     shard: usize,
     offset: u64,
@@ -51,7 +61,7 @@ pub(super) fn queue<'a>(
 /// A writer thread: takes queued runs and writes them until the queue closes.
 /// After the sync's first failure (which aborts it) it keeps draining, so the
 /// diff never blocks on a full queue, but writes nothing more.
-pub(super) fn write_loop(
+pub(crate) fn write_loop(
     shards: &[Shard],
     rx: &Mutex<Receiver<WriteReq<'_>>>,
     errors: &FirstError,

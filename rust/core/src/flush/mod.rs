@@ -1,20 +1,28 @@
-//! Stage 5, without a log: shards made durable in the background once their
-//! writes are done.
+//! Stage 6, flush, without a log: shards made durable in the background once their
+//! writes are done; `writeback.rs`: with one, the writeback started early.
 
-use super::*;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::faults;
+use crate::sync::worker::{FirstError, Worker};
+use crate::sync::Shard;
+
+pub(crate) mod writeback;
 
 /// Makes shards durable (`fdatasync`) on a background thread. Page-cache
 /// writes reach the disk only at writeback: flushing a shard once its writes
 /// are done lets the device work while the next shard is diffed and written,
 /// so `finish` waits for little more than the last one. An error is kept
 /// for [`finish`](Self::finish) (a failed `fdatasync` is reported once).
-pub(super) struct Flusher {
-    pub(super) tx: Option<Sender<usize>>,
-    pub(super) worker: Worker,
+pub(crate) struct Flusher {
+    tx: Option<Sender<usize>>,
+    worker: Worker,
 }
 
 impl Flusher {
-    pub(super) fn spawn(shards: Arc<Vec<Shard>>, errors: FirstError) -> Result<Self> {
+    pub(crate) fn spawn(shards: Arc<Vec<Shard>>, errors: FirstError) -> Result<Self> {
         let (tx, rx) = channel::<usize>();
         let halt = errors.stop.clone();
         let worker = Worker::spawn("flush", errors, move |fail| {
@@ -38,13 +46,13 @@ impl Flusher {
     }
 
     /// Flushes shard `i` when the thread gets to it.
-    pub(super) fn flush(&self, i: usize) {
+    pub(crate) fn flush(&self, i: usize) {
         let tx = self.tx.as_ref().expect("open until finish");
         let _ = tx.send(i); // the thread lives until `finish`: the send cannot fail
     }
 
     /// Waits for every requested flush (once every sender is gone).
-    pub(super) fn finish(mut self) -> Result<()> {
+    pub(crate) fn finish(mut self) -> Result<()> {
         drop(self.tx.take());
         self.worker.join()
     }

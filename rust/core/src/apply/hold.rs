@@ -1,23 +1,31 @@
-//! Stage 3, with a log: a changed run's delta is encoded and appended to the
-//! log, its new bytes held until a barrier has made the record durable.
+//! Stage 5, apply, with a log: a changed run's delta is encoded and appended
+//! to the log (stage 4: `crate::delta`, `crate::log`), its new bytes held until a barrier has made the record durable.
 
-use super::*;
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+
+use super::commit::Committer;
+use crate::error::Result;
+use crate::log::{DeltaLog, Encoder};
+use crate::sync::Shard;
 
 /// A changed run on its way to a writer thread: borrowed from live memory, or
 /// copied out of a chunk read from a live file.
-pub(super) struct WriteReq<'a> {
-    pub(super) shard: usize,
-    pub(super) offset: u64,
-    pub(super) data: Cow<'a, [u8]>,
+pub(crate) struct WriteReq<'a> {
+    pub(crate) shard: usize,
+    pub(crate) offset: u64,
+    pub(crate) data: Cow<'a, [u8]>,
 }
 
 /// Changed runs whose records are logged but not yet durable.
 #[derive(Default)]
-pub(super) struct Held {
+pub(crate) struct Held {
     pub(super) runs: Vec<WriteReq<'static>>,
-    pub(super) bytes: usize,
+    pub(crate) bytes: usize,
     /// The most bytes ever held at once in this sync (what the bound bounds).
-    pub(super) peak: usize,
+    pub(crate) peak: usize,
 }
 
 /// Buffers of held runs, handed back once written and kept for the next
@@ -79,17 +87,18 @@ impl Spare {
 
 /// What a logged sync's diff workers share to hold new bytes.
 #[derive(Clone, Copy)]
-pub(super) struct Holding<'s> {
-    pub(super) log: &'s DeltaLog,
+pub(crate) struct Holding<'s> {
+    pub(crate) log: &'s DeltaLog,
     pub(super) held: &'s Mutex<Held>,
-    pub(super) committer: &'s Committer,
-    /// Held bytes that make a batch ([`Options::hold_bytes`]).
+    pub(crate) committer: &'s Committer,
+    /// Held bytes that make a batch
+    /// ([`Options::hold_bytes`](crate::sync::Options::hold_bytes)).
     pub(super) bound: usize,
 }
 
 impl<'s> Holding<'s> {
     /// `None` without a log (or in a dry run: no committer).
-    pub(super) fn of(
+    pub(crate) fn of(
         log: &'s Option<Arc<DeltaLog>>,
         held: &'s Mutex<Held>,
         committer: &'s Option<Committer>,
@@ -104,7 +113,7 @@ impl<'s> Holding<'s> {
     }
 
     /// Takes every held run, for the committer.
-    pub(super) fn take(&self) -> Batch {
+    pub(crate) fn take(&self) -> Batch {
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
         h.bytes = 0;
         std::mem::take(&mut h.runs)
@@ -113,7 +122,7 @@ impl<'s> Holding<'s> {
 
 /// Where the diff sends a changed run.
 #[derive(Clone, Copy)]
-pub(super) enum Sink<'s, 'a> {
+pub(crate) enum Sink<'s, 'a> {
     /// Count only.
     Dry,
     /// To the writer threads, once the job that found them is compared (a
@@ -131,7 +140,7 @@ impl<'a> Sink<'_, 'a> {
     /// queued write can borrow them instead of copying). Runs for the writer
     /// threads go to `found`, which the caller queues once its job is done.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn emit(
+    pub(crate) fn emit(
         &self,
         shard: usize,
         s: &Shard,

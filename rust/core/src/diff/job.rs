@@ -1,17 +1,27 @@
-//! Stage 2, read and compare: a job's live bytes against the file's, a chunk
-//! at a time; each changed run (with the file's old bytes) goes to a [`Sink`].
+//! Stage 3, diff: a job's live bytes (read as `crate::read` has them) against
+//! the file's, a chunk at a time; each changed run (with the file's old bytes) goes to a [`Sink`].
 
-use super::*;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
-pub(super) struct Job<'a> {
-    pub(super) shard: usize,
-    pub(super) offset: u64,
-    pub(super) data: Live<'a>,
-    pub(super) width: u8,
+use super::kernel::changed_runs_at;
+use crate::apply::hold::{Sink, WriteReq};
+use crate::apply::write::queue;
+use crate::error::Result;
+use crate::log::Encoder;
+use crate::read::live::Live;
+use crate::sync::Shard;
+
+pub(crate) struct Job<'a> {
+    pub(crate) shard: usize,
+    pub(crate) offset: u64,
+    pub(crate) data: Live<'a>,
+    pub(crate) width: u8,
 }
 
 /// Per-worker scratch space, allocated once per pool thread and reused.
-pub(super) struct Scratch {
+pub(crate) struct Scratch {
     /// File bytes being compared.
     pub(super) read: Vec<u8>,
     /// Live bytes being compared, when they come from a file.
@@ -33,7 +43,7 @@ impl Scratch {
 
     /// A kept scratch space, or a new one, with a read buffer of `read_len`
     /// bytes (the diff reads that much per step).
-    pub(super) fn take(read_len: usize) -> Scratch {
+    pub(crate) fn take(read_len: usize) -> Scratch {
         let kept = KEPT.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut s = kept.unwrap_or_else(|| Scratch {
             read: Vec::new(),
@@ -45,7 +55,7 @@ impl Scratch {
         s
     }
 
-    pub(super) fn give_back(self) {
+    pub(crate) fn give_back(self) {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() < Self::KEEP {
             kept.push(self);
@@ -55,7 +65,7 @@ impl Scratch {
 
 /// Compares one job's live bytes with the file, a chunk at a time, and sends
 /// each changed run (with the file's old bytes for it) to `sink`.
-pub(super) fn diff_job<'a>(
+pub(crate) fn diff_job<'a>(
     shard: &Shard,
     job: &Job<'a>,
     block: usize,
