@@ -538,7 +538,8 @@ def fsync_file(path: Path) -> None:
 
 
 # This process's flushes (``_core.GenerationFlush``: the core's
-# ``log/flush.rs`` flushes each after its predecessor and marks the checkpoint).
+# ``flush/generation.rs`` flushes each after its predecessor and marks the
+# checkpoint).
 _flush_lock = threading.Lock()
 _flushes: dict[str, list[GenerationFlush]] = {}
 

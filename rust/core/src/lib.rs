@@ -16,7 +16,8 @@
 //!   undoable: format, writer, reader, recovery and rollback.
 //! - `apply/`: the in-place writes (held runs, the commit thread, the writer
 //!   threads).
-//! - `flush/`: shards made durable, and the writeback started early.
+//! - [`flush`]: shards made durable (after the commit, with the checkpoint
+//!   marked), and the writeback started early.
 //!
 //! And beside them:
 //! - [`sync`]: the engine that ties them together across shards.
@@ -27,7 +28,7 @@ pub mod delta;
 pub mod diff;
 pub mod error;
 pub mod faults;
-mod flush;
+pub mod flush;
 pub mod header;
 pub mod log;
 mod plan;

@@ -1,8 +1,10 @@
-//! The XOR-delta log: read one back, commit one, recover, roll back, flush.
+//! The XOR-delta log: read one back, commit one, recover, roll back; and
+//! after a commit, the flush that marks the checkpoint.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use apollo_sync_core::flush;
 use apollo_sync_core::log::{self, apply, DeltaLog, Kind, LogFile, LogSpec};
 use pyo3::prelude::*;
 
@@ -210,7 +212,7 @@ pub fn rollback_logs(
 /// core (no Python thread, no GIL).
 #[pyclass(module = "apollo_sync._core", frozen)]
 pub struct GenerationFlush {
-    inner: Arc<log::GenerationFlush>,
+    inner: Arc<flush::GenerationFlush>,
 }
 
 #[pymethods]
@@ -224,7 +226,7 @@ impl GenerationFlush {
         after: Option<&GenerationFlush>,
     ) -> PyResult<Self> {
         let after = after.map(|a| a.inner.clone());
-        let inner = log::GenerationFlush::start(number, paths, marker, after).map_err(to_py)?;
+        let inner = flush::GenerationFlush::start(number, paths, marker, after).map_err(to_py)?;
         Ok(GenerationFlush { inner })
     }
 
@@ -252,9 +254,9 @@ impl GenerationFlush {
     }
 }
 
-fn failure(outcome: Option<log::Outcome>) -> Option<String> {
+fn failure(outcome: Option<flush::Outcome>) -> Option<String> {
     match outcome {
-        Some(log::Outcome::Failed(why)) => Some(why),
+        Some(flush::Outcome::Failed(why)) => Some(why),
         _ => None,
     }
 }
@@ -263,6 +265,5 @@ fn failure(outcome: Option<log::Outcome>) -> Option<String> {
 /// checkpoint marker.
 #[pyfunction]
 pub fn touch_durably(py: Python<'_>, path: PathBuf) -> PyResult<()> {
-    py.detach(|| log::flush::touch_durably(&path))
-        .map_err(to_py)
+    py.detach(|| flush::touch_durably(&path)).map_err(to_py)
 }

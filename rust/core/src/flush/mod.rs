@@ -1,5 +1,10 @@
-//! Stage 6, flush, without a log: shards made durable in the background once their
-//! writes are done; `writeback.rs`: with one, the writeback started early.
+//! Stage 6, flush: written shards made durable.
+//!
+//! - Without a log, here: each shard made durable in the background once its
+//!   writes are done, before the sync returns.
+//! - With one, `generation.rs`: after the commit, a generation's shards made
+//!   durable in the background and its checkpoint marked; `writeback.rs`: for
+//!   a sync that waits for that flush, the writeback started while it writes.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
@@ -9,7 +14,10 @@ use crate::faults;
 use crate::sync::worker::{FirstError, Worker};
 use crate::sync::Shard;
 
+pub mod generation;
 pub(crate) mod writeback;
+
+pub use generation::{flush_files, touch_durably, GenerationFlush, Outcome};
 
 /// Makes shards durable (`fdatasync`) on a background thread. Page-cache
 /// writes reach the disk only at writeback: flushing a shard once its writes

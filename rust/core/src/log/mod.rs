@@ -11,18 +11,14 @@
 //! - [`reader`]: reading a log back, checking everything.
 //! - [`chain`]: which state of its chain a unit holds.
 //! - [`apply`]: recovery and rollback on the shards.
-//! - [`flush`]: after the commit, the shards made durable and the
-//!   checkpoint marked.
 
 pub mod apply;
 pub mod chain;
-pub mod flush;
 pub mod format;
 pub mod reader;
 pub mod writer;
 
 pub use apply::{recover, rollback, ApplyReport, RecoverReport};
-pub use flush::{flush_files, GenerationFlush, Outcome};
 pub use format::{Kind, ShardBinding};
 pub use reader::LogFile;
 pub use writer::{DeltaLog, Encoder, LogSpec, LogStats, RecordSummary};

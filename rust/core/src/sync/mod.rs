@@ -41,9 +41,10 @@
 //!    runs written by writer threads while the next batch's barrier goes on)
 //!    or `write.rs` (without: writer threads beside the diff);
 //! 6. `flush/`: without a log, shards made durable in the background
-//!    (`mod.rs`; with one, the caller flushes after the commit);
-//!    `writeback.rs`: with one, the writeback of what was written started
-//!    while the sync goes on.
+//!    (`mod.rs`); with one, after the commit, a generation's shards made
+//!    durable and its checkpoint marked (`generation.rs`, started by the
+//!    caller), and for a caller that waits for that, the writeback of what
+//!    was written started while the sync goes on (`writeback.rs`).
 //!
 //! This folder ties them together: `mod.rs` the options, the [`Syncer`] and
 //! its shards; `worker.rs` the threads' plumbing: the background worker, the

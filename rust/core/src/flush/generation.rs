@@ -1,5 +1,5 @@
-//! After the commit: a generation's shards made durable in the background,
-//! and the checkpoint marked.
+//! Stage 6, with a log, after the commit: a generation's shards made durable
+//! in the background, and the checkpoint marked.
 //!
 //! A committed generation is current through the page cache. Its flush
 //! `fdatasync`s every shard it wrote, on a thread of its own, once the flush
