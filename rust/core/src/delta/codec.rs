@@ -1285,6 +1285,56 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_longest_gaps_take_multi_byte_varints() {
+        // 4 MiB of bytes changed only at both ends: a gap of 4 Mi - 2
+        // elements (a 4-byte varint), and with width 8 one of 512 Ki - 2
+        // (3 bytes).
+        let len = 4 << 20;
+        let old = vec![7u8; len];
+        let mut new = old.clone();
+        new[0] ^= 1;
+        new[len - 1] ^= 1;
+        for width in [1, 2, 4, 8] {
+            let payload = round_trip(&mut Codec::new(), &old, &new, width);
+            assert!(payload.len() < 64, "width {width}: {} bytes", payload.len());
+        }
+    }
+
+    proptest! {
+        // 4 MiB a case: fewer of them.
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        #[test]
+        fn long_records_with_long_gaps_round_trip(
+            width in prop::sample::select(vec![1usize, 2, 4, 8]),
+            len in (1usize << 20)..=(4 << 20),
+            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..48),
+            dense in proptest::option::of((any::<prop::sample::Index>(), 1usize..40_000)),
+            seed in any::<u64>(),
+        ) {
+            // Records as large as a sync makes (4 MiB), a few changes far
+            // apart (gaps of up to millions of elements: 3- and 4-byte
+            // varints) and perhaps one stretch where every byte changed.
+            let mut rng = Rng(seed | 1);
+            let old: Vec<u8> = (0..len.div_ceil(8))
+                .flat_map(|_| rng.next().to_le_bytes())
+                .take(len)
+                .collect();
+            let mut new = old.clone();
+            for (at, b) in changes {
+                new[at.index(len)] ^= b.max(1);
+            }
+            if let Some((at, n)) = dense {
+                let start = at.index(len);
+                for b in &mut new[start..(start + n).min(len)] {
+                    *b ^= 0x81;
+                }
+            }
+            round_trip(&mut Codec::new(), &old, &new, width);
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
