@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -812,6 +813,53 @@ def test_a_durable_sync_returns_with_the_shards_on_disk(model_factory: Factory) 
     step(live, seed=2)
     r = apollo_sync.sync(root, live)
     assert not r.durable and r.generation == 2
+
+
+def test_only_a_durable_sync_starts_the_writeback_as_it_writes(
+    model_factory: Factory,
+) -> None:
+    """A durable sync hands what it wrote to the writeback every 16 MiB of a
+    shard; a plain one leaves it to the flush (its barriers would queue behind
+    it on the device). Both write the same bytes."""
+    orig = {"big": randn(3 << 20, 8, seed=3)}  # 48 MiB of bf16, one shard
+    root = model_factory(orig)
+    for n, durable in enumerate([True, False, True], start=1):
+        live = {"big": orig["big"] + n}
+        r = apollo_sync.sync(root, live, durable=durable)
+        spans = r.stages["writeback_spans"]
+        assert (spans >= 2) if durable else (spans == 0), (durable, r.stages)
+        assert r.stages["writeback_started"] <= spans
+        assert r.durable is durable and r.generation == n
+        assert torch.equal(load_file(str(root / "model.safetensors"))["big"], live["big"])
+    assert gens.history(root).checkpoint == 3
+
+
+def test_a_forked_child_does_not_wait_for_the_parents_flushes(tmp_path: Path) -> None:
+    """The core's flush threads are not in a forked child: it forgets them
+    rather than wait forever (the parent's flush goes on)."""
+    layout = gens.Layout(tmp_path)
+    layout.ensure()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    gens.start_flush(layout, 1, [fifo])  # blocks opening it until a reader comes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12)
+        pid = os.fork()
+    if pid == 0:  # the child
+        code = 0 if gens.wait_flushes(layout) == [] and gens._pending_flush(layout) == 0 else 1
+        os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung"
+    assert gens._pending_flush(layout) == 1  # the parent's flush is still its own
+    with open(fifo, "rb"):  # lets it go on: an fsync of a FIFO fails
+        pass
+    (failed,) = gens.wait_flushes(layout)
+    assert "fifo" in failed and layout.flushed() == 0
 
 
 def test_the_default_budget_keeps_ten_rollback_points_of_real_steps(

@@ -544,6 +544,18 @@ _flush_lock = threading.Lock()
 _flushes: dict[str, list[GenerationFlush]] = {}
 
 
+def _forget_flushes_in_child() -> None:
+    """A forked child has none of the parent's threads: the flushes it inherited
+    run on in the parent only, so the child forgets them (its recovery then goes
+    by the markers and the logs, as after any other process's sync)."""
+    global _flush_lock, _flushes
+    _flush_lock = threading.Lock()
+    _flushes = {}
+
+
+os.register_at_fork(after_in_child=_forget_flushes_in_child)
+
+
 def _key(layout: Layout) -> str:
     return os.path.realpath(layout.meta)
 

@@ -139,7 +139,10 @@ class SyncResult:
     #: Things to know: a failed background flush of an earlier sync (redone),
     #: a failed prune after the commit, layout notes.
     warnings: list[str] = field(default_factory=list)
-    #: Where the time went, in seconds of wall clock (``barriers`` is a count):
+    #: Where the time went, in seconds of wall clock (``barriers``,
+    #: ``writeback_spans`` and ``writeback_started`` are counts: a durable
+    #: sync's spans of written bytes handed to the writeback, and those it
+    #: started before the writes ended):
     #: ``open`` (planning and opening the shards), ``stream`` (reading the live
     #: bytes and feeding the core: ``seconds`` is ``stream`` + ``finish``), and
     #: inside it the core's ``feed`` (read, compare, encode) and
@@ -432,7 +435,7 @@ def log_result(result: SyncResult) -> SyncResult:
             "%s: stages (s): %s",
             result.model_dir,
             ", ".join(
-                f"{k} {int(v)}" if k == "barriers" else f"{k} {v:.3f}"
+                f"{k} {int(v)}" if k in _COUNTS else f"{k} {v:.3f}"
                 for k, v in result.stages.items()
             ),
             extra={"event": "sync_stages", "model_dir": result.model_dir},
@@ -459,6 +462,10 @@ def _pending_recovery(layout: gens.Layout) -> str | None:
             "the files compared may mix two generations (`apollo-sync recover`)"
         )
     return None
+
+
+#: The entries of ``SyncResult.stages`` that are counts, not seconds.
+_COUNTS = frozenset({"barriers", "writeback_spans", "writeback_started"})
 
 
 @dataclass(frozen=True)

@@ -248,9 +248,17 @@ impl GenerationFlush {
     }
 
     /// Waits for it to end (GIL released); returns why it failed, or `None`.
-    fn wait(&self, py: Python<'_>) -> Option<String> {
-        let inner = self.inner.clone();
-        failure(Some(py.detach(move || inner.wait())))
+    /// Signals are checked every 100 ms, so Ctrl-C interrupts the wait (not
+    /// the flush).
+    fn wait(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        loop {
+            let inner = self.inner.clone();
+            let step = std::time::Duration::from_millis(100);
+            if let Some(done) = py.detach(move || inner.wait_for(step)) {
+                return Ok(failure(Some(done)));
+            }
+            py.check_signals()?;
+        }
     }
 }
 

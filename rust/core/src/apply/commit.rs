@@ -179,7 +179,8 @@ impl Writers {
         let keep = Self::KEEP_BATCHES * hold_bytes;
         let kicker = match writeback_bytes {
             0 => None,
-            _ => Some(Kicker::spawn(shards.clone())?),
+            // advice: a sync without it is whole, only its flush is longer
+            _ => Kicker::spawn(shards.clone(), timings.clone()).ok(),
         };
         let mut txs = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);

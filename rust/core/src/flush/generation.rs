@@ -8,7 +8,9 @@
 //! logs) and makes the marker's directory durable. The checkpoint (the last
 //! generation the shards hold on disk by themselves, where recovery starts)
 //! is the newest marker, so it never passes a generation that is not on
-//! disk. A failure is kept for whoever waits, and the next call redoes those
+//! disk (given that the caller, like `journal.py`, starts each generation's
+//! flush after its predecessor's and recovers from the logs before flushing
+//! again once one failed). A failure is kept for whoever waits, and the next call redoes those
 //! generations from their logs with fresh writes: Linux may mark pages whose
 //! writeback failed clean, so the page cache proves nothing.
 
@@ -16,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::faults;
@@ -49,7 +52,10 @@ pub fn touch_durably(path: &Path) -> Result<()> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(path, "create", e))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, "fsync", e))
@@ -90,15 +96,19 @@ impl GenerationFlush {
         std::thread::Builder::new()
             .name(format!("apollo-sync-flush-{number}"))
             .spawn(move || {
-                let outcome = match after.map(|a| (a.number, a.wait())) {
-                    Some((n, Outcome::Failed(why))) => Outcome::Failed(format!(
-                        "generation {n} before it was not made durable ({why})"
-                    )),
-                    _ => match flush_files(&paths).and_then(|()| touch_durably(&marker)) {
-                        Ok(()) => Outcome::Durable,
-                        Err(e) => Outcome::Failed(e.to_string()),
-                    },
-                };
+                let run =
+                    std::panic::AssertUnwindSafe(|| match after.map(|a| (a.number, a.wait())) {
+                        Some((n, Outcome::Failed(why))) => Outcome::Failed(format!(
+                            "generation {n} before it was not made durable ({why})"
+                        )),
+                        _ => match flush_files(&paths).and_then(|()| touch_durably(&marker)) {
+                            Ok(()) => Outcome::Durable,
+                            Err(e) => Outcome::Failed(e.to_string()),
+                        },
+                    });
+                // a panic is a failure too: never a flush that runs forever
+                let outcome = std::panic::catch_unwind(run)
+                    .unwrap_or_else(|_| Outcome::Failed("the flush thread panicked".into()));
                 *mine.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
                 mine.ended.notify_all();
             })
@@ -120,13 +130,21 @@ impl GenerationFlush {
 
     /// Waits for it to end.
     pub fn wait(&self) -> Outcome {
-        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(done) = o.as_ref() {
-                return done.clone();
+            if let Some(done) = self.wait_for(Duration::from_secs(3600)) {
+                return done;
             }
-            o = self.ended.wait(o).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Waits for it to end, at most `limit`; `None` if it still runs.
+    pub fn wait_for(&self, limit: Duration) -> Option<Outcome> {
+        let o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let (o, _) = self
+            .ended
+            .wait_timeout_while(o, limit, |o| o.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        o.clone()
     }
 }
 
@@ -142,13 +160,26 @@ mod tests {
         let marker = |n: u64| dir.path().join(format!("{n}.flushed"));
         let gone = dir.path().join("gone.safetensors");
 
-        let failed = GenerationFlush::start(2, vec![gone], marker(2), None).unwrap();
+        // The first flush blocks opening a FIFO for writing until a reader
+        // comes: its successor must still be waiting for it then.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a plain syscall with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let failed = GenerationFlush::start(2, vec![fifo.clone(), gone], marker(2), None).unwrap();
         let next = GenerationFlush::start(3, vec![shard.clone()], marker(3), Some(failed.clone()))
             .unwrap();
+        assert_eq!(
+            next.wait_for(Duration::from_millis(200)),
+            None,
+            "ran before its predecessor"
+        );
+        assert!(!marker(3).exists());
+        let _reader = File::open(&fifo).unwrap(); // lets the first one go on
         match next.wait() {
             Outcome::Failed(why) => {
                 assert!(why.starts_with("generation 2 before it"), "{why}");
-                assert!(why.contains("gone.safetensors"), "{why}");
+                assert!(why.contains("fifo: fsync failed"), "{why}");
             }
             Outcome::Durable => panic!("a flush after a failed one marked its checkpoint"),
         }

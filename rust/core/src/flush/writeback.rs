@@ -22,7 +22,16 @@
 //! writer that waited would hold up the batches behind it; and on a machine
 //! whose cores the diff keeps busy (two), the submission gets only idle time.
 //! What it has not started when the writes end is dropped: the flush writes
-//! those pages.
+//! those pages. Each writer thread counts its own bytes: a shard has one
+//! writer through the page cache, so its writeback starts every 16 MiB; with
+//! direct I/O (where a refused shard falls back to the page cache) a shard's
+//! runs go to every writer in turn, each counting its 16 MiB. A span handed
+//! over covers the gaps between its runs too: those pages are clean or
+//! already under writeback, which `sync_file_range` skips. Starting it is
+//! advice: a thread that cannot be started, or a failed start, leaves the
+//! sync as it was; a failed writeback stays recorded on the file for the
+//! flush's `fdatasync`, which reports it (`SYNC_FILE_RANGE_WRITE` alone does
+//! not consume the error).
 //!
 //! [`Options::writeback_bytes`]: crate::sync::Options::writeback_bytes
 
@@ -33,13 +42,16 @@ use std::thread::JoinHandle;
 
 use crate::apply::hold::WriteReq;
 use crate::error::{Error, Result};
-use crate::sync::Shard;
+use crate::sync::{Shard, Timings};
+
+/// `(shard, start, end)` of written bytes whose writeback is asked for.
+type Span = (usize, u64, u64);
 
 /// The span of each shard a writer thread wrote since it last handed one to
 /// the [`Kicker`]; handed over once it holds `every` bytes.
 pub(crate) struct Behind {
     every: u64,
-    kicker: Option<Sender<(usize, u64, u64)>>,
+    kicker: Option<(Sender<Span>, Arc<Timings>)>,
     /// `(shard, start, end, bytes written in it)`, a few shards at most.
     spans: Vec<(usize, u64, u64, u64)>,
 }
@@ -48,14 +60,16 @@ impl Behind {
     pub(crate) fn new(every: usize, kicker: Option<&Kicker>) -> Self {
         Behind {
             every: every as u64,
-            kicker: kicker.and_then(|k| k.tx.clone()),
+            kicker: kicker.and_then(|k| Some((k.tx.clone()?, k.timings.clone()))),
             spans: Vec::new(),
         }
     }
 
     /// Counts a run written through the page cache.
     pub(crate) fn wrote(&mut self, shard: &Shard, run: &WriteReq<'_>) {
-        let Some(kicker) = &self.kicker else { return };
+        let Some((kicker, timings)) = &self.kicker else {
+            return;
+        };
         if self.every == 0 || shard.io.writes_direct() {
             return;
         }
@@ -73,6 +87,7 @@ impl Behind {
         span.3 += end - start;
         if span.3 >= self.every {
             let (shard, lo, hi, _) = self.spans.swap_remove(i);
+            timings.writeback_spans.fetch_add(1, Ordering::Relaxed);
             let _ = kicker.send((shard, lo, hi)); // a stopped kicker drops it
         }
     }
@@ -81,16 +96,18 @@ impl Behind {
 /// The thread that starts the writeback of the spans the writers hand it,
 /// at nice 19.
 pub(crate) struct Kicker {
-    tx: Option<Sender<(usize, u64, u64)>>,
+    tx: Option<Sender<Span>>,
+    timings: Arc<Timings>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Kicker {
-    pub(crate) fn spawn(shards: Arc<Vec<Shard>>) -> Result<Self> {
-        let (tx, rx) = channel::<(usize, u64, u64)>();
+    pub(crate) fn spawn(shards: Arc<Vec<Shard>>, timings: Arc<Timings>) -> Result<Self> {
+        let (tx, rx) = channel::<Span>();
         let stop = Arc::new(AtomicBool::new(false));
         let halt = stop.clone();
+        let counted = timings.clone();
         let thread = std::thread::Builder::new()
             .name("apollo-sync-writeback".into())
             .spawn(move || {
@@ -104,11 +121,13 @@ impl Kicker {
                     // `fdatasync` after the commit, which reports it (and
                     // the checkpoint does not pass it).
                     let _ = shards[shard].io.start_writeback(lo, hi - lo);
+                    counted.writeback_started.fetch_add(1, Ordering::Relaxed);
                 }
             })
             .map_err(|e| Error::Plan(format!("cannot start the writeback thread: {e}")))?;
         Ok(Kicker {
             tx: Some(tx),
+            timings,
             stop,
             thread: Some(thread),
         })
@@ -145,11 +164,12 @@ mod tests {
     use crate::read::shard::ShardIo;
 
     #[test]
-    fn every_written_byte_is_in_a_span_handed_over_once_enough_is_written() {
+    fn a_span_is_handed_over_once_its_shard_has_that_many_bytes_written() {
         let (tx, rx) = channel();
+        let timings = Arc::new(Timings::default());
         let mut behind = Behind {
             every: 3 << 12,
-            kicker: Some(tx),
+            kicker: Some((tx, timings.clone())),
             spans: Vec::new(),
         };
         let f = tempfile::NamedTempFile::new().unwrap();
@@ -166,13 +186,20 @@ mod tests {
             offset,
             data: Cow::Owned(vec![0; 4096]),
         };
-        // shard 0: blocks 0, 1, (shard 1: block 9), then 5: the third of
-        // shard 0 hands over its span, gap and all
-        for (s, off) in [(0, 0), (0, 4096), (1, 9 << 12), (0, 5 << 12)] {
-            behind.wrote(&shard, &run(s, off));
-        }
-        assert_eq!(rx.try_recv(), Ok((0, 0, 6 << 12)));
+        // Shard 0: blocks 0 and 8 (two blocks written, nine blocks of extent:
+        // not yet), shard 1's block 20 between them, then shard 0's block 5:
+        // three blocks written, the span handed over, gap and all.
+        behind.wrote(&shard, &run(0, 0));
+        behind.wrote(&shard, &run(0, 8 << 12));
+        behind.wrote(&shard, &run(1, 20 << 12));
+        assert!(
+            rx.try_recv().is_err(),
+            "counts bytes written, not the extent"
+        );
+        behind.wrote(&shard, &run(0, 5 << 12));
+        assert_eq!(rx.try_recv(), Ok((0, 0, 9 << 12)));
         assert!(rx.try_recv().is_err(), "shard 1 holds one block of three");
-        assert_eq!(behind.spans, vec![(1, 9 << 12, 10 << 12, 4096)]);
+        assert_eq!(behind.spans, vec![(1, 20 << 12, 21 << 12, 4096)]);
+        assert_eq!(timings.writeback_spans.load(Ordering::Relaxed), 1);
     }
 }

@@ -476,6 +476,7 @@ fn logged_batches_over_four_shards(writeback_bytes: usize) {
         ..Options::default()
     };
     let mut syncer = Syncer::new(files.iter().map(|f| spec(f, 0)).collect(), opts).unwrap();
+    let timings = syncer.timings();
     for (s, live) in lives.iter().enumerate() {
         for piece in 0..4 {
             let at = piece * len / 4;
@@ -485,6 +486,16 @@ fn logged_batches_over_four_shards(writeback_bytes: usize) {
         }
     }
     let reports = syncer.finish().unwrap();
+    // runs of up to a read step each, every shard's ~1 MiB handed over in
+    // spans of at least 8 KiB (the last one may stay with its writer)
+    let spans = timings.writeback_spans.load(Ordering::Relaxed);
+    match writeback_bytes {
+        0 => assert_eq!(spans, 0),
+        every => assert!(
+            (4..=4 * (1 << 20) / every as u64).contains(&spans),
+            "{spans} spans"
+        ),
+    }
     for (s, f) in files.iter().enumerate() {
         assert_eq!(std::fs::read(f.path()).unwrap(), lives[s], "shard {s}");
         let changed = changed_block_bytes(&origs[s], &lives[s], 4096);

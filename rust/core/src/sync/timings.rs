@@ -26,6 +26,12 @@ pub struct Timings {
     pub write_ns: AtomicU64,
     /// Writing in place, on the busiest writer thread.
     pub write_busiest_ns: AtomicU64,
+    /// Spans of written bytes handed to the writeback thread (a durable
+    /// sync's; see `flush/writeback.rs`).
+    pub writeback_spans: AtomicU64,
+    /// Of those, the spans whose writeback it started before the writes
+    /// ended (the rest are left to the flush).
+    pub writeback_started: AtomicU64,
     /// Inside [`Syncer::finish`](super::Syncer::finish): the last pending
     /// blocks, the last barrier, waiting for the writers' tail, and (without
     /// a log) the `fdatasync` of every written shard.
@@ -47,7 +53,8 @@ impl Timings {
         self.write_busiest_ns.fetch_max(busy_ns, Ordering::Relaxed);
     }
 
-    /// Every stage, in seconds (and the barriers' count), in pipeline order.
+    /// Every stage, in seconds (and the counts of barriers and writeback
+    /// spans), in pipeline order.
     pub fn stages(&self) -> Vec<Stage> {
         let s = |f: &AtomicU64| f.load(Ordering::Relaxed) as f64 / 1e9;
         vec![
@@ -57,6 +64,14 @@ impl Timings {
             ("barrier", s(&self.barrier_ns)),
             ("write", s(&self.write_ns)),
             ("write_busiest", s(&self.write_busiest_ns)),
+            (
+                "writeback_spans",
+                self.writeback_spans.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "writeback_started",
+                self.writeback_started.load(Ordering::Relaxed) as f64,
+            ),
             ("finish", s(&self.finish_ns)),
         ]
     }
