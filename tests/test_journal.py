@@ -862,6 +862,32 @@ def test_a_forked_child_does_not_wait_for_the_parents_flushes(tmp_path: Path) ->
     assert "fifo" in failed and layout.flushed() == 0
 
 
+def test_recover_reports_a_failed_flush_of_this_process_and_redoes_it(
+    model_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flush that failed in the background is reported by the next call,
+    whichever it is (here ``recover``), and its generation is redone from the
+    log: the checkpoint then reaches it."""
+    live = base()
+    root = model_factory(live)
+    step(live, seed=1)
+    assert apollo_sync.sync(root, live).generation == 1
+    layout = gens.Layout(root)
+    assert gens.wait_flushes(layout) == [] and layout.flushed() == 1
+    step(live, seed=2)
+    r = apollo_sync.sync(root, live)
+    gens.wait_flushes(layout)  # the real flush of generation 2, done
+    layout.marker_path(2).unlink()  # as if it had failed: no marker ...
+    gens.start_flush(layout, 2, [root / "gone.safetensors"])  # ... and an error to report
+    with caplog.at_level("WARNING", logger="apollo_sync"):
+        done = apollo_sync.recover(root)
+    assert r.generation == 2 and done is not None and done.rolled_forward == [2]
+    assert any("generation 2 durable failed" in m for m in caplog.messages), caplog.messages
+    assert gens.history(root).checkpoint == 2
+    on_disk = load_file(str(root / "model.safetensors"))
+    assert all(torch.equal(on_disk[k], v) for k, v in live.items())
+
+
 def test_the_default_budget_keeps_ten_rollback_points_of_real_steps(
     model_factory: Factory,
 ) -> None:

@@ -700,9 +700,9 @@ def _recover_host(root: Path, host: int, committed: int) -> gens.Recovered | Non
         if committed:
             raise JournalError(f"{layout.meta}: missing, though the group committed {committed}")
         return None
-    gens.wait_flushes(layout)
+    failed = gens.wait_flushes(layout)
     done, warnings = gens.recover_locked(layout, committed)
-    gens._log_warnings(layout, warnings)
+    gens._log_warnings(layout, failed + warnings)
     return done
 
 

@@ -855,9 +855,10 @@ def recover(
     if g is not None:  # every host's part, up to what the group committed
         return group.recover(Path(model_dir), g, lock_timeout)
     with ModelLock(model_dir, lock_timeout):
-        wait_flushes(layout)  # this process's own: then the markers say what is on disk
+        # this process's own first: then the markers say what is on disk
+        failed = wait_flushes(layout)
         done, warnings = recover_locked(layout)
-        _log_warnings(layout, warnings)
+        _log_warnings(layout, failed + warnings)
         return done
 
 
@@ -902,7 +903,7 @@ def _needs_recovery(layout: Layout, wait: float) -> bool:
     deadline = time.monotonic() + wait
     while checkpoint(layout, state) < state.generation:
         if _pending_flush(layout):  # this process's own flush
-            wait_flushes(layout)
+            _log_warnings(layout, wait_flushes(layout))  # a failure: redone by recovery
             continue
         if time.monotonic() >= deadline:
             return True
@@ -1129,7 +1130,9 @@ def rollback(
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
         _log_warnings(layout, recover_locked(layout)[1])
-        wait_flushes(layout)
+        # the flush recovery left running (this process's last sync): a failure
+        # leaves no marker, so the next recovery redoes it from the logs
+        _log_warnings(layout, wait_flushes(layout))
         check_shards(ModelDir.open(model_dir), private_copy=False)
         state = load_state(layout)
         current = state.generation
