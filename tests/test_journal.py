@@ -679,6 +679,8 @@ def test_a_flush_after_a_failed_one_does_not_move_the_checkpoint(tmp_path: Path)
     assert len(failed) == 2 and "gone.safetensors" in failed[0], failed
     assert "generation 2 before it was not made durable" in failed[1], failed
     assert layout.flushed() == 0
+    # (in use, a failure collected is followed by recovery before the next flush;
+    # here the registry is empty again, so 4 starts with no predecessor)
     gens.start_flush(layout, 4, [shard])
     assert gens.wait_flushes(layout) == [] and layout.flushed() == 4
 

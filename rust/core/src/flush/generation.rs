@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::faults;
 
 /// `fdatasync` of each path: returns the first error, after trying every path.
-pub fn flush_files(paths: &[PathBuf]) -> Result<()> {
+fn flush_files(paths: &[PathBuf]) -> Result<()> {
     let mut first = None;
     for p in paths {
         let r = faults::reached("flush")

@@ -14,10 +14,10 @@ use crate::faults;
 use crate::sync::worker::{FirstError, Worker};
 use crate::sync::Shard;
 
-pub mod generation;
+mod generation;
 pub(crate) mod writeback;
 
-pub use generation::{flush_files, touch_durably, GenerationFlush, Outcome};
+pub use generation::{touch_durably, GenerationFlush, Outcome};
 
 /// Makes shards durable (`fdatasync`) on a background thread. Page-cache
 /// writes reach the disk only at writeback: flushing a shard once its writes

@@ -21,6 +21,10 @@
 //! `SYNC_FILE_RANGE_WRITE` blocks once the device's queue is full, and a
 //! writer that waited would hold up the batches behind it; and on a machine
 //! whose cores the diff keeps busy (two), the submission gets only idle time.
+//! (Under the BFQ scheduler nice 19 also means the lowest best-effort I/O
+//! priority for the writes it submits; the measurements above were made with
+//! the writer threads starting it as well, at normal priority, with the same
+//! result.)
 //! What it has not started when the writes end is dropped: the flush writes
 //! those pages. Each writer thread counts its own bytes: a shard has one
 //! writer through the page cache, so its writeback starts every 16 MiB; with

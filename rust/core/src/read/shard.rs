@@ -257,7 +257,7 @@ impl ShardIo {
     /// nothing (a full device queue can make it block) and reports no
     /// writeback error: those stay recorded on the file until an
     /// `fdatasync` reports them, which is what makes anything durable.
-    pub fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
+    pub(crate) fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let Some(file) = self.buffered.get() else {
             return Ok(());
         };
