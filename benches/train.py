@@ -505,6 +505,34 @@ def train_step(model: Any, optimizer: Any, args: argparse.Namespace, gen: torch.
     return float(loss.detach())
 
 
+def one_step_saved(
+    base: Path, size_gb: float, optimizer: str, lr: float, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], argparse.Namespace]:
+    """This bench's model (``size_gb``), saved to ``base`` with its log made (an
+    unchanged sync), then one step of ``optimizer`` at ``lr``: returns the live
+    tensors after the step and the bench's arguments. For the probes that time
+    one real step's sync over and over (``probes/dense_budget.py``,
+    ``probes/writeback.py``)."""
+    given = {"--size-gb": size_gb, "--steps": 1, "--lr": lr, "--device": device}
+    args = parse_args([str(x) for kv in given.items() for x in kv])
+    model = build_model(args, pick_layers(args))
+    model.save_pretrained(base)
+    apollo_sync.sync(base, model.state_dict())
+    opt = OPTIMIZERS[optimizer](model, lr, args)
+    train_step(model, opt, args, torch.Generator(device=device).manual_seed(args.seed + 1))
+    return model.state_dict(), args
+
+
+def fresh_copy(base: Path, work: Path) -> None:
+    """``work`` as a copy of ``base``, written back and page-cached, as a model
+    load leaves it."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(base, work)
+    os.sync()
+    for p in work.glob("*.safetensors"):
+        p.read_bytes()
+
+
 def run_one(
     args: argparse.Namespace, layers: int, name: str, lr: float, root: Path, first: dict[str, str]
 ) -> dict[str, Any]:

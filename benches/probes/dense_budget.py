@@ -112,26 +112,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/apollo-dense-budget"))
     args = ap.parse_args()
-    targs = train.parse_args(["--size-gb", str(args.size_gb), "--steps", "1", "--lr", str(args.lr)])
     threads = args.threads or os.cpu_count() or 1
     shutil.rmtree(args.dir, ignore_errors=True)
     base, work = args.dir / "base", args.dir / "work"
-    model = train.build_model(targs, train.pick_layers(targs))
-    model.save_pretrained(base)
-    apollo_sync.sync(base, model.state_dict())  # the log made, nothing changed
-    optimizer = train.OPTIMIZERS[args.optimizer](model, args.lr, targs)
-    gen = torch.Generator(device="cpu").manual_seed(targs.seed + 1)
-    train.train_step(model, optimizer, targs, gen)
-    live = model.state_dict()
+    live, _ = train.one_step_saved(base, args.size_gb, args.optimizer, args.lr)
     shards = sorted(base.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in shards)
 
     def fresh() -> None:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(base, work)
-        os.sync()
-        for p in work.glob("*.safetensors"):  # page-cached, as after a load
-            p.read_bytes()
+        train.fresh_copy(base, work)
 
     def timed(fn: Callable[..., Any], *a: Any, **k: Any) -> tuple[float, float, Any]:
         t = time.perf_counter(), time.process_time()

@@ -23,15 +23,12 @@ it during a durable sync only; this probe forces each setting on both.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import apollo_sync
@@ -97,25 +94,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/apollo-writeback"))
     args = ap.parse_args()
-    given = {"--size-gb": args.size_gb, "--steps": 1, "--lr": args.lr, "--device": args.device}
-    targs = train.parse_args([str(x) for kv in given.items() for x in kv])
     shutil.rmtree(args.dir, ignore_errors=True)
     base, work = args.dir / "base", args.dir / "work"
-    model = train.build_model(targs, train.pick_layers(targs))
-    model.save_pretrained(base)
-    apollo_sync.sync(base, model.state_dict())  # the log made, nothing changed
-    optimizer = train.OPTIMIZERS[args.optimizer](model, args.lr, targs)
-    gen = torch.Generator(device=args.device).manual_seed(targs.seed + 1)
-    train.train_step(model, optimizer, targs, gen)
-    live = model.state_dict()
+    live, _ = train.one_step_saved(base, args.size_gb, args.optimizer, args.lr, args.device)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-
-    def fresh() -> None:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(base, work)
-        os.sync()
-        for p in work.glob("*.safetensors"):
-            p.read_bytes()
 
     rows: dict[tuple[str, bool], list[tuple[float, float, int, float]]] = {}
     sampler = DirtyPeak()
@@ -127,7 +109,7 @@ def main() -> None:
                     SYNC_MODULE.Syncer = lambda *a, _every=every, **k: real(
                         *a, **{**k, "writeback_bytes": _every}
                     )
-                    fresh()
+                    train.fresh_copy(base, work)
                     sampler.start()
                     t, c = time.perf_counter(), time.process_time()
                     result = apollo_sync.sync(work, live, durable=durable)
