@@ -130,11 +130,12 @@ impl GenerationFlush {
 
     /// Waits for it to end.
     pub fn wait(&self) -> Outcome {
-        loop {
-            if let Some(done) = self.wait_for(Duration::from_secs(3600)) {
-                return done;
-            }
-        }
+        let o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let o = self
+            .ended
+            .wait_while(o, |o| o.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        o.clone().expect("ended")
     }
 
     /// Waits for it to end, at most `limit`; `None` if it still runs.
