@@ -864,6 +864,35 @@ def test_a_forked_child_does_not_wait_for_the_parents_flushes(tmp_path: Path) ->
     assert "fifo" in failed and layout.flushed() == 0
 
 
+def test_a_signal_interrupts_a_wait_for_a_flush(tmp_path: Path) -> None:
+    """Waiting for a flush (a sync's ``durable``, recovery, exit) lets a signal's
+    handler run: Ctrl-C stops the wait, not only once the flush ends."""
+    layout = gens.Layout(tmp_path)
+    layout.ensure()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    gens.start_flush(layout, 1, [fifo])  # blocks opening it until a reader comes
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    t = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            gens.wait_flushes(layout)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        with open(fifo, "rb"):  # lets the flush end (an fsync of a FIFO fails)
+            pass
+    assert time.monotonic() - t < 5
+
+
 def test_recover_reports_a_failed_flush_of_this_process_and_redoes_it(
     model_factory: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
