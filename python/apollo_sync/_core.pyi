@@ -1,12 +1,13 @@
 """Type stubs for the compiled core (checked against the binary by mypy.stubtest)."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, final
 
 __all__ = [
     "FAULTS",
+    "HISTORY_LIMIT",
     "HOLD_BYTES",
     "LOG_MIN_BLOCK",
     "MAX_BLOCK",
@@ -22,18 +23,23 @@ __all__ = [
     "LogStats",
     "LogWriter",
     "PlanError",
-    "RecoverReport",
+    "Recovered",
     "ShardChangedError",
     "ShardReport",
     "SyncIOError",
     "Syncer",
     "TensorEntry",
     "__version__",
+    "commit_logged",
+    "commit_unlogged",
+    "load_state",
+    "prune",
     "read_header",
     "read_log",
-    "recover_logs",
+    "recover_generations",
     "rollback_logs",
     "touch_durably",
+    "undo_uncommitted",
 ]
 
 __version__: str
@@ -43,6 +49,7 @@ HOLD_BYTES: int
 WRITEBACK_BYTES: int
 LOG_MIN_BLOCK: int
 FAULTS: bool
+HISTORY_LIMIT: int
 
 class ApolloSyncError(Exception): ...
 class HeaderError(ApolloSyncError): ...
@@ -187,7 +194,13 @@ class GenerationFlush:
     def wait(self) -> str | None: ...
 
 @final
-class RecoverReport:
+class Recovered:
+    @property
+    def generation(self) -> int: ...
+    @property
+    def rolled_back(self) -> list[int]: ...
+    @property
+    def rolled_forward(self) -> list[int]: ...
     @property
     def units(self) -> int: ...
     @property
@@ -198,8 +211,6 @@ class RecoverReport:
     def bytes_written(self) -> int: ...
     @property
     def files(self) -> list[str]: ...
-    @property
-    def undecided(self) -> list[tuple[str, int]]: ...
 
 @final
 class ApplyReport:
@@ -211,12 +222,40 @@ class ApplyReport:
     def files(self) -> list[str]: ...
 
 def read_log(path: str | os.PathLike[str]) -> LogInfo: ...
-def recover_logs(
-    model_dir: str | os.PathLike[str],
-    paths: Sequence[str | os.PathLike[str]],
-    committed: int,
-    force: bool,
-) -> RecoverReport: ...
+def load_state(root: str | os.PathLike[str], meta: str | os.PathLike[str]) -> str: ...
+def commit_logged(
+    root: str | os.PathLike[str],
+    meta: str | os.PathLike[str],
+    writer: LogWriter,
+    *,
+    bytes_changed: int,
+    files: Sequence[str],
+    tensors: Mapping[str, int],
+    rollback_to: int | None = None,
+) -> str: ...
+def commit_unlogged(
+    root: str | os.PathLike[str],
+    meta: str | os.PathLike[str],
+    number: int,
+    *,
+    bytes_changed: int,
+    files: Sequence[str],
+) -> str: ...
+def undo_uncommitted(
+    root: str | os.PathLike[str], meta: str | os.PathLike[str], number: int
+) -> None: ...
+def prune(
+    root: str | os.PathLike[str],
+    meta: str | os.PathLike[str],
+    keep: int,
+    max_bytes: int | None = None,
+) -> list[int]: ...
+def recover_generations(
+    root: str | os.PathLike[str],
+    meta: str | os.PathLike[str],
+    settle: Callable[[int, bool], bool],
+    limit: int | None = None,
+) -> Recovered | None: ...
 def rollback_logs(
     model_dir: str | os.PathLike[str],
     paths: Sequence[str | os.PathLike[str]],

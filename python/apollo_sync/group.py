@@ -533,17 +533,14 @@ def _commit_round(
         gens.record_last_sync(layout, result, time.monotonic() - started)
         return result
     # 3. prepare: this host's own commit record (its part of N durable in its log)
-    state = gens.load_state(layout)
     generation: gens.Generation | None = None
     try:
         if writer is not None:
             md = ModelDir.open(root)
             tensors = gens.tensor_elements(writer.runs(), writer.shards, _tensor_ranges(md))
-            state, generation = gens.commit_logged(
+            generation = gens.commit_logged(
                 layout,
-                state,
                 writer,
-                kind="sync",
                 bytes_changed=result.total_changed,
                 files=result.files_changed,
                 tensors=tensors,
@@ -553,15 +550,7 @@ def _commit_round(
             if failed:
                 raise JournalError(failed[0])
             gens.undo_uncommitted(layout, number)
-            generation = gens.Generation(
-                number=number,
-                time=time.time(),
-                kind="sync",
-                bytes_changed=0,
-                log_bytes=0,
-                log=False,
-            )
-            state = gens.commit_unlogged(layout, state, generation)
+            generation = gens.commit_unlogged(layout, number, bytes_changed=0, files=[])
         gens.fault_point("prepared")
         error = None
     except Exception as e:

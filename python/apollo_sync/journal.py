@@ -26,6 +26,11 @@ A committed generation keeps its log as a rollback point until pruning drops it
 (``keep`` generations and a byte budget; never past K). Rolling back to M walks
 the deltas of M+1..N back, itself as a new logged generation.
 
+The core owns these files (``rust/core/src/log/``: ``state.rs``, ``commit.rs``,
+``recovery.rs``, ``prune.rs``); this module holds the lock, this process's
+background flushes (which recovery asks about through a callback), and the
+Python API over them.
+
 Layout, under ``<model-dir>/.apollo_sync/``::
 
     lock            flock()ed: exclusively by writers, shared by readers
@@ -44,7 +49,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -55,19 +59,17 @@ from typing import Any
 
 import numpy as np
 
+from apollo_sync import _core
 from apollo_sync._core import (
     FAULTS,
     GenerationFlush,
-    LogInfo,
     LogWriter,
     read_log,
-    recover_logs,
     rollback_logs,
     touch_durably,
 )
 from apollo_sync.errors import (
     ApolloSyncError,
-    JournalError,
     LockedError,
     RollbackError,
     ShardChangedError,
@@ -78,7 +80,6 @@ from apollo_sync.shards import check_shards
 STATE_DIRNAME = ".apollo_sync"
 #: The group file, in ``.apollo_sync/``, of a directory several hosts write together.
 GROUP_FILENAME = "group.json"
-FORMAT = 2
 #: Generations whose logs are kept, by default.
 DEFAULT_KEEP = 20
 #: Log bytes kept, by default, as a fraction of the model's size. An APOLLO step
@@ -88,14 +89,11 @@ DEFAULT_BUDGET_FRACTION = 0.5
 #: Seconds a writer waits for another one to finish, by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
 #: Generations listed in ``state.json`` at most, besides those whose log is kept
-#: (never dropped). The file is rewritten at every commit, so it must not grow
-#: with the number of syncs a training run makes.
-HISTORY_LIMIT = 256
+#: (never dropped; the core's ``log/state.rs``).
+HISTORY_LIMIT: int = _core.HISTORY_LIMIT
 #: Seconds :func:`reading` waits for a writer's background flush to reach the
 #: checkpoint before it recovers instead.
 FLUSH_WAIT = 10.0
-#: The first bytes of a log file (docs/FORMAT.md).
-LOG_MAGIC = b"APSXLOG1"
 
 log = logging.getLogger(__name__)
 
@@ -390,87 +388,15 @@ def _read_holder(fd: int) -> str:
 
 
 def load_state(layout: Layout) -> State:
-    """The committed state (generation 0 with no history when there is none).
-    A state file of apollo_sync 0.1 (undo journals) is read as a history without
-    rollback points."""
-    try:
-        raw = json.loads(layout.state_path.read_text())
-    except FileNotFoundError:
-        return State()
-    except (OSError, ValueError) as e:
-        raise JournalError(f"{layout.state_path}: unreadable state file: {e}") from e
-    if isinstance(raw, dict) and raw.get("format") == 1:
-        return _from_format_1(layout, raw)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise JournalError(f"{layout.state_path}: not a format-{FORMAT} apollo_sync state file")
-    try:
-        history = [Generation(**g) for g in raw["history"]]
-        return State(
-            generation=int(raw["generation"]),
-            checkpoint=int(raw["checkpoint"]),
-            history=history,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise JournalError(f"{layout.state_path}: malformed state file: {e}") from e
-
-
-def _from_format_1(layout: Layout, raw: dict[str, Any]) -> State:
-    """The history of an apollo_sync 0.1 directory: its syncs were durable when
-    they returned; its undo journals cannot be read by this version."""
-    undo = layout.meta / "undo"
-    generation = int(raw["generation"])
-    pending = [p for p in undo.glob("*.undo") if p.stem.isdigit() and int(p.stem) > generation]
-    if pending:
-        raise JournalError(
-            f"{layout.root}: an interrupted sync of apollo_sync 0.1 awaits recovery "
-            f"({pending[0].name}); run `apollo-sync recover` with apollo_sync 0.1 first"
-        )
-    history = [
-        Generation(
-            number=g["number"],
-            time=g["time"],
-            kind=g["kind"],
-            bytes_changed=g["bytes_changed"],
-            log_bytes=0,
-            log=False,
-            files=g.get("files", []),
-            rollback_to=g.get("rollback_to"),
-            tensor_count=g.get("tensor_count") or len(g.get("tensors", [])),
-        )
-        for g in raw["history"]
-    ]
-    return State(generation=generation, checkpoint=generation, history=history)
-
-
-def save_state(layout: Layout, state: State, *, durable: bool = True) -> None:
-    """Replaces ``state.json`` atomically: its new bytes are made durable before
-    the rename, so a power cut leaves the old file or the new one, whole.
-    ``durable`` also makes the rename itself durable (one more fsync); a commit
-    whose log holds the commit record does without it, since recovery rebuilds
-    the entry from the log."""
-    layout.ensure()
-    body = {
-        "format": FORMAT,
-        "generation": state.generation,
-        "checkpoint": state.checkpoint,
-        "history": [g.to_dict() for g in state.history],
-    }
-    data = json.dumps(body, separators=(",", ":")).encode()
-    tmp = layout.state_path.with_suffix(".json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as f:  # write() loops over short writes; a full disk raises
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        if os.fstat(f.fileno()).st_size != len(data):
-            raise OSError(f"{tmp}: short write of the state file")
-    fault_point("state")
-    os.replace(tmp, layout.state_path)
-    if durable:
-        fsync_dir(layout.meta)
-    old = layout.meta / "undo"
-    if old.is_dir():  # apollo_sync 0.1's journals, unreadable now (see load_state)
-        shutil.rmtree(old, ignore_errors=True)
+    """The committed state (generation 0 with no history when there is none),
+    as the core reads ``state.json`` (``log/state.rs``: a state file of
+    apollo_sync 0.1 reads as a history without rollback points)."""
+    raw = json.loads(_core.load_state(layout.root, layout.meta))
+    return State(
+        generation=raw["generation"],
+        checkpoint=raw["checkpoint"],
+        history=[Generation(**g) for g in raw["history"]],
+    )
 
 
 def record_last_sync(layout: Layout, result: Any, wall_seconds: float) -> None:
@@ -591,20 +517,6 @@ def _flush_running(layout: Layout) -> bool:
         return any(f.running for f in _flushes.get(_key(layout), []))
 
 
-def _header_written(path: Path) -> bool:
-    """Whether a log's header reached the file. The first barrier writes it with
-    the first records and makes both durable before any in-place write; a log
-    without it covers no in-place byte (a damaged header past that point is
-    reported by the reader)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) < 16 or head[:8] == bytes(8):
-        return False  # nothing, or a page lost before any barrier (it reads as zeros)
-    if head[:8] != LOG_MAGIC:
-        return True  # something else: the reader reports it
-    return path.stat().st_size >= int.from_bytes(head[12:16], "little")
-
-
 def _pending_flush(layout: Layout) -> int:
     """The newest generation this process is still flushing, and that has not
     failed (0 if none)."""
@@ -648,38 +560,12 @@ class Recovered:
     files: list[str]
 
 
-def meta_of(info: LogInfo) -> dict[str, Any]:
-    try:
-        meta = json.loads(info.meta or "{}")
-    except ValueError as e:
-        raise JournalError(f"{info.path}: unreadable commit metadata: {e}") from e
-    if not isinstance(meta, dict):
-        raise JournalError(f"{info.path}: commit metadata is not an object")
-    return meta
-
-
-def generation_of(info: LogInfo) -> Generation:
-    """The history entry a committed log describes."""
-    meta = meta_of(info)
-    return Generation(
-        number=info.generation,
-        time=float(meta.get("time", 0.0)),
-        kind=info.kind,
-        bytes_changed=int(meta.get("bytes_changed", info.covered)),
-        log_bytes=info.bytes,
-        log=True,
-        elements_changed=info.elements,
-        files=list(meta.get("files", [])),
-        tensors={str(k): int(v) for k, v in meta.get("tensors", {}).items()},
-        rollback_to=meta.get("rollback_to"),
-    )
-
-
 def recover_locked(layout: Layout, limit: int | None = None) -> tuple[Recovered | None, list[str]]:
     """Brings the directory to its last committed generation with the shards
-    durable, whatever was interrupted, and cleans up leftovers. Returns what it
-    did (None when there was nothing to do) and warnings (failed background
-    flushes of this process, now redone). The caller holds the exclusive lock.
+    durable, whatever was interrupted, and cleans up leftovers (the core's
+    ``log/recovery.rs``). Returns what it did (None when there was nothing to
+    do) and warnings (failed background flushes of this process, now redone).
+    The caller holds the exclusive lock.
 
     The flush this process may still be running for the last generation is left
     to go on (it will mark the checkpoint); any older one is waited for.
@@ -688,155 +574,61 @@ def recover_locked(layout: Layout, limit: int | None = None) -> tuple[Recovered 
     group committed. A generation this host committed past it was prepared but
     never committed by the group: it is rolled back through its records like an
     uncommitted one, and the checkpoint is taken as no later than ``limit``."""
-    state = load_state(layout)
-    logs = layout.logs()
-    ahead = limit is not None and (state.generation > limit or any(n > limit for n in logs))
-    if ahead:
-        warnings = wait_flushes(layout)  # none of this process's may go on
-    else:
-        warnings = wait_flushes(layout, state.generation - 1)
+    warnings: list[str] = []
+
+    def settle(generation: int, ahead: bool) -> bool:
+        """This process's flushes, once recovery knows the last committed
+        generation: returns whether the flush of that generation goes on."""
+        if ahead:  # none of this host's flushes may go on
+            warnings.extend(wait_flushes(layout))
+            return False
+        warnings.extend(wait_flushes(layout, generation - 1))
         if not _flush_running(layout):
-            warnings += wait_flushes(layout)  # finished: collect its error, if any
-    uncommitted: list[int] = []
-    for n in sorted(x for x in logs if x > state.generation):
-        if not _header_written(logs[n]):
-            # no barrier ever completed for it, so nothing was written in place
-            logs[n].unlink()
-            del logs[n]
-            continue
-        info = read_log(logs[n])
-        if info.committed and (limit is None or n <= limit):
-            # committed, then killed before the state file said so
-            state = _with_generation(state, generation_of(info))
-            save_state(layout, state)
-        else:
-            uncommitted.append(n)
-    dropped = False
-    if limit is not None and state.generation > limit:
-        # prepared here, never committed by the group: undone like uncommitted work
-        uncommitted = sorted({*uncommitted, *(n for n in logs if limit < n <= state.generation)})
-        state = State(
-            generation=limit,
-            checkpoint=min(state.checkpoint, limit),
-            history=[g for g in state.history if g.number <= limit],
+            warnings.extend(wait_flushes(layout))  # finished: collect its error, if any
+        if _pending_flush(layout) == generation and not warnings:
+            return True  # this process is flushing it: not a crash
+        warnings.extend(wait_flushes(layout))
+        return False
+
+    try:
+        done = _core.recover_generations(layout.root, layout.meta, settle, limit)
+    except ShardChangedError as e:
+        e.add_note(
+            f"if the files were replaced on purpose, remove {layout.meta} to start a new "
+            "history (its rollback points are lost with it)"
         )
-        dropped = True
-    if limit is not None and state.generation < limit:
-        raise JournalError(
-            f"{layout.meta}: this host is at generation {state.generation}, but the group "
-            f"committed generation {limit}: its namespace was removed or replaced"
-        )
-    own = not ahead and _pending_flush(layout) == state.generation and not warnings
-    if own:
-        k = state.generation  # this process is flushing it: not a crash
-    else:
-        warnings += wait_flushes(layout)
-        k = checkpoint(layout, state)
-    if limit is not None:
-        k = min(k, limit)
-        stale = [p for n, p in layout._numbered("*.flushed").items() if n > limit]
-        for p in stale:  # a marker of a generation the group did not commit
-            p.unlink()
-        if stale:
-            fsync_dir(layout.log_dir)
-    missing = [n for n in range(k + 1, state.generation + 1) if n not in logs]
-    if missing:
-        raise JournalError(
-            f"{layout.root}: generation(s) {missing} are not on disk yet and have no log; "
-            "cannot tell what the files hold"
-        )
-    redo = [n for n in sorted(logs) if k < n <= state.generation]
-    done = None
-    if redo or uncommitted:
-        try:
-            report = recover_logs(
-                layout.root,
-                [logs[n] for n in [*redo, *uncommitted]],
-                len(redo),
-                True,  # rewrite even what reads right: a failed writeback may have marked it clean
-            )
-        except ShardChangedError as e:
-            e.add_note(
-                f"if the files were replaced on purpose, remove {layout.meta} to start a new "
-                "history (its rollback points are lost with it)"
-            )
-            raise
-        if report.undecided:
-            places = ", ".join(f"{f} at {o}" for f, o in report.undecided[:10])
-            raise JournalError(
-                f"{layout.root}: {len(report.undecided)} 4 KiB unit(s) match no state of "
-                f"their generations ({places}{' ...' if len(report.undecided) > 10 else ''}); "
-                "they were left as they are, and nothing else is lost: the logs stay for "
-                "inspection. Restore those files from a copy, or sync from the live weights."
-            )
-        if dropped:
-            save_state(layout, state)
-        for n in uncommitted:
-            fault_point("recover")
-            logs[n].unlink()
-        if state.generation and not own:  # else this process's flush marks it
-            touch_durably(layout.marker_path(state.generation))
-        done = Recovered(
-            generation=state.generation,
-            rolled_back=uncommitted,
-            rolled_forward=redo,
-            units=report.units,
-            units_written=report.units_written,
-            torn=report.torn,
-            bytes_written=report.bytes_written,
-            files=list(report.files),
-        )
-        log.warning(
-            "%s: recovered to generation %d: rolled back %s, checked %s; %d of %d unit(s) "
-            "rewritten, %d torn",
-            layout.root,
-            done.generation,
-            done.rolled_back or "nothing",
-            done.rolled_forward or "nothing",
-            done.units_written,
-            done.units,
-            done.torn,
-            extra={"event": "recovered", "model_dir": str(layout.root), **vars(done)},
-        )
-    elif dropped:  # a generation without a log (this host changed nothing in it)
-        save_state(layout, state)
-    _clean_leftovers(layout, state)
-    return done, warnings
+        raise
+    if done is None:
+        return None, warnings
+    recovered = Recovered(
+        generation=done.generation,
+        rolled_back=list(done.rolled_back),
+        rolled_forward=list(done.rolled_forward),
+        units=done.units,
+        units_written=done.units_written,
+        torn=done.torn,
+        bytes_written=done.bytes_written,
+        files=list(done.files),
+    )
+    log.warning(
+        "%s: recovered to generation %d: rolled back %s, checked %s; %d of %d unit(s) "
+        "rewritten, %d torn",
+        layout.root,
+        recovered.generation,
+        recovered.rolled_back or "nothing",
+        recovered.rolled_forward or "nothing",
+        recovered.units_written,
+        recovered.units,
+        recovered.torn,
+        extra={"event": "recovered", "model_dir": str(layout.root), **vars(recovered)},
+    )
+    return recovered, warnings
 
 
 def _log_warnings(layout: Layout, warnings: list[str]) -> None:
     """Logs what recovery reported to a caller that returns no list of warnings."""
     for w in warnings:
         log.warning("%s: %s", layout.root, w, extra={"event": "warning"})
-
-
-def _clean_leftovers(layout: Layout, state: State) -> None:
-    """Removes the logs of pruned generations (an interrupted prune) and markers
-    older than the newest."""
-    for number, path in layout.logs().items():
-        g = state.find(number)
-        if number <= state.generation and (g is None or not g.log):
-            path.unlink()
-    newest = layout.flushed()
-    for number, path in layout._numbered("*.flushed").items():
-        if number < newest:
-            path.unlink()
-
-
-def _with_generation(state: State, generation: Generation) -> State:
-    """``state`` with ``generation`` committed; the oldest generations without a
-    log are dropped from the history beyond :data:`HISTORY_LIMIT`."""
-    history = [g for g in state.history if g.number != generation.number] + [generation]
-    excess = len(history) - HISTORY_LIMIT
-    if excess > 0:
-        old = {g.number for g in history[:-1] if not g.log}
-        drop = set(sorted(old)[:excess])
-        history = [g for g in history if g.number not in drop]
-    return State(
-        generation=max(state.generation, generation.number),
-        checkpoint=state.checkpoint,
-        history=history,
-    )
 
 
 def recover(
@@ -964,116 +756,53 @@ def tensor_elements(
     return found
 
 
-def commit_meta(
-    *,
-    kind: str,
-    bytes_changed: int,
-    files: list[str],
-    tensors: dict[str, int],
-    rollback_to: int | None = None,
-) -> str:
-    """The metadata a commit record carries (the history entry it stands for)."""
-    return json.dumps(
-        {
-            "time": time.time(),
-            "kind": kind,
-            "bytes_changed": bytes_changed,
-            "files": files,
-            "tensors": tensors,
-            "rollback_to": rollback_to,
-        }
-    )
-
-
 def commit_logged(
     layout: Layout,
-    state: State,
     writer: LogWriter,
     *,
-    kind: str,
     bytes_changed: int,
     files: list[str],
     tensors: dict[str, int],
     rollback_to: int | None = None,
-) -> tuple[State, Generation]:
-    """Commits the generation ``writer`` logged (its commit record: the commit
-    point), then writes its history entry into ``state.json``."""
-    meta = commit_meta(
-        kind=kind,
+) -> Generation:
+    """Commits the generation ``writer`` logged: its commit record (the commit
+    point), then its entry in ``state.json`` (the core's ``log/commit.rs``)."""
+    entry = _core.commit_logged(
+        layout.root,
+        layout.meta,
+        writer,
         bytes_changed=bytes_changed,
         files=files,
         tensors=tensors,
         rollback_to=rollback_to,
     )
-    stats = writer.commit(meta)
-    fault_point("committed")
-    number = int(writer.path.stem)
-    generation = Generation(
-        number=number,
-        time=float(json.loads(meta)["time"]),
-        kind=kind,
-        bytes_changed=bytes_changed,
-        log_bytes=stats.bytes,
-        log=True,
-        elements_changed=stats.elements,
-        files=files,
-        tensors=tensors,
-        rollback_to=rollback_to,
+    return Generation(**json.loads(entry))
+
+
+def commit_unlogged(
+    layout: Layout, number: int, *, bytes_changed: int, files: list[str]
+) -> Generation:
+    """Commits generation ``number``, synced without a log (its shards already
+    durable): its entry, and the checkpoint moved to it."""
+    entry = _core.commit_unlogged(
+        layout.root, layout.meta, number, bytes_changed=bytes_changed, files=files
     )
-    new = _with_generation(state, generation)
-    save_state(layout, new, durable=False)  # the commit record is the commit point
-    return new, generation
-
-
-def commit_unlogged(layout: Layout, state: State, generation: Generation) -> State:
-    """Commits a generation synced without a log (its shards already durable)."""
-    new = _with_generation(state, generation)
-    new.checkpoint = generation.number
-    save_state(layout, new)
-    return new
+    return Generation(**json.loads(entry))
 
 
 def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
     """Drops the logs of old generations beyond ``keep`` of them or beyond
     ``max_bytes`` in total (the newest is always kept, and none after the
-    checkpoint). The state is committed first, then the files removed, so a
-    crash leaves only files that recovery deletes. Returns the generations
-    pruned."""
-    state = load_state(layout)
-    k = checkpoint(layout, state)
-    kept = [g for g in reversed(state.history) if g.log]
-    total = 0
-    drop: list[int] = []
-    for i, g in enumerate(kept):
-        total += g.log_bytes
-        over = i >= keep or (max_bytes is not None and total > max_bytes)
-        if i > 0 and over and g.number <= k:
-            drop.append(g.number)
-    if not drop:
-        return []
-    # A generation is a rollback point only while every later log is kept: drop
-    # everything older than the newest dropped one too.
-    newest = max(drop)
-    drop = [g.number for g in kept if g.number <= newest]
-    history = [
-        replace(g, log=False, log_bytes=0, tensors={}, tensor_count=g.touched)
-        if g.number in drop
-        else g
-        for g in state.history
-    ]
-    save_state(layout, State(state.generation, state.checkpoint, history))
-    for number in drop:
-        fault_point("prune")
-        with contextlib.suppress(FileNotFoundError):
-            layout.log_path(number).unlink()
-    fsync_dir(layout.log_dir)
-    log.info(
-        "%s: dropped the logs of generation(s) %s",
-        layout.root,
-        sorted(drop),
-        extra={"event": "pruned", "model_dir": str(layout.root), "generations": sorted(drop)},
-    )
-    return sorted(drop)
+    checkpoint; the core's ``log/prune.rs``). Returns the generations pruned."""
+    drop: list[int] = _core.prune(layout.root, layout.meta, keep, max_bytes)
+    if drop:
+        log.info(
+            "%s: dropped the logs of generation(s) %s",
+            layout.root,
+            drop,
+            extra={"event": "pruned", "model_dir": str(layout.root), "generations": drop},
+        )
+    return drop
 
 
 def default_budget(model_dir: str | os.PathLike[str]) -> int:
@@ -1169,11 +898,9 @@ def rollback(
                 if g is not None:
                     for t, n in g.tensors.items():
                         tensors[t] = tensors.get(t, 0) + n
-            _, generation = commit_logged(
+            generation = commit_logged(
                 layout,
-                state,
                 writer,
-                kind="rollback",
                 bytes_changed=report.bytes,
                 files=list(report.files),
                 tensors=tensors,
@@ -1220,19 +947,8 @@ def undo_uncommitted(layout: Layout, number: int) -> str | None:
     otherwise why it could not (the disk is gone, say): the log then stays for
     the next recovery."""
     path = layout.log_path(number)
-    if not path.exists():
-        return None
     try:
-        if not _header_written(path):
-            path.unlink()  # no barrier completed: nothing was written in place
-            return None
-        if read_log(path).committed:
-            return None
-        report = recover_logs(layout.root, [path], 0, False)
-        if report.undecided:
-            raise JournalError(f"{len(report.undecided)} unit(s) match no state")
-        path.unlink()
-        fsync_dir(layout.log_dir)
+        _core.undo_uncommitted(layout.root, layout.meta, number)
     except (ApolloSyncError, OSError) as e:
         return (
             f"could not yet put back what generation {number} wrote ({e}); its log "

@@ -568,26 +568,17 @@ def _sync_locked(
         try:
             if writer is not None:
                 tensors = gens.tensor_elements(writer.runs(), writer.shards, _tensor_ranges(md))
-                state, generation = gens.commit_logged(
+                generation = gens.commit_logged(
                     layout,
-                    state,
                     writer,
-                    kind="sync",
                     bytes_changed=result.total_changed,
                     files=result.files_changed,
                     tensors=tensors,
                 )
             else:
-                generation = gens.Generation(
-                    number=number,
-                    time=time.time(),
-                    kind="sync",
-                    bytes_changed=result.total_changed,
-                    log_bytes=0,
-                    log=False,
-                    files=result.files_changed,
+                generation = gens.commit_unlogged(
+                    layout, number, bytes_changed=result.total_changed, files=result.files_changed
                 )
-                state = gens.commit_unlogged(layout, state, generation)
         except BaseException as e:
             gens.undo_unless_committed(layout, number, e)
             raise

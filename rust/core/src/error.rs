@@ -33,6 +33,12 @@ pub enum Error {
     #[error("{path}: damaged log: {reason}")]
     Log { path: PathBuf, reason: String },
 
+    /// A model directory's generation files that say something impossible:
+    /// an unreadable `state.json`, a generation the shards may hold that has
+    /// no log, units that match no state of their chain. Nothing is changed.
+    #[error("{path}: {reason}")]
+    State { path: PathBuf, reason: String },
+
     /// The caller asked for something inconsistent (a segment outside its
     /// tensor region, out of order, a bad block size). Nothing is written.
     #[error("{0}")]
@@ -40,6 +46,13 @@ pub enum Error {
 }
 
 impl Error {
+    pub(crate) fn state(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::State {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -13,7 +13,9 @@
 //! - [`diff`]: the block-diff kernel, and each job compared with it.
 //! - [`delta`]: the element-level XOR-delta codec of one delta-log record.
 //! - [`log`]: the XOR-delta log that makes a sync atomic, crash-safe and
-//!   undoable: format, writer, reader, recovery and rollback.
+//!   undoable: format, writer, reader, recovery and rollback; and the
+//!   generations of a directory built on it (`state.json`, the commit,
+//!   recovery of the directory, pruning).
 //! - `apply/`: the in-place writes (held runs, the commit thread, the writer
 //!   threads).
 //! - [`flush`]: shards made durable (after the commit, with the checkpoint

@@ -51,6 +51,6 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Changed { .. } => ShardChangedError::new_err(msg),
         Error::Io { .. } => SyncIOError::new_err(msg),
         Error::Plan(_) => PlanError::new_err(msg),
-        Error::Log { .. } => JournalError::new_err(msg),
+        Error::Log { .. } | Error::State { .. } => JournalError::new_err(msg),
     }
 }

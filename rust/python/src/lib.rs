@@ -35,12 +35,18 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<log::LogInfo>()?;
     m.add_class::<log::LogStats>()?;
     m.add_class::<log::LogWriter>()?;
-    m.add_class::<log::RecoverReport>()?;
     m.add_class::<log::ApplyReport>()?;
     m.add_class::<log::GenerationFlush>()?;
     m.add_function(wrap_pyfunction!(log::touch_durably, m)?)?;
     m.add_function(wrap_pyfunction!(log::read_log, m)?)?;
-    m.add_function(wrap_pyfunction!(log::recover_logs, m)?)?;
     m.add_function(wrap_pyfunction!(log::rollback_logs, m)?)?;
+    m.add_class::<log::Recovered>()?;
+    m.add_function(wrap_pyfunction!(log::load_state, m)?)?;
+    m.add_function(wrap_pyfunction!(log::commit_logged, m)?)?;
+    m.add_function(wrap_pyfunction!(log::commit_unlogged, m)?)?;
+    m.add_function(wrap_pyfunction!(log::undo_uncommitted, m)?)?;
+    m.add_function(wrap_pyfunction!(log::prune, m)?)?;
+    m.add_function(wrap_pyfunction!(log::recover_generations, m)?)?;
+    m.add("HISTORY_LIMIT", apollo_sync_core::log::state::HISTORY_LIMIT)?;
     Ok(())
 }

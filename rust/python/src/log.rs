@@ -1,11 +1,14 @@
 //! The XOR-delta log: read one back, commit one, recover, roll back; and
 //! after a commit, the flush that marks the checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use apollo_sync_core::flush;
-use apollo_sync_core::log::{self, apply, DeltaLog, Kind, LogFile, LogSpec};
+use apollo_sync_core::log::{
+    self, apply, DeltaLog, Entry, Flushes, GenDir, Generation, Kind, LogFile, LogSpec, State,
+};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
@@ -119,45 +122,6 @@ impl LogWriter {
             covered: s.covered,
         })
     }
-}
-
-/// What recovery found and did.
-#[pyclass(module = "apollo_sync._core", frozen, get_all)]
-pub struct RecoverReport {
-    units: u64,
-    units_written: u64,
-    torn: u64,
-    bytes_written: u64,
-    files: Vec<String>,
-    undecided: Vec<(String, u64)>,
-}
-
-/// Brings every unit the logs at `paths` (generation order, from the
-/// checkpoint on) touch to the state after `paths[:committed]`, rolling the
-/// rest back; `force` rewrites units already there. Makes the shards durable.
-#[pyfunction]
-pub fn recover_logs(
-    py: Python<'_>,
-    model_dir: PathBuf,
-    paths: Vec<PathBuf>,
-    committed: usize,
-    force: bool,
-) -> PyResult<RecoverReport> {
-    let r = py
-        .detach(|| {
-            let logs = open_all(&paths)?;
-            let refs: Vec<&LogFile> = logs.iter().collect();
-            apply::recover(&model_dir, &refs, committed, force)
-        })
-        .map_err(to_py)?;
-    Ok(RecoverReport {
-        units: r.units,
-        units_written: r.units_written,
-        torn: r.torn,
-        bytes_written: r.bytes_written,
-        files: r.files,
-        undecided: r.undecided,
-    })
 }
 
 /// What a rollback wrote.
@@ -274,4 +238,167 @@ fn failure(outcome: Option<flush::Outcome>) -> Option<String> {
 #[pyfunction]
 pub fn touch_durably(py: Python<'_>, path: PathBuf) -> PyResult<()> {
     py.detach(|| flush::touch_durably(&path)).map_err(to_py)
+}
+
+/// The generation files of `root`, under `meta`.
+fn gen_dir(root: PathBuf, meta: PathBuf) -> GenDir {
+    GenDir::new(root, meta)
+}
+
+/// The state file under `meta` (`state.rs`), as JSON text: `generation`,
+/// `checkpoint`, `history` (one object per generation).
+#[pyfunction]
+pub fn load_state(py: Python<'_>, root: PathBuf, meta: PathBuf) -> PyResult<String> {
+    let state = py
+        .detach(|| State::load(&gen_dir(root, meta)))
+        .map_err(to_py)?;
+    Ok(state.to_json())
+}
+
+/// Commits the generation `writer` logged: its commit record, then its entry
+/// in the state file. Returns the entry (JSON text).
+#[pyfunction]
+#[pyo3(signature = (root, meta, writer, *, bytes_changed, files, tensors, rollback_to = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn commit_logged(
+    py: Python<'_>,
+    root: PathBuf,
+    meta: PathBuf,
+    writer: &LogWriter,
+    bytes_changed: u64,
+    files: Vec<String>,
+    tensors: BTreeMap<String, u64>,
+    rollback_to: Option<u64>,
+) -> PyResult<String> {
+    let entry = Entry {
+        bytes_changed,
+        files,
+        tensors,
+        rollback_to,
+    };
+    let inner = writer.inner.clone();
+    let (_, generation) = py
+        .detach(|| log::commit_logged(&gen_dir(root, meta), &inner, entry))
+        .map_err(to_py)?;
+    Ok(generation.to_json())
+}
+
+/// Commits generation `number`, synced without a log (its shards durable):
+/// its entry, and the checkpoint moved to it. Returns the entry (JSON text).
+#[pyfunction]
+#[pyo3(signature = (root, meta, number, *, bytes_changed, files))]
+pub fn commit_unlogged(
+    py: Python<'_>,
+    root: PathBuf,
+    meta: PathBuf,
+    number: u64,
+    bytes_changed: u64,
+    files: Vec<String>,
+) -> PyResult<String> {
+    let generation = Generation {
+        number,
+        time: 0.0, // now
+        kind: Kind::Sync.name().to_owned(),
+        bytes_changed,
+        log_bytes: 0,
+        log: false,
+        elements_changed: 0,
+        files,
+        tensors: BTreeMap::new(),
+        rollback_to: None,
+        tensor_count: None,
+    };
+    let state = py
+        .detach(|| log::commit_unlogged(&gen_dir(root, meta), generation))
+        .map_err(to_py)?;
+    Ok(state.find(number).expect("just committed").to_json())
+}
+
+/// Puts back what the uncommitted log of generation `number` wrote, then
+/// removes the log (nothing when it is gone, empty or committed).
+#[pyfunction]
+pub fn undo_uncommitted(py: Python<'_>, root: PathBuf, meta: PathBuf, number: u64) -> PyResult<()> {
+    py.detach(|| log::undo_uncommitted(&gen_dir(root, meta), number))
+        .map_err(to_py)
+}
+
+/// Drops old rollback points (`prune.rs`); returns their generations.
+#[pyfunction]
+#[pyo3(signature = (root, meta, keep, max_bytes = None))]
+pub fn prune(
+    py: Python<'_>,
+    root: PathBuf,
+    meta: PathBuf,
+    keep: usize,
+    max_bytes: Option<u64>,
+) -> PyResult<Vec<u64>> {
+    py.detach(|| log::prune(&gen_dir(root, meta), keep, max_bytes))
+        .map_err(to_py)
+}
+
+/// What recovery did (`recovery.rs`).
+#[pyclass(module = "apollo_sync._core", frozen, get_all)]
+pub struct Recovered {
+    generation: u64,
+    rolled_back: Vec<u64>,
+    rolled_forward: Vec<u64>,
+    units: u64,
+    units_written: u64,
+    torn: u64,
+    bytes_written: u64,
+    files: Vec<String>,
+}
+
+/// The Python package's flushes, asked through `settle(generation, ahead)`.
+struct Settle<'a> {
+    settle: &'a Py<PyAny>,
+    /// What the callable raised (raised again once the GIL is back).
+    raised: Option<PyErr>,
+}
+
+impl Flushes for Settle<'_> {
+    fn settle(&mut self, generation: u64, ahead: bool) -> apollo_sync_core::Result<bool> {
+        Python::attach(|py| {
+            self.settle
+                .call1(py, (generation, ahead))
+                .and_then(|own| own.extract::<bool>(py))
+        })
+        .map_err(|e| {
+            self.raised = Some(e);
+            apollo_sync_core::Error::Plan("settling the flushes failed".into())
+        })
+    }
+}
+
+/// Brings the directory to its last committed generation (for one host of a
+/// group, `limit`: the group's). `settle(generation, ahead) -> bool` waits for
+/// this process's flushes that may not go on and says whether its flush of
+/// `generation` goes on. Returns what it did, or `None`.
+#[pyfunction]
+#[pyo3(signature = (root, meta, settle, limit = None))]
+pub fn recover_generations(
+    py: Python<'_>,
+    root: PathBuf,
+    meta: PathBuf,
+    settle: Py<PyAny>,
+    limit: Option<u64>,
+) -> PyResult<Option<Recovered>> {
+    let mut flushes = Settle {
+        settle: &settle,
+        raised: None,
+    };
+    let done = py.detach(|| log::recovery::recover(&gen_dir(root, meta), limit, &mut flushes));
+    if let Some(e) = flushes.raised.take() {
+        return Err(e);
+    }
+    Ok(done.map_err(to_py)?.map(|r| Recovered {
+        generation: r.generation,
+        rolled_back: r.rolled_back,
+        rolled_forward: r.rolled_forward,
+        units: r.units,
+        units_written: r.units_written,
+        torn: r.torn,
+        bytes_written: r.bytes_written,
+        files: r.files,
+    }))
 }

@@ -413,10 +413,8 @@ pub fn current_bindings(dir: &Path, logs: &[&LogFile]) -> Result<Vec<ShardBindin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::testing::{bytes, step, sync_logged};
     use crate::log::{Kind, LogSpec};
-    use crate::sync::{Options, Segment, ShardSpec, Syncer};
-
-    const DATA_START: u64 = 64;
 
     /// A shard of `n` bytes whose first 64 bytes stand for its header.
     fn shard(dir: &Path, bytes: &[u8]) -> PathBuf {
@@ -425,50 +423,11 @@ mod tests {
         p
     }
 
-    fn bytes(n: usize, seed: u8) -> Vec<u8> {
-        (0..n)
-            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
-            .collect()
-    }
-
-    /// Like a training step: a few elements of every block move.
-    fn step(v: &[u8], seed: usize) -> Vec<u8> {
-        let mut out = v.to_vec();
-        for i in (DATA_START as usize + seed % 7..v.len()).step_by(1499) {
-            out[i] = out[i].wrapping_add(1 + (seed % 5) as u8);
-        }
-        out
-    }
-
     /// Syncs `live` into the shard as logged generation `generation`;
     /// commits it unless `commit` is false. Returns the log's path.
     fn sync_gen(p: &Path, live: &[u8], generation: u64, commit: bool) -> PathBuf {
         let path = p.with_file_name(format!("{generation}.xlog"));
-        let opts = Options {
-            log: Some(LogSpec {
-                path: path.clone(),
-                generation,
-                kind: Kind::Sync,
-            }),
-            hold_bytes: 20_000, // several barriers
-            ..Options::default()
-        };
-        let spec = ShardSpec {
-            path: p.to_path_buf(),
-            data_start: DATA_START,
-            file_len: live.len() as u64,
-        };
-        let mut s = Syncer::new(vec![spec], opts).unwrap();
-        let body = &live[DATA_START as usize..];
-        let seg = Segment {
-            shard: 0,
-            offset: DATA_START,
-            data: crate::live::Live::Mem(body),
-            width: 2,
-        };
-        s.feed(&[seg]).unwrap();
-        let log = s.log().unwrap();
-        s.finish().unwrap();
+        let log = sync_logged(p, path.clone(), live, generation);
         if commit {
             log.commit(br#"{"test": true}"#).unwrap();
         }

@@ -123,6 +123,14 @@ impl DeltaLog {
         &self.header.shards
     }
 
+    pub fn generation(&self) -> u64 {
+        self.header.generation
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.header.kind
+    }
+
     fn lock(&self) -> MutexGuard<'_, Option<Open>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
