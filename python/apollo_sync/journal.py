@@ -391,12 +391,8 @@ def load_state(layout: Layout) -> State:
     """The committed state (generation 0 with no history when there is none),
     as the core reads ``state.json`` (``log/state.rs``: a state file of
     apollo_sync 0.1 reads as a history without rollback points)."""
-    raw = json.loads(_core.load_state(layout.root, layout.meta))
-    return State(
-        generation=raw["generation"],
-        checkpoint=raw["checkpoint"],
-        history=[Generation(**g) for g in raw["history"]],
-    )
+    generation, checkpoint, history = _core.load_state(layout.root, layout.meta)
+    return State(generation, checkpoint, [Generation(**g) for g in history])
 
 
 def record_last_sync(layout: Layout, result: Any, wall_seconds: float) -> None:
@@ -776,7 +772,7 @@ def commit_logged(
         tensors=tensors,
         rollback_to=rollback_to,
     )
-    return Generation(**json.loads(entry))
+    return Generation(**entry)
 
 
 def commit_unlogged(
@@ -787,7 +783,7 @@ def commit_unlogged(
     entry = _core.commit_unlogged(
         layout.root, layout.meta, number, bytes_changed=bytes_changed, files=files
     )
-    return Generation(**json.loads(entry))
+    return Generation(**entry)
 
 
 def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:

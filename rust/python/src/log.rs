@@ -10,6 +10,7 @@ use apollo_sync_core::log::{
     self, apply, DeltaLog, Entry, Flushes, GenDir, Generation, Kind, LogFile, LogSpec, State,
 };
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::errors::to_py;
 
@@ -245,14 +246,41 @@ fn gen_dir(root: PathBuf, meta: PathBuf) -> GenDir {
     GenDir::new(root, meta)
 }
 
-/// The state file under `meta` (`state.rs`), as JSON text: `generation`,
-/// `checkpoint`, `history` (one object per generation).
+/// A history entry as a dict of its fields (the keyword arguments of the
+/// package's `Generation`).
+fn entry_dict<'py>(py: Python<'py>, g: &Generation) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("number", g.number)?;
+    d.set_item("time", g.time)?;
+    d.set_item("kind", &g.kind)?;
+    d.set_item("bytes_changed", g.bytes_changed)?;
+    d.set_item("log_bytes", g.log_bytes)?;
+    d.set_item("log", g.log)?;
+    d.set_item("elements_changed", g.elements_changed)?;
+    d.set_item("files", &g.files)?;
+    d.set_item("tensors", &g.tensors)?;
+    d.set_item("rollback_to", g.rollback_to)?;
+    d.set_item("tensor_count", g.tensor_count)?;
+    Ok(d)
+}
+
+/// The state file under `meta` (`state.rs`): `(generation, checkpoint,
+/// history)`, each entry a dict of its fields.
 #[pyfunction]
-pub fn load_state(py: Python<'_>, root: PathBuf, meta: PathBuf) -> PyResult<String> {
+pub fn load_state<'py>(
+    py: Python<'py>,
+    root: PathBuf,
+    meta: PathBuf,
+) -> PyResult<(u64, u64, Vec<Bound<'py, PyDict>>)> {
     let state = py
         .detach(|| State::load(&gen_dir(root, meta)))
         .map_err(to_py)?;
-    Ok(state.to_json())
+    let history = state
+        .history
+        .iter()
+        .map(|g| entry_dict(py, g))
+        .collect::<PyResult<_>>()?;
+    Ok((state.generation, state.checkpoint, history))
 }
 
 /// Commits the generation `writer` logged: its commit record, then its entry
@@ -260,8 +288,8 @@ pub fn load_state(py: Python<'_>, root: PathBuf, meta: PathBuf) -> PyResult<Stri
 #[pyfunction]
 #[pyo3(signature = (root, meta, writer, *, bytes_changed, files, tensors, rollback_to = None))]
 #[allow(clippy::too_many_arguments)]
-pub fn commit_logged(
-    py: Python<'_>,
+pub fn commit_logged<'py>(
+    py: Python<'py>,
     root: PathBuf,
     meta: PathBuf,
     writer: &LogWriter,
@@ -269,7 +297,7 @@ pub fn commit_logged(
     files: Vec<String>,
     tensors: BTreeMap<String, u64>,
     rollback_to: Option<u64>,
-) -> PyResult<String> {
+) -> PyResult<Bound<'py, PyDict>> {
     let entry = Entry {
         bytes_changed,
         files,
@@ -280,21 +308,21 @@ pub fn commit_logged(
     let (_, generation) = py
         .detach(|| log::commit_logged(&gen_dir(root, meta), &inner, entry))
         .map_err(to_py)?;
-    Ok(generation.to_json())
+    entry_dict(py, &generation)
 }
 
 /// Commits generation `number`, synced without a log (its shards durable):
 /// its entry, and the checkpoint moved to it. Returns the entry (JSON text).
 #[pyfunction]
 #[pyo3(signature = (root, meta, number, *, bytes_changed, files))]
-pub fn commit_unlogged(
-    py: Python<'_>,
+pub fn commit_unlogged<'py>(
+    py: Python<'py>,
     root: PathBuf,
     meta: PathBuf,
     number: u64,
     bytes_changed: u64,
     files: Vec<String>,
-) -> PyResult<String> {
+) -> PyResult<Bound<'py, PyDict>> {
     let generation = Generation {
         number,
         time: 0.0, // now
@@ -311,7 +339,7 @@ pub fn commit_unlogged(
     let state = py
         .detach(|| log::commit_unlogged(&gen_dir(root, meta), generation))
         .map_err(to_py)?;
-    Ok(state.find(number).expect("just committed").to_json())
+    entry_dict(py, state.find(number).expect("just committed"))
 }
 
 /// Puts back what the uncommitted log of generation `number` wrote, then
