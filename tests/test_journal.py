@@ -34,6 +34,7 @@ from apollo_sync.errors import (
     JournalError,
     LayoutError,
     LockedError,
+    PlanError,
     RollbackError,
     TornSyncError,
     UnsafeShardError,
@@ -185,6 +186,27 @@ def test_pruning_keeps_the_newest_and_refuses_rollback_past_them(model_factory: 
     # A byte budget smaller than one generation keeps only the newest.
     assert gens.prune(root, keep=100, max_bytes=1) == [4, 5]
     assert sorted(layout.logs()) == [6]
+
+
+def test_a_bad_retention_is_refused_before_anything_is_written(model_factory: Factory) -> None:
+    """A negative count or budget used to fail at the pruning, after the commit;
+    now nothing is written, not even the lock file."""
+    live = base()
+    root = model_factory(live)
+    before = shards_digest(root)
+    step(live, seed=1)
+    for bad in ({"keep": -1}, {"undo_budget": -1}, {"keep": 2.5}):
+        with pytest.raises(PlanError, match="a whole number ≥ 0 is needed"):
+            apollo_sync.sync(root, live, **bad)  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="a whole number ≥ 0 is needed"):
+        apollo_sync.prune(root, max_bytes=-5)
+    assert shards_digest(root) == before and not (root / gens.STATE_DIRNAME).exists()
+    p = subprocess.run(
+        [sys.executable, "-m", "apollo_sync", "prune", str(root), "--keep", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "--keep: '-1': a whole number ≥ 0 is needed" in p.stderr
 
 
 def test_pruned_generations_keep_only_their_tensor_count(model_factory: Factory) -> None:

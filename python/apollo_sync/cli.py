@@ -18,6 +18,17 @@ from apollo_sync.errors import ApolloSyncError
 from apollo_sync.sync import DEFAULT_BLOCK_SIZE, SyncResult
 
 
+def _count(text: str) -> int:
+    """A whole number ≥ 0 (``--keep``, ``--undo-budget``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number ≥ 0 is needed")
+    return n
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
@@ -491,14 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
     def retention(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--keep",
-            type=int,
+            type=_count,
             default=gens.DEFAULT_KEEP,
             help=f"generations whose logs are kept as rollback points "
             f"(default {gens.DEFAULT_KEEP})",
         )
         sp.add_argument(
             "--undo-budget",
-            type=int,
+            type=_count,
             default=None,
             help="bytes of logs kept at most (default: half the model's size; the newest "
             "generation's is always kept, and none not yet durable in the shards is dropped)",

@@ -71,6 +71,7 @@ from apollo_sync._core import (
 from apollo_sync.errors import (
     ApolloSyncError,
     LockedError,
+    PlanError,
     RollbackError,
     ShardChangedError,
 )
@@ -801,6 +802,17 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
     return drop
 
 
+def check_retention(keep: int, max_bytes: int | None) -> None:
+    """Refuses a retention that is not a count and a byte budget (both ≥ 0),
+    before anything is written: a sync would otherwise fail at its pruning,
+    after its commit."""
+    for what, v in (("keep", keep), ("undo budget", max_bytes)):
+        if v is None and what != "keep":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise PlanError(f"{what} {v!r}: a whole number ≥ 0 is needed")
+
+
 def default_budget(model_dir: str | os.PathLike[str]) -> int:
     """The default log byte budget: half the size of the model's shards."""
     size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
@@ -819,6 +831,7 @@ def prune(
     from apollo_sync.group import refuse_single
 
     refuse_single(model_dir, "prune (each host prunes its own logs after its syncs)")
+    check_retention(keep, max_bytes)
     with ModelLock(model_dir, lock_timeout):
         layout = Layout(model_dir)
         _log_warnings(layout, recover_locked(layout)[1])

@@ -299,6 +299,7 @@ def sync(
         )
     if step is not None and (step < 0 or step % 2):
         raise PlanError(f"step {step}: a finished step is an even value of the step counter")
+    gens.check_retention(keep, undo_budget)
     opened: Handles | None = None
     counter: StepCounter | None = step_counter
     own_counter = False

@@ -13,9 +13,11 @@
 //! the shards durable, in a sync without a log while it goes on, or after a
 //! logged sync's commit), `fsync` (making a written shard durable at the end
 //! of a sync without a log, of a recovery or of a rollback), `apply` (writing
-//! one unit or run in recovery or a rollback). The Python package adds its own
-//! (`committed`: after the commit record, `state`, `prune`, `recover`). Unset,
-//! each point costs one relaxed atomic load.
+//! one unit or run in recovery or a rollback), `committed` (after the commit
+//! record, before the state file), `state` (replacing `state.json`), `prune`
+//! (removing a pruned log), `recover` (removing a rolled-back log). The
+//! Python package adds its own for the group protocol (`prepared`,
+//! `group-commit`, ...). Unset, each point costs one relaxed atomic load.
 //!
 //! Compiled in only with the `faults` cargo feature (the development build
 //! `make install` makes, which the crash tests need); without it `reached`

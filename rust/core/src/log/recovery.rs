@@ -18,6 +18,7 @@
 //! 5. Leftovers go: logs of pruned generations, markers older than the newest.
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::path::PathBuf;
 
 use super::apply;
@@ -80,7 +81,7 @@ pub fn recover(
     // 1. what the logs past the state file are
     let mut uncommitted = Vec::new();
     let past: Vec<(u64, PathBuf)> = logs
-        .range(state.generation + 1..)
+        .range((Excluded(state.generation), Unbounded))
         .map(|(&n, p)| (n, p.clone()))
         .collect();
     for (n, path) in past {
@@ -132,7 +133,7 @@ pub fn recover(
         k = k.min(l);
         let stale: Vec<PathBuf> = dir
             .markers()?
-            .range(l + 1..)
+            .range((Excluded(l), Unbounded))
             .map(|(_, p)| p.clone())
             .collect();
         for p in &stale {
@@ -142,7 +143,7 @@ pub fn recover(
             fsync_dir(&dir.log_dir())?;
         }
     }
-    let missing: Vec<u64> = (k + 1..=state.generation)
+    let missing: Vec<u64> = (k.saturating_add(1)..=state.generation)
         .filter(|n| !logs.contains_key(n))
         .collect();
     if !missing.is_empty() {
@@ -420,5 +421,12 @@ mod tests {
             vec![3]
         );
         assert!(Path::new(&dir.log_path(2)).exists());
+        // a stray marker numbered at the end of the range breaks no arithmetic
+        std::fs::write(dir.marker_path(u64::MAX), b"").unwrap();
+        assert_eq!(recover(&dir, Some(3), &mut NoFlushes).unwrap(), None);
+        assert_eq!(
+            dir.markers().unwrap().into_keys().collect::<Vec<_>>(),
+            vec![3]
+        );
     }
 }

@@ -36,8 +36,10 @@ pub const FORMAT: u64 = 2;
 /// the number of syncs a training run makes.
 pub const HISTORY_LIMIT: usize = 256;
 
-/// One committed state of the directory, and how it was reached.
+/// One committed state of the directory, and how it was reached. A field
+/// this build does not know is refused, not dropped at the next rewrite.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Generation {
     pub number: u64,
     /// Commit time, seconds since the epoch.
