@@ -14,7 +14,6 @@ __all__ = [
     "MIN_BLOCK",
     "WRITEBACK_BYTES",
     "ApolloSyncError",
-    "ApplyReport",
     "GenerationFlush",
     "Header",
     "HeaderError",
@@ -24,6 +23,7 @@ __all__ = [
     "LogWriter",
     "PlanError",
     "Recovered",
+    "RollbackError",
     "ShardChangedError",
     "ShardReport",
     "SyncIOError",
@@ -37,8 +37,7 @@ __all__ = [
     "read_header",
     "read_log",
     "recover_generations",
-    "rollback_logs",
-    "touch_durably",
+    "rollback_generations",
     "undo_uncommitted",
 ]
 
@@ -57,6 +56,7 @@ class ShardChangedError(ApolloSyncError): ...
 class SyncIOError(ApolloSyncError): ...
 class PlanError(ApolloSyncError): ...
 class JournalError(ApolloSyncError): ...
+class RollbackError(ApolloSyncError): ...
 
 @final
 class TensorEntry:
@@ -212,15 +212,6 @@ class Recovered:
     @property
     def files(self) -> list[str]: ...
 
-@final
-class ApplyReport:
-    @property
-    def records(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def files(self) -> list[str]: ...
-
 def read_log(path: str | os.PathLike[str]) -> LogInfo: ...
 def load_state(
     root: str | os.PathLike[str], meta: str | os.PathLike[str]
@@ -258,10 +249,6 @@ def recover_generations(
     settle: Callable[[int, bool], bool],
     limit: int | None = None,
 ) -> Recovered | None: ...
-def rollback_logs(
-    model_dir: str | os.PathLike[str],
-    paths: Sequence[str | os.PathLike[str]],
-    new_path: str | os.PathLike[str],
-    generation: int,
-) -> tuple[ApplyReport, LogWriter]: ...
-def touch_durably(path: str | os.PathLike[str]) -> None: ...
+def rollback_generations(
+    root: str | os.PathLike[str], meta: str | os.PathLike[str], to: int
+) -> dict[str, Any]: ...

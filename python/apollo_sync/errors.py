@@ -12,6 +12,7 @@ from apollo_sync._core import (
     HeaderError,
     JournalError,
     PlanError,
+    RollbackError,
     ShardChangedError,
     SyncIOError,
 )
@@ -73,10 +74,6 @@ class UnsafeShardError(ModelDirError):
 
 class LockedError(ApolloSyncError):
     """Another apollo-sync holds the model directory's lock past the timeout."""
-
-
-class RollbackError(ApolloSyncError):
-    """A rollback that cannot be done (no such generation, undo data pruned)."""
 
 
 class TornSyncError(ApolloSyncError):

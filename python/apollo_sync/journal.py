@@ -27,7 +27,7 @@ A committed generation keeps its log as a rollback point until pruning drops it
 the deltas of M+1..N back, itself as a new logged generation.
 
 The core owns these files (``rust/core/src/log/``: ``state.rs``, ``commit.rs``,
-``recovery.rs``, ``prune.rs``); this module holds the lock, this process's
+``recovery.rs``, ``rollback.rs``, ``prune.rs``); this module holds the lock, this process's
 background flushes (which recovery asks about through a callback), and the
 Python API over them.
 
@@ -65,8 +65,6 @@ from apollo_sync._core import (
     GenerationFlush,
     LogWriter,
     read_log,
-    rollback_logs,
-    touch_durably,
 )
 from apollo_sync.errors import (
     ApolloSyncError,
@@ -865,6 +863,8 @@ def rollback(
     from apollo_sync.group import refuse_single
 
     refuse_single(model_dir, "rollback (a group cannot roll back yet)")
+    if isinstance(to, bool) or not isinstance(to, int) or to < 0:
+        raise RollbackError(f"{model_dir}: cannot roll back to generation {to!r}")
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
         _log_warnings(layout, recover_locked(layout)[1])
@@ -872,50 +872,9 @@ def rollback(
         # leaves no marker, so the next recovery redoes it from the logs
         _log_warnings(layout, wait_flushes(layout))
         check_shards(ModelDir.open(model_dir), private_copy=False)
-        state = load_state(layout)
-        current = state.generation
-        if not 0 <= to < current:
-            raise RollbackError(
-                f"{model_dir}: cannot roll back to generation {to}: "
-                f"the current generation is {current}"
-                + ("" if to != current else " (already there)")
-            )
-        steps = [state.find(n) for n in range(current, to, -1)]
-        lost = [
-            n for n, g in zip(range(current, to, -1), steps, strict=True) if g is None or not g.log
-        ]
-        if lost:
-            raise RollbackError(
-                f"{model_dir}: cannot roll back to generation {to}: the log of "
-                f"generation(s) {', '.join(map(str, sorted(lost)))} is gone "
-                "(pruned, or synced without one)"
-            )
-        paths = [layout.log_path(n) for n in range(current, to, -1)]
-        number = current + 1
-        try:
-            report, writer = rollback_logs(layout.root, paths, layout.log_path(number), number)
-        except BaseException as e:
-            note = undo_uncommitted(layout, number)
-            if note:
-                e.add_note(note)
-            raise
-        if report.records == 0:  # nothing to undo: the generations changed nothing
-            raise RollbackError(f"{model_dir}: generations after {to} changed nothing")
-        try:
-            tensors: dict[str, int] = {}
-            for g in steps:
-                if g is not None:
-                    for t, n in g.tensors.items():
-                        tensors[t] = tensors.get(t, 0) + n
-            generation = commit_logged(
-                layout,
-                writer,
-                bytes_changed=report.bytes,
-                files=list(report.files),
-                tensors=tensors,
-                rollback_to=to,
-            )
-            touch_durably(layout.marker_path(number))  # the rollback fsynced the shards
+        number = load_state(layout).generation + 1
+        try:  # the core's log/rollback.rs: checks, walks the deltas back, commits
+            generation = Generation(**_core.rollback_generations(layout.root, layout.meta, to))
         except BaseException as e:
             undo_unless_committed(layout, number, e)
             raise
@@ -924,13 +883,13 @@ def rollback(
             model_dir,
             to,
             number,
-            report.bytes,
+            generation.bytes_changed,
             extra={
                 "event": "rollback",
                 "model_dir": str(model_dir),
                 "generation": number,
                 "rollback_to": to,
-                "bytes_changed": report.bytes,
+                "bytes_changed": generation.bytes_changed,
             },
         )
         return generation

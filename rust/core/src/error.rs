@@ -39,6 +39,11 @@ pub enum Error {
     #[error("{path}: {reason}")]
     State { path: PathBuf, reason: String },
 
+    /// A rollback that cannot be done: no such generation, or the log of a
+    /// generation it must walk back is gone. Nothing is written.
+    #[error("{0}")]
+    Rollback(String),
+
     /// The caller asked for something inconsistent (a segment outside its
     /// tensor region, out of order, a bad block size). Nothing is written.
     #[error("{0}")]

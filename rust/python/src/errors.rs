@@ -43,6 +43,13 @@ create_exception!(
     "A damaged log (or state file): nothing was applied from it."
 );
 
+create_exception!(
+    apollo_sync._core,
+    RollbackError,
+    ApolloSyncError,
+    "A rollback that cannot be done (no such generation, undo data pruned)."
+);
+
 /// Maps a core error onto its Python class, keeping the message.
 pub fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
@@ -51,6 +58,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Changed { .. } => ShardChangedError::new_err(msg),
         Error::Io { .. } => SyncIOError::new_err(msg),
         Error::Plan(_) => PlanError::new_err(msg),
+        Error::Rollback(_) => RollbackError::new_err(msg),
         Error::Log { .. } | Error::State { .. } => JournalError::new_err(msg),
     }
 }

@@ -21,6 +21,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SyncIOError", py.get_type::<errors::SyncIOError>())?;
     m.add("PlanError", py.get_type::<errors::PlanError>())?;
     m.add("JournalError", py.get_type::<errors::JournalError>())?;
+    m.add("RollbackError", py.get_type::<errors::RollbackError>())?;
     m.add("MIN_BLOCK", apollo_sync_core::sync::MIN_BLOCK)?;
     m.add("MAX_BLOCK", apollo_sync_core::sync::MAX_BLOCK)?;
     m.add_class::<header::TensorEntry>()?;
@@ -35,11 +36,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<log::LogInfo>()?;
     m.add_class::<log::LogStats>()?;
     m.add_class::<log::LogWriter>()?;
-    m.add_class::<log::ApplyReport>()?;
     m.add_class::<log::GenerationFlush>()?;
-    m.add_function(wrap_pyfunction!(log::touch_durably, m)?)?;
     m.add_function(wrap_pyfunction!(log::read_log, m)?)?;
-    m.add_function(wrap_pyfunction!(log::rollback_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(log::rollback_generations, m)?)?;
     m.add_class::<log::Recovered>()?;
     m.add_function(wrap_pyfunction!(log::load_state, m)?)?;
     m.add_function(wrap_pyfunction!(log::commit_logged, m)?)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use apollo_sync_core::flush;
 use apollo_sync_core::log::{
-    self, apply, DeltaLog, Entry, Flushes, GenDir, Generation, Kind, LogFile, LogSpec, State,
+    self, DeltaLog, Entry, Flushes, GenDir, Generation, Kind, LogFile, State,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -59,11 +59,6 @@ impl From<&LogFile> for LogInfo {
                 .collect(),
         }
     }
-}
-
-/// Reads and checks every log of `paths`, in order.
-fn open_all(paths: &[PathBuf]) -> apollo_sync_core::Result<Vec<LogFile>> {
-    paths.iter().map(|p| LogFile::open(p)).collect()
 }
 
 /// Reads and checks the log at `path`.
@@ -123,52 +118,6 @@ impl LogWriter {
             covered: s.covered,
         })
     }
-}
-
-/// What a rollback wrote.
-#[pyclass(module = "apollo_sync._core", frozen, get_all)]
-pub struct ApplyReport {
-    records: u64,
-    bytes: u64,
-    files: Vec<String>,
-}
-
-/// Undoes the committed generations whose logs are at `paths` (newest first)
-/// as generation `generation`, logged at `new_path`; returns what it wrote
-/// and the new log, to commit.
-#[pyfunction]
-pub fn rollback_logs(
-    py: Python<'_>,
-    model_dir: PathBuf,
-    paths: Vec<PathBuf>,
-    new_path: PathBuf,
-    generation: u64,
-) -> PyResult<(ApplyReport, LogWriter)> {
-    let (r, out) = py
-        .detach(|| {
-            let logs = open_all(&paths)?;
-            let refs: Vec<&LogFile> = logs.iter().collect();
-            let spec = LogSpec {
-                path: new_path,
-                generation,
-                kind: Kind::Rollback,
-            };
-            let out = Arc::new(DeltaLog::new(
-                spec,
-                apply::current_bindings(&model_dir, &refs)?,
-            ));
-            let r = log::rollback(&model_dir, &refs, &out)?;
-            Ok::<_, apollo_sync_core::Error>((r, out))
-        })
-        .map_err(to_py)?;
-    Ok((
-        ApplyReport {
-            records: r.records,
-            bytes: r.bytes,
-            files: r.files,
-        },
-        LogWriter { inner: out },
-    ))
 }
 
 /// The background flush of a committed generation: `fdatasync` of the shards
@@ -232,13 +181,6 @@ fn failure(outcome: Option<flush::Outcome>) -> Option<String> {
         Some(flush::Outcome::Failed(why)) => Some(why),
         _ => None,
     }
-}
-
-/// Creates `path` (empty) if absent and makes its directory entry durable: a
-/// checkpoint marker.
-#[pyfunction]
-pub fn touch_durably(py: Python<'_>, path: PathBuf) -> PyResult<()> {
-    py.detach(|| flush::touch_durably(&path)).map_err(to_py)
 }
 
 /// The generation files of `root`, under `meta`.
@@ -429,4 +371,20 @@ pub fn recover_generations(
         bytes_written: r.bytes_written,
         files: r.files,
     }))
+}
+
+/// Restores the directory to generation `to` as a new logged generation
+/// (`rollback.rs`); returns its entry. The caller undoes an uncommitted one
+/// if this fails.
+#[pyfunction]
+pub fn rollback_generations<'py>(
+    py: Python<'py>,
+    root: PathBuf,
+    meta: PathBuf,
+    to: u64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (generation, _) = py
+        .detach(|| log::rollback::rollback_to(&gen_dir(root, meta), to))
+        .map_err(to_py)?;
+    entry_dict(py, &generation)
 }

@@ -18,6 +18,7 @@
 //! - [`commit`]: a generation committed (commit record, then its entry), or
 //!   an uncommitted one put back.
 //! - [`recovery`]: the directory brought to its last committed generation.
+//! - [`rollback`]: the directory back to an earlier generation, as a new one.
 //! - [`prune`]: old rollback points dropped.
 
 pub mod apply;
@@ -28,6 +29,7 @@ pub mod format;
 pub mod prune;
 pub mod reader;
 pub mod recovery;
+pub mod rollback;
 pub mod state;
 #[cfg(test)]
 mod testing;
