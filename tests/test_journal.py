@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -195,18 +196,23 @@ def test_a_bad_retention_is_refused_before_anything_is_written(model_factory: Fa
     root = model_factory(live)
     before = shards_digest(root)
     step(live, seed=1)
-    for bad in ({"keep": -1}, {"undo_budget": -1}, {"keep": 2.5}):
+    bad_ones = ({"keep": -1}, {"undo_budget": -1}, {"keep": 2.5}, {"undo_budget": 1 << 64})
+    for bad in bad_ones:
         with pytest.raises(PlanError, match="a whole number ≥ 0 is needed"):
             apollo_sync.sync(root, live, **bad)  # type: ignore[arg-type]
     with pytest.raises(PlanError, match="a whole number ≥ 0 is needed"):
         apollo_sync.prune(root, max_bytes=-5)
     assert shards_digest(root) == before and not (root / gens.STATE_DIRNAME).exists()
-    p = subprocess.run(
-        [sys.executable, "-m", "apollo_sync", "prune", str(root), "--keep", "-1"],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 2 and "--keep: '-1': a whole number ≥ 0 is needed" in p.stderr
+    for keep in ("-1", str(1 << 64)):
+        p = subprocess.run(
+            [sys.executable, "-m", "apollo_sync", "prune", str(root), "--keep", keep],
+            capture_output=True,
+            text=True,
+        )
+        assert p.returncode == 2 and f"--keep: '{keep}': a whole number ≥ 0" in p.stderr
+    # a numpy integer is a whole number
+    r = apollo_sync.sync(root, live, keep=np.int64(3), undo_budget=np.uint64(1 << 40))
+    assert r.generation == 1
 
 
 def test_pruned_generations_keep_only_their_tensor_count(model_factory: Factory) -> None:
@@ -537,17 +543,62 @@ def test_kills_at_random_instants_never_leave_a_mix(tmp_path: Path) -> None:
     print(f"random kills: {tried} tried, recovered to old {outcomes['old']}, new {outcomes['new']}")
 
 
+#: Where a rollback (of generation 2 to 1, as generation 3) is killed, and what
+#: recovery must leave: before its commit record generation 2, from it on 3.
+ROLLBACK_KILL_POINTS = {
+    "log:2": 2,
+    "barrier:1": 2,
+    "apply:1": 2,
+    "apply:3": 2,
+    "fsync:1": 2,
+    "commit:1": 2,
+    "committed:1": 3,  # the commit record is durable, state.json not yet written
+    "state:1": 3,
+}
+
+
 @needs_faults
-@pytest.mark.parametrize("point", ["log:2", "barrier:1", "apply:1", "apply:3", "fsync:1"])
-def test_a_kill_during_rollback_recovers_to_the_generation_before_it(
+@pytest.mark.parametrize("point", ROLLBACK_KILL_POINTS)
+def test_a_kill_during_rollback_recovers_to_one_generation(
     crash_case: tuple[Path, Path, dict[str, str], dict[str, str]], point: str
 ) -> None:
-    root, live_path, _, new = crash_case
+    root, live_path, old, new = crash_case
     assert run_child(root, live_path).returncode == 0  # generation 2
     p = run_child(root, live_path, op="rollback:1", env={"APOLLO_SYNC_CRASH_AT": point})
     assert p.returncode == -signal.SIGKILL, p.stderr
     apollo_sync.recover(root)
-    assert shards_digest(root) == new and gens.history(root).generation == 2
+    generation = gens.history(root).generation
+    assert generation == ROLLBACK_KILL_POINTS[point]
+    assert shards_digest(root) == (new if generation == 2 else old)
+    assert gens.history(root).checkpoint == generation
+
+
+@needs_faults
+def test_a_rollback_that_fails_after_its_commit_says_it_is_committed(
+    crash_case: tuple[Path, Path, dict[str, str], dict[str, str]],
+) -> None:
+    root, live_path, old, _ = crash_case
+    assert run_child(root, live_path).returncode == 0  # generation 2
+    p = run_child(root, live_path, op="rollback:1", env={"APOLLO_SYNC_FAIL_AT": "state:1:28"})
+    assert p.returncode == 1 and "No space left" in p.stderr
+    assert "generation 3 is committed all the same" in p.stderr
+    assert shards_digest(root) == old  # the rollback's bytes stay: it is committed
+    apollo_sync.recover(root)
+    assert gens.history(root).generation == 3 and shards_digest(root) == old
+
+
+def test_a_rollback_target_that_is_no_generation_is_refused(model_factory: Factory) -> None:
+    live = base()
+    root = model_factory(live)
+    for n in (1, 2):
+        step(live, seed=n)
+        apollo_sync.sync(root, live)
+    two = shards_digest(root)
+    for to in (-1, 1 << 64, 1.0, "1"):
+        with pytest.raises(RollbackError, match="the current generation is 2"):
+            gens.rollback(root, to)  # type: ignore[arg-type]
+    assert shards_digest(root) == two and gens.history(root).generation == 2
+    assert gens.rollback(root, np.int64(1)).rollback_to == 1
 
 
 @needs_faults

@@ -19,7 +19,6 @@ __all__ = [
     "HeaderError",
     "JournalError",
     "LogInfo",
-    "LogStats",
     "LogWriter",
     "PlanError",
     "Recovered",
@@ -157,24 +156,12 @@ class LogInfo:
     def runs(self) -> list[tuple[int, int, int, int]]: ...
 
 @final
-class LogStats:
-    @property
-    def records(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def elements(self) -> int: ...
-    @property
-    def covered(self) -> int: ...
-
-@final
 class LogWriter:
     @property
     def path(self) -> Path: ...
     @property
     def shards(self) -> list[str]: ...
     def runs(self) -> list[tuple[int, int, int, int]]: ...
-    def commit(self, meta: str) -> LogStats: ...
 
 @final
 class GenerationFlush:

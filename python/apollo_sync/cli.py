@@ -14,19 +14,16 @@ from typing import Any
 
 from apollo_sync import journal as gens
 from apollo_sync import logconfig
-from apollo_sync.errors import ApolloSyncError
+from apollo_sync.errors import ApolloSyncError, PlanError
 from apollo_sync.sync import DEFAULT_BLOCK_SIZE, SyncResult
 
 
 def _count(text: str) -> int:
-    """A whole number ≥ 0 (``--keep``, ``--undo-budget``)."""
+    """A whole number ≥ 0 that the core takes (``--keep``, ``--undo-budget``)."""
     try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number ≥ 0 is needed")
-    return n
+        return gens.whole(int(text), repr(text), PlanError)
+    except (ValueError, PlanError):
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number ≥ 0 is needed") from None
 
 
 def _mb(n: int) -> str:

@@ -1,8 +1,9 @@
 """The exception hierarchy: everything apollo_sync raises derives from ApolloSyncError.
 
-The classes for failures found in the Rust core (bad headers, I/O, a shard that
-changed under us, an inconsistent request) are defined there; the ones found while
-planning in Python are defined here. All pickle by their dotted path.
+The classes for failures the Rust core finds (bad headers, I/O, a shard that
+changed under us, an inconsistent request, a damaged log or state file, a rollback
+it cannot do) are defined there, and Python raises some of them too; the ones only
+Python finds are defined here. All pickle by their dotted path.
 """
 
 from __future__ import annotations

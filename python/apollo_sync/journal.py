@@ -48,6 +48,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import operator
 import os
 import signal
 import threading
@@ -800,15 +801,31 @@ def prune_locked(layout: Layout, keep: int, max_bytes: int | None) -> list[int]:
     return drop
 
 
+#: The largest count or byte budget the core takes (a u64).
+_U64 = 1 << 64
+
+
+def whole(value: object, what: str, error: type[ApolloSyncError]) -> int:
+    """``value`` as a whole number in 0..2**64 (an ``int``, or anything with
+    ``__index__`` such as a numpy integer), or ``error``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        n = -1
+    if not 0 <= n < _U64:
+        raise error(f"{what} {value!r}: a whole number ≥ 0 is needed")
+    return n
+
+
 def check_retention(keep: int, max_bytes: int | None) -> None:
-    """Refuses a retention that is not a count and a byte budget (both ≥ 0),
-    before anything is written: a sync would otherwise fail at its pruning,
-    after its commit."""
-    for what, v in (("keep", keep), ("undo budget", max_bytes)):
-        if v is None and what != "keep":
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise PlanError(f"{what} {v!r}: a whole number ≥ 0 is needed")
+    """Refuses a retention that is not a count and a byte budget (whole
+    numbers ≥ 0), before anything is written: a sync would otherwise fail at its
+    pruning, after its commit."""
+    whole(keep, "keep", PlanError)
+    if max_bytes is not None:
+        whole(max_bytes, "undo budget", PlanError)
 
 
 def default_budget(model_dir: str | os.PathLike[str]) -> int:
@@ -863,8 +880,6 @@ def rollback(
     from apollo_sync.group import refuse_single
 
     refuse_single(model_dir, "rollback (a group cannot roll back yet)")
-    if isinstance(to, bool) or not isinstance(to, int) or to < 0:
-        raise RollbackError(f"{model_dir}: cannot roll back to generation {to!r}")
     layout = Layout(model_dir)
     with ModelLock(model_dir, lock_timeout):
         _log_warnings(layout, recover_locked(layout)[1])
@@ -873,8 +888,15 @@ def rollback(
         _log_warnings(layout, wait_flushes(layout))
         check_shards(ModelDir.open(model_dir), private_copy=False)
         number = load_state(layout).generation + 1
+        try:  # the core checks the rest, as a u64
+            target = whole(to, "generation", RollbackError)
+        except RollbackError:
+            raise RollbackError(
+                f"{model_dir}: cannot roll back to generation {to!r}: the current "
+                f"generation is {number - 1}"
+            ) from None
         try:  # the core's log/rollback.rs: checks, walks the deltas back, commits
-            generation = Generation(**_core.rollback_generations(layout.root, layout.meta, to))
+            generation = Generation(**_core.rollback_generations(layout.root, layout.meta, target))
         except BaseException as e:
             undo_unless_committed(layout, number, e)
             raise
@@ -903,10 +925,15 @@ def undo_unless_committed(layout: Layout, number: int, error: BaseException) -> 
         committed = read_log(layout.log_path(number)).committed
     except (ApolloSyncError, OSError):
         committed = False
-    if not committed:
-        note = undo_uncommitted(layout, number)
-        if note:
-            error.add_note(note)
+    if committed:
+        error.add_note(
+            f"generation {number} is committed all the same (its log holds the commit "
+            "record): the next recovery completes what failed after it"
+        )
+        return
+    note = undo_uncommitted(layout, number)
+    if note:
+        error.add_note(note)
 
 
 def undo_uncommitted(layout: Layout, number: int) -> str | None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from apollo_sync import journal as gens
 from apollo_sync.errors import GroupError, ProducerGoneError, TornSyncError
 from apollo_sync.handles import Handles
 from apollo_sync.ranks import HandlesArg, check_alive, open_handles
@@ -139,6 +140,8 @@ def watch(
         raise ValueError(f"interval must be positive, not {interval}")
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
+    # refused here, not at the first sync (where a group's other hosts would wait)
+    gens.check_retention(options.get("keep", gens.DEFAULT_KEEP), options.get("undo_budget"))
     state = _State(
         count=count,
         stop=stop or threading.Event(),

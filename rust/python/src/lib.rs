@@ -34,7 +34,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LOG_MIN_BLOCK", apollo_sync_core::sync::LOG_MIN_BLOCK)?;
     m.add("FAULTS", apollo_sync_core::faults::ENABLED)?;
     m.add_class::<log::LogInfo>()?;
-    m.add_class::<log::LogStats>()?;
     m.add_class::<log::LogWriter>()?;
     m.add_class::<log::GenerationFlush>()?;
     m.add_function(wrap_pyfunction!(log::read_log, m)?)?;

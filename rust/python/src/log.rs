@@ -68,17 +68,8 @@ pub fn read_log(py: Python<'_>, path: PathBuf) -> PyResult<LogInfo> {
         .map_err(to_py)
 }
 
-/// What a committed log holds.
-#[pyclass(module = "apollo_sync._core", frozen, get_all)]
-pub struct LogStats {
-    records: u64,
-    bytes: u64,
-    elements: u64,
-    covered: u64,
-}
-
-/// A generation's log being written (by a sync or a rollback): commit it once
-/// the in-place writes are done.
+/// A generation's log being written by a sync: committed (`commit_logged`)
+/// once the in-place writes are done.
 #[pyclass(module = "apollo_sync._core", frozen)]
 pub struct LogWriter {
     pub(crate) inner: Arc<DeltaLog>,
@@ -104,19 +95,6 @@ impl LogWriter {
             .iter()
             .map(|r| (r.shard, r.offset, r.len, r.elements))
             .collect()
-    }
-
-    /// Appends the commit record (with `meta`, JSON text) and makes it durable.
-    fn commit(&self, py: Python<'_>, meta: &str) -> PyResult<LogStats> {
-        let s = py
-            .detach(|| self.inner.commit(meta.as_bytes()))
-            .map_err(to_py)?;
-        Ok(LogStats {
-            records: s.records,
-            bytes: s.bytes,
-            elements: s.elements,
-            covered: s.covered,
-        })
     }
 }
 
@@ -226,7 +204,7 @@ pub fn load_state<'py>(
 }
 
 /// Commits the generation `writer` logged: its commit record, then its entry
-/// in the state file. Returns the entry (JSON text).
+/// in the state file. Returns the entry (a dict of its fields).
 #[pyfunction]
 #[pyo3(signature = (root, meta, writer, *, bytes_changed, files, tensors, rollback_to = None))]
 #[allow(clippy::too_many_arguments)]
@@ -254,7 +232,7 @@ pub fn commit_logged<'py>(
 }
 
 /// Commits generation `number`, synced without a log (its shards durable):
-/// its entry, and the checkpoint moved to it. Returns the entry (JSON text).
+/// its entry, and the checkpoint moved to it. Returns the entry (a dict).
 #[pyfunction]
 #[pyo3(signature = (root, meta, number, *, bytes_changed, files))]
 pub fn commit_unlogged<'py>(

@@ -60,7 +60,9 @@ pub fn rollback_to(dir: &GenDir, to: u64) -> Result<(Generation, ApplyReport)> {
         .map(|n| LogFile::open(&dir.log_path(n)))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&LogFile> = logs.iter().collect();
-    let number = current + 1;
+    let number = current
+        .checked_add(1)
+        .ok_or_else(|| refuse("no generation number is left".into()))?;
     let spec = LogSpec {
         path: dir.log_path(number),
         generation: number,
