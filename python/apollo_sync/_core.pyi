@@ -31,6 +31,7 @@ __all__ = [
     "__version__",
     "commit_logged",
     "commit_unlogged",
+    "ensure_dirs",
     "load_state",
     "prune",
     "read_header",
@@ -200,6 +201,7 @@ class Recovered:
     def files(self) -> list[str]: ...
 
 def read_log(path: str | os.PathLike[str]) -> LogInfo: ...
+def ensure_dirs(root: str | os.PathLike[str], meta: str | os.PathLike[str]) -> None: ...
 def load_state(
     root: str | os.PathLike[str], meta: str | os.PathLike[str]
 ) -> tuple[int, int, list[dict[str, Any]]]: ...

@@ -237,15 +237,11 @@ class Layout:
         return self.log_dir / f"{number}.flushed"
 
     def ensure(self) -> None:
-        """Creates the directories (private to the user), durably: their entries
-        are fsynced every time, since a process killed between a mkdir and its
-        fsync leaves a directory that exists but might not survive a power loss."""
-        dirs = [self.meta, self.log_dir]
-        if self.host is not None:
-            dirs = [self.top, self.top / "hosts", *dirs]
-        for d in dirs:
-            d.mkdir(mode=0o700, exist_ok=True)
-            fsync_dir(d.parent)
+        """Creates the directories (private to the user), durably (the core's
+        ``GenDir::ensure``: every entry fsynced every time, since a process
+        killed between a mkdir and its fsync leaves a directory that exists but
+        might not survive a power loss)."""
+        _core.ensure_dirs(self.root, self.meta)
 
     def logs(self) -> dict[int, Path]:
         """Logs present, by generation number."""

@@ -39,6 +39,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(log::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(log::rollback_generations, m)?)?;
     m.add_class::<log::Recovered>()?;
+    m.add_function(wrap_pyfunction!(log::ensure_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(log::load_state, m)?)?;
     m.add_function(wrap_pyfunction!(log::commit_logged, m)?)?;
     m.add_function(wrap_pyfunction!(log::commit_unlogged, m)?)?;

@@ -184,6 +184,12 @@ fn entry_dict<'py>(py: Python<'py>, g: &Generation) -> PyResult<Bound<'py, PyDic
     Ok(d)
 }
 
+/// Creates the folders of the generation files under `meta`, durably.
+#[pyfunction]
+pub fn ensure_dirs(py: Python<'_>, root: PathBuf, meta: PathBuf) -> PyResult<()> {
+    py.detach(|| gen_dir(root, meta).ensure()).map_err(to_py)
+}
+
 /// The state file under `meta` (`state.rs`): `(generation, checkpoint,
 /// history)`, each entry a dict of its fields.
 #[pyfunction]
