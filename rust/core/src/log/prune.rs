@@ -1,7 +1,7 @@
 //! Old rollback points dropped: the logs of the oldest generations, beyond a
 //! count and a byte budget.
 
-use super::dir::{fsync_dir, GenDir};
+use super::dir::{fsync_dir, remove, GenDir};
 use super::state::State;
 use crate::error::{Error, Result};
 use crate::faults;
@@ -46,12 +46,7 @@ pub fn prune(dir: &GenDir, keep: usize, max_bytes: Option<u64>) -> Result<Vec<u6
     for &n in &drop {
         let path = dir.log_path(n);
         faults::reached("prune").map_err(|e| Error::io(&path, "remove", e))?;
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io(&path, "remove", e))
-            }
-            _ => {}
-        }
+        remove(&path)?;
     }
     fsync_dir(&dir.log_dir())?;
     Ok(drop)

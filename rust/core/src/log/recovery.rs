@@ -22,7 +22,7 @@ use std::ops::Bound::{Excluded, Unbounded};
 use std::path::PathBuf;
 
 use super::apply;
-use super::dir::{fsync_dir, header_written, GenDir};
+use super::dir::{fsync_dir, header_written, remove, GenDir};
 use super::reader::LogFile;
 use super::state::{Generation, State};
 use crate::error::{Error, Result};
@@ -243,13 +243,6 @@ fn clean_leftovers(dir: &GenDir, state: &State) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn remove(path: &std::path::Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, "remove", e)),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

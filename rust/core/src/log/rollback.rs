@@ -40,16 +40,13 @@ pub fn rollback_to(dir: &GenDir, to: u64) -> Result<(Generation, ApplyReport)> {
             }
         )));
     }
-    let steps: Vec<Option<&Generation>> = (to + 1..=current).rev().map(|n| state.find(n)).collect();
-    let mut lost: Vec<u64> = (to + 1..=current)
-        .rev()
+    let steps: Vec<Option<&Generation>> = (to + 1..=current).map(|n| state.find(n)).collect();
+    let lost: Vec<String> = (to + 1..=current)
         .zip(&steps)
         .filter(|(_, g)| !g.is_some_and(|g| g.log))
-        .map(|(n, _)| n)
+        .map(|(n, _)| n.to_string())
         .collect();
     if !lost.is_empty() {
-        lost.sort_unstable();
-        let lost: Vec<String> = lost.iter().map(u64::to_string).collect();
         return Err(refuse(format!(
             "the log of generation(s) {} is gone (pruned, or synced without one)",
             lost.join(", ")
